@@ -50,3 +50,12 @@ def compare(reference: torch.Tensor, test: torch.Tensor, continuation_ids: list[
     nll = -test[rows, targets].mean().item() if len(targets) else 0.0
     ref_nll = -reference[rows, targets].mean().item() if len(targets) else 0.0
     return QualityScores(kl=kl, top1_agreement=agree, nll=nll, reference_nll=ref_nll)
+
+
+@torch.inference_mode()
+def text_logprobs(lm, context_ids: list[int], continuation_ids: list[int]) -> torch.Tensor:
+    """The same rows as :func:`continuation_logprobs`, from one cache-free forward over context and
+    continuation together: what an application that re-reads the text computes."""
+    ids = torch.tensor([list(context_ids) + list(continuation_ids)], device=lm.device)
+    logits = lm.model(input_ids=ids, use_cache=False).logits[0, len(context_ids):]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -23,6 +23,8 @@ def to_transformers_cache(kv: ContextKV, config, device: torch.device | str = "c
     keep trimming their window as generation goes on, exactly as after a fresh prefill."""
     from transformers import DynamicCache
 
+    if kv.first_token != 0:
+        raise ValueError("a transformers cache must start at the context's first token; read the file from token 0")
     cache = DynamicCache(config=config)
     if len(cache.layers) != len(kv.layers):
         raise ValueError(f"the cache has {len(kv.layers)} layers, the model {len(cache.layers)}")

@@ -25,8 +25,9 @@ class LayerKV:
 
 @dataclass
 class ContextKV:
-    token_ids: list[int]
+    token_ids: list[int]  # the tokens at positions first_token .. first_token + len(token_ids)
     layers: list[LayerKV] = field(default_factory=list)
+    first_token: int = 0  # non-zero only for a window read out of the middle of a file
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +38,9 @@ class ContextKV:
 
     def equal(self, other: "ContextKV") -> bool:
         """Bit-exact equality (NaN payloads included), the lossless promise."""
-        if self.token_ids != other.token_ids or len(self.layers) != len(other.layers):
+        if (self.token_ids, self.first_token) != (other.token_ids, other.first_token) or len(self.layers) != len(
+            other.layers
+        ):
             return False
         for a, b in zip(self.layers, other.layers):
             if a.start != b.start:
