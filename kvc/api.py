@@ -43,6 +43,19 @@ def _resolve_profile(levels: Iterable[str], identity: dict, profile):
     return found
 
 
+def default_levels(lm, profile=None) -> list[str]:
+    """The default of `kvc encode`: the default lossy level when a profile for the model is at hand,
+    else lossless (a model nobody has profiled still gets a correct, if larger, file)."""
+    try:
+        from kvc.codec.levels import DEFAULT_LEVEL
+        from kvc.codec.profile import find_profile
+    except ModuleNotFoundError:
+        return [LOSSLESS]
+    if profile is not None or find_profile(model_identity(lm), None) is not None:
+        return [DEFAULT_LEVEL]
+    return [LOSSLESS]
+
+
 def encode_kv(kv: ContextKV, model: dict, levels: Iterable[str] = (LOSSLESS,), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
               profile=None, context: dict | None = None, prefill_info: dict | None = None,
               embed_profile: bool = False, on_chunk: Callable[[int], None] | None = None) -> bytes:
@@ -167,6 +180,17 @@ class KvcFile:
 
     def level_bytes(self, level: str) -> int:
         return sum(e["length"] for c in self.header["chunks"] for e in c["encodings"] if e["level"] == level)
+
+    def fp16_bytes(self) -> int:
+        """What the stored KV would take as raw fp16: the yardstick every ratio is quoted against."""
+        total = 0
+        for spec in self.header["layout"]["layers"]:
+            kept = self.num_tokens - spec["start"]
+            total += 2 * spec["kv_heads"] * kept * (spec["key_dim"] + spec["value_dim"])
+        return total
+
+    def elements(self) -> int:
+        return self.fp16_bytes() // 2
 
     def layer_bytes(self, level: str) -> list[tuple[int, int]]:
         """Bytes per layer at ``level``: (key, value) pairs."""

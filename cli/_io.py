@@ -1,0 +1,69 @@
+"""Reading inputs and writing outputs the way every command does: paths or '-' for stdin/stdout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kvc.errors import InputError
+from kvc.formats.container import write_atomic
+
+
+def read_input_bytes(path: str) -> bytes:
+    if path == "-":
+        if sys.stdin.isatty():
+            raise InputError("reading from stdin, but stdin is a terminal: pipe a file in or give a path")
+        return sys.stdin.buffer.read()
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file: {path}")
+    if p.is_dir():
+        raise InputError(f"{path} is a folder, not a file")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def open_kvc_arg(path: str, profile: str | None = None):
+    """A KvcFile from a path or '-' (stdin, read whole)."""
+    import kvc
+
+    if path == "-":
+        return kvc.open(read_input_bytes("-"), profile=profile)
+    return kvc.open(path, profile=profile)
+
+
+def write_output(path: str, data: bytes) -> None:
+    if path == "-":
+        if sys.stdout.isatty():
+            raise InputError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path} is a folder: give a file name")
+    if not p.parent.exists():
+        raise InputError(f"folder {p.parent} does not exist")
+    try:
+        write_atomic(p, data)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def parse_token_range(text: str | None, num_tokens: int) -> tuple[int, int] | None:
+    """'A:B', 'A:' or ':B' -> (a, b) within the context, Python-slice style (no negatives)."""
+    if text is None:
+        return None
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise InputError(f"--tokens takes A:B, got {text!r}")
+    try:
+        start = int(a) if a else 0
+        end = int(b) if b else num_tokens
+    except ValueError as exc:
+        raise InputError(f"--tokens takes integers A:B, got {text!r}") from exc
+    if not 0 <= start < end <= num_tokens:
+        raise InputError(f"--tokens {text} is outside the context's 0:{num_tokens}")
+    return start, end

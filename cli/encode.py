@@ -1,0 +1,154 @@
+"""kvc encode: documents in, one .kvc per document out."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from kvc.cli._io import read_input_bytes, write_output
+from kvc.cli._output import Output, human_bytes
+from kvc.errors import InputError
+
+
+@dataclass
+class Document:
+    name: str  # shown to the user and stored as the context's source
+    text: str
+    output: str  # where its .kvc goes ('-' for stdout)
+
+
+def _decode_text(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{name} is not UTF-8 text") from exc
+
+
+def _documents_from_paths(inputs: list[str], output: str | None, out_dir: str | None, glob: str) -> list[Document]:
+    sources: list[tuple[str, str, Path]] = []  # (name, text-or-marker, output stem path)
+    docs: list[Document] = []
+    for item in inputs:
+        if item == "-":
+            sources.append(("<stdin>", _decode_text(read_input_bytes("-"), "stdin"), Path("stdin")))
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise InputError(f"no such file or folder: {item}")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob(glob) if p.is_file())
+            if not files:
+                raise InputError(f"folder {item} has no files matching {glob!r}")
+            for p in files:
+                sources.append((str(p), _decode_text(p.read_bytes(), str(p)), p.relative_to(path)))
+        else:
+            sources.append((str(path), _decode_text(read_input_bytes(item), item), Path(path.name)))
+    if output is not None:
+        if len(sources) != 1:
+            raise InputError(f"-o names one output but there are {len(sources)} documents: use --out-dir")
+        return [Document(sources[0][0], sources[0][1], output)]
+    if sources and sources[0][0] == "<stdin>" and out_dir is None:
+        raise InputError("reading stdin: say where the .kvc goes with -o FILE (or -o - for stdout)")
+    root = Path(out_dir or ".")
+    seen = set()
+    for name, text, rel in sources:
+        target = str(root / rel.with_suffix(".kvc"))
+        if target in seen:
+            raise InputError(f"two documents would both be written to {target}")
+        seen.add(target)
+        docs.append(Document(name, text, target))
+    return docs
+
+
+def _documents_from_dataset(spec: str, field: str, split: str, out_dir: str | None, output: str | None,
+                            limit: int | None) -> list[Document]:
+    from kvc.dataset import load_texts
+
+    texts = load_texts(spec, field, split, limit)
+    if output is not None and len(texts) != 1:
+        raise InputError(f"-o names one output but the dataset has {len(texts)} rows: use --out-dir")
+    root = Path(out_dir or ".")
+    return [Document(f"{spec}[{i}]", text, output or str(root / f"{Path(spec).stem}-{i:06d}.kvc"))
+            for i, text in enumerate(texts)]
+
+
+def encode_command(
+    inputs: list[str] = typer.Argument(None, help="Text files, folders (searched recursively with --glob), or - for stdin."),
+    output: str = typer.Option(None, "-o", "--output", help="Output file for a single document; - writes to stdout."),
+    out_dir: str = typer.Option(None, "--out-dir", help="Folder for one .kvc per document (default: current folder)."),
+    model: str = typer.Option(None, "--model", "-m", help="smollm2 (default), a local HF folder, or a .gguf file."),
+    level: list[str] = typer.Option(None, "--level", "-l",
+                                    help="Quality level; repeat to store several per chunk. Default: see docs/CODEC.md."),
+    profile: str = typer.Option(None, "--profile", help="Profile file for lossy levels (default: the model's shipped one)."),
+    embed_profile: bool = typer.Option(False, "--embed-profile", help="Store the profile inside the file."),
+    chunk_tokens: int = typer.Option(256, "--chunk-tokens", help="Tokens per chunk (the unit of random access)."),
+    slice_tokens: int = typer.Option(512, "--slice-tokens", help="Tokens per prefill step (bounds memory)."),
+    max_tokens: int = typer.Option(131072, "--max-tokens", help="Refuse documents longer than this many tokens."),
+    glob: str = typer.Option("*.txt", "--glob", help="Which files to take from folders."),
+    dataset: str = typer.Option(None, "--dataset", help="A local datasets file (jsonl/json/csv/parquet) or saved folder."),
+    text_field: str = typer.Option("text", "--text-field", help="The dataset column holding the documents."),
+    split: str = typer.Option("train", "--split", help="The dataset split."),
+    limit: int = typer.Option(None, "--limit", help="Encode at most this many dataset rows."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON report."),
+) -> None:
+    """Prefill documents with a model and store their KV caches as .kvc files.
+
+    Examples:
+
+      kvc encode essay.txt -o essay.kvc
+
+      kvc encode docs/ --out-dir caches/ --level lossless
+
+      cat essay.txt | kvc encode - -o - | kvc inspect -
+
+      kvc encode --dataset corpus.jsonl --text-field text --out-dir caches/
+    """
+    import kvc
+    from kvc.api import default_levels
+
+    out = Output(json_out, data_on_stdout=output == "-")
+    if dataset is not None:
+        if inputs:
+            raise InputError("give either input files or --dataset, not both")
+        docs = _documents_from_dataset(dataset, text_field, split, out_dir, output, limit)
+    else:
+        if not inputs:
+            raise InputError("nothing to encode: give files, folders, - for stdin, or --dataset")
+        docs = _documents_from_paths(inputs, output, out_dir, glob)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for doc in docs:
+        if doc.output != "-" and not Path(doc.output).parent.exists():
+            Path(doc.output).parent.mkdir(parents=True, exist_ok=True)
+    lm = kvc.load_model(model, device=device, dtype=dtype)
+    levels = level or default_levels(lm, profile)
+    token_lists = [kvc.tokenize(lm, d.text, max_tokens=max_tokens) for d in docs]
+    reports = []
+    with out.progress("encoding", total=sum(len(t) for t in token_lists)) as advance:
+        for doc, ids in zip(docs, token_lists):
+            started = time.perf_counter()
+            data = kvc.encode_tokens(lm, ids, levels=levels, chunk_tokens=chunk_tokens, slice_tokens=slice_tokens,
+                                     profile=profile, embed_profile=embed_profile,
+                                     context={"add_special_tokens": True, "source": Path(doc.name).name},
+                                     on_progress=advance)
+            write_output(doc.output, data)
+            f = kvc.open(data)
+            fp16 = f.fp16_bytes()
+            reports.append({"input": doc.name, "output": doc.output, "tokens": len(ids), "bytes": len(data),
+                            "ratio_vs_fp16": round(fp16 / len(data), 3), "levels": levels,
+                            "seconds": round(time.perf_counter() - started, 3)})
+
+    def render(console):
+        for r in reports:
+            where = "stdout" if r["output"] == "-" else r["output"]
+            console.print(f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
+                          f"({r["ratio_vs_fp16"]}× vs fp16), levels {', '.join(r['levels'])}, "
+                          f"{r['seconds']:.1f} s")
+
+    out.result(reports if len(reports) != 1 or dataset else reports[0], render)
+    sys.stdout.flush()

@@ -1,0 +1,60 @@
+"""kvc inspect: what a .kvc file holds."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from kvc.cli._io import open_kvc_arg
+from kvc.cli._output import Output, human_bytes
+
+
+def inspect_command(
+    file: str = typer.Argument(..., help="A .kvc file, or - for stdin."),
+    layers: bool = typer.Option(False, "--layers", help="Show the per-layer byte breakdown."),
+    chunks: bool = typer.Option(False, "--chunks", help="Include the chunk index."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (always includes per-layer bytes)."),
+) -> None:
+    """Show the model, context, chunks, levels and sizes inside a .kvc file.
+
+    Examples:
+
+      kvc inspect essay.kvc
+
+      kvc inspect essay.kvc --layers
+
+      kvc inspect essay.kvc --json | jq .levels
+    """
+    from kvc.describe import describe
+
+    with open_kvc_arg(file) as f:
+        info = describe(f, with_chunks=chunks)
+
+    def render(console):
+        m = info["model"]
+        console.print(f"[bold]{info['file']}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
+        console.print(f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}")
+        console.print(f"layout    {info['layers']} layers · {info['kv_heads']} KV heads · head dim {info['head_dim']}"
+                      + (f" · sliding layers {info['sliding_layers']}" if info["sliding_layers"] else ""))
+        console.print(f"context   {info['tokens']} tokens · {info['chunks']} chunks of {info['chunk_tokens']}"
+                      + (f" · from {info['source']}" if info["source"] else ""))
+        console.print(f"fp16 size {human_bytes(info['fp16_bytes'])}")
+        table = Table("level", "codec", "bytes", "× vs fp16", "bits/elem")
+        for lv in info["levels"]:
+            table.add_row(lv["name"], lv["codec"], human_bytes(lv["bytes"]), f"{lv['ratio_vs_fp16']:.2f}",
+                          f"{lv['bits_per_element']:.2f}")
+        console.print(table)
+        if layers:
+            names = [lv["name"] for lv in info["levels"]]
+            per_layer = Table("layer", *[f"{n} key" for n in names], *[f"{n} value" for n in names])
+            for i in range(info["layers"]):
+                row = [human_bytes(lv["layer_bytes"][i]["key"]) for lv in info["levels"]]
+                row += [human_bytes(lv["layer_bytes"][i]["value"]) for lv in info["levels"]]
+                per_layer.add_row(str(i), *row)
+            console.print(per_layer)
+        if chunks:
+            for c in info["chunk_index"]:
+                console.print(f"  chunk {c['start']}:{c['end']}  " +
+                              "  ".join(f"{k}={human_bytes(v)}" for k, v in c["encodings"].items()))
+
+    Output(json_out).result(info, render)

@@ -1,0 +1,77 @@
+"""Prove a .kvc file intact (every checksum, every segment decodes) and, deeply, still faithful:
+re-run the prefill the file records and compare with what each level decodes to."""
+
+from __future__ import annotations
+
+import torch
+
+from kvc.errors import KvcError, VerifyError
+from kvc.runtime.kv import ContextKV
+
+
+def _errors(reference: ContextKV, decoded: ContextKV) -> dict:
+    max_abs, sq_err, sq_ref, exact = 0.0, 0.0, 0.0, True
+    for a, b in zip(reference.layers, decoded.layers):
+        for x, y in ((a.key, b.key), (a.value, b.value)):
+            if x.shape != y.shape:
+                return {"exact": False, "max_abs_error": float("inf"), "relative_rmse": float("inf")}
+            exact = exact and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+            diff = (x.double() - y.double())
+            max_abs = max(max_abs, diff.abs().max().item() if diff.numel() else 0.0)
+            sq_err += diff.pow(2).sum().item()
+            sq_ref += x.double().pow(2).sum().item()
+    return {"exact": exact, "max_abs_error": max_abs, "relative_rmse": (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0}
+
+
+def verify(f, deep: bool = False, lm=None) -> dict:
+    """A report dict; ``ok`` is False when anything failed. Raises only for unusable input."""
+    report = {"file": f.name, "format_version": "%d.%d" % f.version, "tokens": f.num_tokens,
+              "checks": [], "levels": {}, "ok": True}
+
+    def check(name: str, passed: bool, detail: str = "") -> None:
+        report["checks"].append({"check": name, "ok": passed, "detail": detail})
+        report["ok"] = report["ok"] and passed
+
+    check("header", True, "magic, version, header checksum and structure")
+    decoded = {}
+    for level in f.levels:
+        try:
+            decoded[level] = f.read(level)
+            check(f"level {level}", True, f"{len(f.header['chunks'])} chunk checksums, every segment decodes")
+        except KvcError as exc:
+            check(f"level {level}", False, str(exc))
+    if not deep or not report["ok"]:
+        return report
+    from kvc.runtime.prefill import prefill
+
+    f.check_model(lm)
+    check("model", True, f"{lm.name}: config, weights and tokenizer fingerprints match")
+    recorded = f.header.get("prefill", {})
+    reference = prefill(lm, f.token_ids, recorded.get("slice_tokens", 512))
+    same_env = recorded.get("device") == lm.device.type and recorded.get("torch") == torch.__version__.split("+")[0]
+    report["same_environment"] = same_env
+    from kvc.codec.registry import LOSSLESS, build_codec
+
+    for level, kv in decoded.items():
+        err = _errors(reference, kv)
+        entry = f.header["levels"][level]
+        if entry["codec"] == LOSSLESS:
+            # Lossless promises the exact bytes of the prefill that made the file; a different device
+            # or torch build may round differently, so there it is held to float tolerance only.
+            passed = err["exact"] or (not same_env and err["relative_rmse"] < 1e-4)
+            bound = "exact" if same_env else "relative RMSE < 1e-4 (different device or torch)"
+        else:
+            codec = build_codec(entry, f._profile_for(entry))
+            limit = getattr(codec, "relative_rmse_bound", None)
+            passed = limit is None or err["relative_rmse"] <= limit
+            bound = f"relative RMSE ≤ {limit}" if limit is not None else "no stated bound"
+        report["levels"][level] = {**err, "bound": bound, "ok": passed}
+        check(f"deep {level}", passed, f"max |error| {err['max_abs_error']:.3g}, relative RMSE "
+                                       f"{err['relative_rmse']:.3g} ({bound})")
+    return report
+
+
+def require_ok(report: dict) -> None:
+    if not report["ok"]:
+        failed = next(c for c in report["checks"] if not c["ok"])
+        raise VerifyError(f"verification failed: {failed['check']}: {failed['detail']}")
