@@ -147,7 +147,7 @@ def encode_command(
         for r in reports:
             where = "stdout" if r["output"] == "-" else r["output"]
             console.print(f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
-                          f"({r["ratio_vs_fp16"]}× vs fp16), levels {', '.join(r['levels'])}, "
+                          f"({r['ratio_vs_fp16']}× vs fp16), levels {', '.join(r['levels'])}, "
                           f"{r['seconds']:.1f} s")
 
     out.result(reports if len(reports) != 1 or dataset else reports[0], render)
