@@ -166,7 +166,7 @@ def load_examples(path: str | Path, context_field: str = "context", question_fie
         answers = row[answers_field]
         if isinstance(answers, dict):
             answers = answers.get("text", [])
-        if isinstance(answers, str):
+        if not isinstance(answers, (list, tuple)):
             answers = [answers]
         answers = [str(a) for a in (answers or []) if a is not None]
         if not answers:
