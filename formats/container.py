@@ -127,7 +127,13 @@ class Container:
             raise FormatError(f"{name}: header is not valid JSON") from exc
         self.version = (major, minor)
         self.data_start = layout.PREAMBLE_BYTES + header_len + layout.DIGEST_BYTES
-        header_schema.validate(header, source.size - self.data_start)
+        available = source.size - self.data_start
+        promised = header.get("data_length") if isinstance(header, dict) else None
+        if isinstance(promised, int) and promised > available:
+            raise FormatError(f"truncated file: {name} promises {promised} data bytes, holds {available}")
+        if isinstance(promised, int) and promised < available:
+            raise FormatError(f"{name} has {available - promised} unexpected bytes after its data (data_length)")
+        header_schema.validate(header, available)
         self.header = header
 
     @staticmethod

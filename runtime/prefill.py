@@ -32,7 +32,7 @@ def new_cache(config):
     return DynamicCache(config=config)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def run_slices(model, token_ids: list[int], cache, slice_tokens: int, on_progress: Callable[[int], None] | None = None,
                start: int = 0):
     """Feed ``token_ids`` (positions ``start..``) into ``cache`` slice by slice; return the last logits."""

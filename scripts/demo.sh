@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the embedded default model: encode an essay, inspect, verify, decode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+mkdir -p out
+set -x
+.venv/bin/kvc encode --essay addiction.txt -o out/addiction.kvc
+.venv/bin/kvc inspect out/addiction.kvc
+.venv/bin/kvc verify --deep out/addiction.kvc
+.venv/bin/kvc decode out/addiction.kvc -o out/addiction.safetensors
