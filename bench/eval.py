@@ -18,8 +18,9 @@ from pathlib import Path
 
 
 def _levels(lm, wanted: str | None) -> list[str]:
-    import kvc
     from kvc.codec.registry import LOSSLESS, level_names
+
+    import kvc
 
     if wanted:
         return [v.strip() for v in wanted.split(",") if v.strip()]
@@ -50,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import kvc
     from kvc.evaluation import report
     from kvc.evaluation.needle import evaluate_needle
     from kvc.evaluation.replay import evaluate_tokens
     from kvc.evaluation.timing import parse_bandwidths
-    from kvc.samples import essay_text, evaluation_essays
     from rich.console import Console
+
+    import kvc
+    from kvc.samples import essay_text, evaluation_essays
 
     console = Console()
     out = Path(args.out)
