@@ -1,0 +1,158 @@
+"""Entropy coding: per-channel categorical models behind a tiny interface, coded with constriction's ANS.
+
+A *bank* holds one categorical model per channel (a channel = one (head, coefficient) of one
+(layer, K/V)); its alphabet is ``-R..R`` and the two end symbols are escapes: a symbol whose
+magnitude reaches ``R`` is coded as ``±R`` and its excess ``|q| - R`` goes to a side list. A
+per-channel flag says whether a channel has any nonzero symbol in the segment; all-zero channels
+cost one bit and nothing is decoded for them (PCA leaves many such channels at coarse steps).
+
+The models come from the profile: a channel's probabilities are the mass that the (layer, kind)
+*shape* — the pooled CDF of the standardised coefficients, tabulated on a fixed grid and linearly
+interpolated — puts on each quantiser bin, scaled by the channel's calibration std over the step.
+Only linear interpolation and basic arithmetic are involved, so a second decoder can rebuild the
+exact same float64 probabilities. constriction then quantises them (``Categorical(perfect=False)``,
+24-bit precision) and codes with a 32-bit-word stack ANS coder.
+"""
+
+from __future__ import annotations
+
+import constriction
+import numpy as np
+
+from kvc.errors import FormatError
+
+PROB_FLOOR = 2.0**-20  # every symbol stays encodable, even ones the profile never saw
+MAX_RADIUS = 4096  # alphabet cap: beyond it the escape list carries the excess
+TAIL_SIGMAS = 10.0
+_CODER_ERRORS = (ValueError, RuntimeError, OverflowError, TypeError, IndexError)  # alphabet radius in units of the channel's std over the step
+
+
+def channel_radius(ratio: np.ndarray) -> np.ndarray:
+    """Alphabet radius per channel from std/step (≥ 1 so a dead channel still has 0 and ±escape)."""
+    r = np.ceil(TAIL_SIGMAS * np.asarray(ratio, dtype=np.float64)) + 1
+    return np.clip(r, 1, MAX_RADIUS).astype(np.int64)
+
+
+def channel_probabilities(ratio: float, radius: int, grid: np.ndarray, cdf: np.ndarray) -> np.ndarray:
+    """float64 probabilities of symbols ``-radius..radius`` (ends are escape bins holding the tails)."""
+    k = np.arange(-radius, radius, dtype=np.float64) + 0.5  # the inner bin edges
+    edges = k / max(float(ratio), 1e-12)
+    F = np.interp(edges, grid, cdf, left=0.0, right=1.0)
+    F = np.concatenate([[0.0], F, [1.0]])
+    p = np.diff(F)
+    p = np.maximum(p, 0.0) + PROB_FLOOR
+    return p / p.sum()
+
+
+class ChannelBank:
+    """One categorical model per channel; encodes/decodes ``[channels, tokens]`` int symbols."""
+
+    def __init__(self, probabilities: list[np.ndarray], radius: np.ndarray):
+        self.radius = np.asarray(radius, dtype=np.int64)
+        self.probabilities = probabilities
+        self.models = [constriction.stream.model.Categorical(p, perfect=False) for p in probabilities]
+
+    @property
+    def channels(self) -> int:
+        return len(self.models)
+
+    def encode(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (nonzero-channel flags, escape excesses uint32, ANS words uint32)."""
+        flags = np.any(q != 0, axis=1)
+        R = self.radius[:, None]
+        mag = np.abs(q)
+        esc = mag >= R
+        excess = (mag - R)[esc].astype(np.uint32)  # row-major: channel by channel, token order
+        sym = np.clip(q, -R, R) + R
+        coder = constriction.stream.stack.AnsCoder()
+        for c in reversed(np.flatnonzero(flags)):  # stack coder: encode backwards, decode forwards
+            coder.encode_reverse(sym[c].astype(np.int32), self.models[c])
+        return flags, excess, coder.get_compressed()
+
+    def decode(self, flags: np.ndarray, excess: np.ndarray, words: np.ndarray, tokens: int) -> np.ndarray:
+        C = self.channels
+        q = np.zeros((C, tokens), dtype=np.int64)
+        coder = constriction.stream.stack.AnsCoder(words)
+        try:
+            for c in np.flatnonzero(flags):
+                q[c] = coder.decode(self.models[c], tokens) - self.radius[c]
+        except _CODER_ERRORS as exc:  # constriction raises on an exhausted or garbled stream
+            raise FormatError(f"corrupt entropy-coded payload: {exc}") from None
+        R = self.radius[:, None]
+        esc = np.abs(q) >= R
+        n_esc = int(esc.sum())
+        if n_esc != len(excess):
+            raise FormatError("corrupt payload: escape count does not match the coded symbols")
+        if n_esc:
+            sign = np.sign(q[esc])
+            q[esc] = sign * (np.abs(q[esc]) + excess.astype(np.int64))
+        return q
+
+    def cross_entropy_bits(self, q: np.ndarray) -> float:
+        """Information content of ``q`` under the bank's float models (flagged channels only)."""
+        total = 0.0
+        R = self.radius[:, None]
+        sym = np.clip(q, -R, R) + R
+        for c in np.flatnonzero(np.any(q != 0, axis=1)):
+            total -= float(np.log2(self.probabilities[c][sym[c]]).sum())
+        return total
+
+
+# ---- per-chunk histogram tables (CacheGen as published stores its tables with the chunk) ----
+
+TABLE_TOTAL = 1 << 12
+
+
+def _quantized_counts(row: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    counts = np.bincount(row - lo, minlength=hi - lo + 1).astype(np.float64)
+    scaled = np.maximum(np.round(counts / counts.sum() * TABLE_TOTAL), (counts > 0).astype(np.float64))
+    return scaled.astype(np.uint16)
+
+
+def encode_with_chunk_tables(q: np.ndarray) -> tuple[bytes, bytes]:
+    """Per-channel tables measured on this chunk (returned as bytes: they are side information)."""
+    import struct
+
+    C = q.shape[0]
+    table = bytearray()
+    models = []
+    for c in range(C):
+        lo, hi = int(q[c].min()), int(q[c].max())
+        counts = _quantized_counts(q[c], lo, hi)
+        table += struct.pack("<iH", lo, len(counts)) + counts.tobytes()
+        models.append((lo, constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)))
+    coder = constriction.stream.stack.AnsCoder()
+    for c in reversed(range(C)):
+        lo, m = models[c]
+        coder.encode_reverse((q[c] - lo).astype(np.int32), m)
+    return bytes(table), coder.get_compressed().tobytes()
+
+
+def decode_with_chunk_tables(table: bytes, words: bytes, channels: int, tokens: int) -> np.ndarray:
+    import struct
+
+    q = np.zeros((channels, tokens), dtype=np.int64)
+    pos = 0
+    models = []
+    for _ in range(channels):
+        if pos + 6 > len(table):
+            raise FormatError("corrupt chunk table")
+        lo, k = struct.unpack_from("<iH", table, pos)
+        pos += 6
+        if k == 0 or pos + 2 * k > len(table):
+            raise FormatError("corrupt chunk table")
+        counts = np.frombuffer(table, dtype="<u2", count=k, offset=pos).astype(np.float64)
+        pos += 2 * k
+        if counts.sum() <= 0:
+            raise FormatError("corrupt chunk table")
+        models.append((lo, constriction.stream.model.Categorical(counts, perfect=False)))
+    if len(words) % 4:
+        raise FormatError("corrupt payload length")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").copy())
+    try:
+        for c in range(channels):
+            lo, m = models[c]
+            q[c] = coder.decode(m, tokens) + lo
+    except _CODER_ERRORS as exc:
+        raise FormatError(f"corrupt entropy-coded payload: {exc}") from None
+    return q

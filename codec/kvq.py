@@ -1,0 +1,195 @@
+"""``kvq``: the profiled lossy codec (codec id "kvq").
+
+Per segment (one layer's keys or values for one chunk, ``[H, T, D]``):
+
+1. tokens at absolute positions ``< sinks`` are stored as float16 (quantizers.pack_sinks);
+2. the rest go to a float64 working frame: keys are rotated back to pre-rotary positions;
+3. per head, PCA coefficients ``(x - mean) @ inv(basis.T)`` with the profile's float16 basis;
+4. uniform quantisation with step ``scale * base_step[layer, kind, head]`` (sensitivity-derived);
+5. per-channel categorical models from the profile, escape lists, stack ANS (entropy.ChannelBank).
+
+Byte layout and the exact arithmetic are in docs/CODEC.md.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+from kvc.codec.base import Segment
+from kvc.codec.entropy import ChannelBank, channel_probabilities, channel_radius
+from kvc.codec.profile import GRID, Profile
+from kvc.codec.quantizers import (
+    dequantize_uniform,
+    pack_sinks,
+    quantize_uniform,
+    read_u32,
+    sink_count,
+    unpack_sinks,
+)
+from kvc.codec.transforms import analysis_matrix, rope_inv_freq, rotate_keys, unrotate_keys
+
+from kvc.errors import FormatError, ProfileError
+
+CODEC_ID = "kvq"
+SEGMENT_VERSION = 1
+_KINDS = {"key": 0, "value": 1}
+
+
+def _finite_range(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max) if dtype.is_floating_point else float("inf")
+
+
+class KvqCodec:
+    codec_id = CODEC_ID
+
+    def __init__(self, params: dict, profile: Profile | None):
+        if profile is None:
+            raise ProfileError("the kvq codec needs its profile")
+        if not isinstance(profile, Profile):
+            raise ProfileError("the kvq codec was given something that is not a profile")
+        want = params.get("profile")
+        if want and want != profile.sha256:
+            raise ProfileError(f"this level was encoded with profile {str(want)[:16]}…, not {profile.sha256[:16]}…")
+        try:
+            self.scale = float(params["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError("kvq level parameters lack a numeric scale") from None
+        if not (1e-6 <= self.scale <= 1e6):
+            raise FormatError("kvq scale out of range")
+        self.profile = profile
+        self.sinks = profile.sinks
+        self._grid = np.linspace(GRID[0], GRID[1], GRID[2])
+        self._banks: dict[tuple[int, int], ChannelBank] = {}
+        self._mats: dict[tuple[int, int], tuple] = {}
+        self._inv_freq = rope_inv_freq(profile.rotary["theta"], profile.rotary["dim"]) if profile.rotary else None
+
+    # ---- per (layer, kind) state, built lazily and cached ----
+    def _dims(self, segment: Segment) -> tuple[int, int, int]:
+        p = self.profile
+        k = _KINDS.get(segment.kind)
+        if k is None:
+            raise FormatError(f"unknown segment kind {segment.kind!r}")
+        if not 0 <= segment.layer < p.layers:
+            raise ProfileError(f"layer {segment.layer} is outside the profile ({p.layers} layers)")
+        dim = p.key_dim if k == 0 else p.value_dim
+        H, _, D = segment.shape
+        if H != p.heads or D != dim:
+            raise ProfileError(f"segment shape {tuple(segment.shape)} does not fit the profile ({p.heads} heads × {dim})")
+        return segment.layer, k, dim
+
+    def steps(self, layer: int, k: int) -> torch.Tensor:
+        return torch.from_numpy(self.profile.arrays["base_step"][layer, k].astype(np.float64) * self.scale)
+
+    def bank(self, layer: int, k: int, dim: int) -> ChannelBank:
+        key = (layer, k)
+        if key not in self._banks:
+            sigma = self.profile.arrays["sigma"][layer, k, :, :dim].astype(np.float64)  # [H, dim]
+            step = self.steps(layer, k).numpy()
+            ratio = (sigma / step[:, None]).reshape(-1)
+            radius = channel_radius(ratio)
+            cdf = self.profile.arrays["cdf"][layer, k].astype(np.float64)
+            probs = [channel_probabilities(r, int(R), self._grid, cdf) for r, R in zip(ratio, radius)]
+            self._banks[key] = ChannelBank(probs, radius)
+        return self._banks[key]
+
+    def _matrices(self, layer: int, k: int, dim: int):
+        key = (layer, k)
+        if key not in self._mats:
+            basis16 = self.profile.arrays["basis"][layer, k, :, :dim, :dim]
+            mean = torch.from_numpy(self.profile.arrays["mean"][layer, k, :, :dim].astype(np.float64))
+            basis = torch.from_numpy(basis16.astype(np.float32))
+            self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float())
+        return self._mats[key]
+
+    # ---- the contract ----
+    def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
+        layer, k, dim = self._dims(segment)
+        H, T, D = segment.shape
+        if tuple(tensor.shape) != (H, T, D):
+            raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
+        n_sink = sink_count(segment.start, T, self.sinks)
+        out = bytearray(struct.pack("<BBH", SEGMENT_VERSION, 1 if n_sink else 0, 0))
+        if n_sink:
+            out += pack_sinks(tensor[:, :n_sink])
+        body = T - n_sink
+        if body == 0:
+            return bytes(out)
+        x = torch.nan_to_num(tensor[:, n_sink:].double(), nan=0.0)
+        big = _finite_range(tensor.dtype)
+        x = x.clamp(-big, big)
+        if k == 0 and self._inv_freq is not None:
+            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
+        mean, analysis, _, _ = self._matrices(layer, k, dim)
+        coef = torch.bmm(x - mean[:, None, :], analysis)
+        q = quantize_uniform(coef, self.steps(layer, k))  # [H, body, D]
+        sym = q.transpose(0, 2, 1).reshape(H * D, body)  # channel-major: (head, coefficient)
+        flags, excess, words = self.bank(layer, k, dim).encode(sym)
+        out += np.packbits(flags, bitorder="little").tobytes()
+        out += struct.pack("<I", len(excess)) + excess.astype("<u4").tobytes()
+        out += struct.pack("<I", len(words)) + words.astype("<u4").tobytes()
+        return bytes(out)
+
+    def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
+        layer, k, dim = self._dims(segment)
+        H, T, D = segment.shape
+        data = bytes(data)
+        if len(data) < 4:
+            raise FormatError("truncated kvq segment")
+        version, flags_byte, _ = struct.unpack_from("<BBH", data, 0)
+        if version != SEGMENT_VERSION:
+            raise FormatError(f"unknown kvq segment version {version}")
+        n_sink = sink_count(segment.start, T, self.sinks)
+        if flags_byte != (1 if n_sink else 0):
+            raise FormatError("kvq segment flags do not match its position")
+        pos = 4
+        out = torch.empty((H, T, D), dtype=torch.float32)
+        if n_sink:
+            sinks, pos = unpack_sinks(data, pos, (H, n_sink, D))
+            out[:, :n_sink] = sinks
+        body = T - n_sink
+        if body:
+            C = H * D
+            nflag = (C + 7) // 8
+            if pos + nflag > len(data):
+                raise FormatError("truncated kvq segment")
+            flags = np.unpackbits(np.frombuffer(data, np.uint8, nflag, pos), count=C, bitorder="little").astype(bool)
+            pos += nflag
+            n_esc, pos = read_u32(data, pos)
+            if n_esc > C * body or pos + 4 * n_esc > len(data):
+                raise FormatError("kvq escape list out of bounds")
+            excess = np.frombuffer(data, "<u4", n_esc, pos)
+            pos += 4 * n_esc
+            n_words, pos = read_u32(data, pos)
+            if pos + 4 * n_words != len(data):
+                raise FormatError("kvq segment length does not match its word count")
+            words = np.frombuffer(data, "<u4", n_words, pos).copy()
+            if n_words == 0 and flags.any():
+                raise FormatError("kvq segment has flagged channels but no coded data")
+            sym = self.bank(layer, k, dim).decode(flags, excess, words, body)
+            q = sym.reshape(H, D, body).transpose(0, 2, 1)
+            _, _, basis, mean32 = self._matrices(layer, k, dim)
+            coef = dequantize_uniform(np.ascontiguousarray(q), self.steps(layer, k))
+            x = torch.baddbmm(mean32[:, None, :], coef, basis.transpose(1, 2))
+            if k == 0 and self._inv_freq is not None:
+                x = rotate_keys(x.double(), segment.start + n_sink, self._inv_freq).float()
+            out[:, n_sink:] = x
+        big = _finite_range(segment.dtype)
+        out = torch.nan_to_num(out, nan=0.0, posinf=big, neginf=-big).clamp(-big, big)
+        return out.to(segment.dtype)
+
+    def model_bits(self, tensor: torch.Tensor, segment: Segment) -> tuple[float, int]:
+        """(information content under the models, ANS bits actually written) for the coder-efficiency check."""
+        layer, k, dim = self._dims(segment)
+        H, T, D = segment.shape
+        n_sink = sink_count(segment.start, T, self.sinks)
+        x = tensor[:, n_sink:].double()
+        if k == 0 and self._inv_freq is not None:
+            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
+        mean, analysis, _, _ = self._matrices(layer, k, dim)
+        q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))
+        sym = q.transpose(0, 2, 1).reshape(H * D, T - n_sink)
+        bank = self.bank(layer, k, dim)
+        _, _, words = bank.encode(sym)
+        return bank.cross_entropy_bits(sym), 32 * len(words)

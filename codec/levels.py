@@ -1,0 +1,64 @@
+"""The lossy level ladder and codec registration (imported by kvc.codec.registry).
+
+Every kvq level is one global step scale over the profile's sensitivity-derived per-head steps;
+the rate–quality points below are measured by ``bench/codec.py`` on held-out essays (SmolLM2-135M,
+2,048-token contexts; docs/CODEC.md has the table):
+
+* ``high``     — near-lossless: KL ≈ 1e-3 or less;
+* ``balanced`` — the default: the smallest level with KL ≤ 0.01;
+* ``compact``  — KL ≤ 0.05;
+* ``tiny``     — the smallest usable files, visibly lossy.
+"""
+
+from __future__ import annotations
+
+from kvc.codec.registry import register_codec, register_level
+
+from kvc.errors import ProfileError
+
+DEFAULT_LEVEL = "balanced"
+
+# level name -> global step scale (multiplies profile base_step, whose geometric mean is 1)
+LEVEL_SCALES: dict[str, float] = {
+    "high": 0.010,
+    "balanced": 0.030,
+    "compact": 0.060,
+    "tiny": 0.100,
+}
+
+
+def _kvq_factory(params: dict, profile):
+    from kvc.codec.kvq import KvqCodec
+
+    return KvqCodec(params, profile)
+
+
+def _cachegen_factory(params: dict, profile):
+    from kvc.codec.cachegen import CacheGenCodec
+
+    return CacheGenCodec(params)
+
+
+def _kvq_level(name: str):
+    def build(profile) -> dict:
+        if profile is None:
+            raise ProfileError(f"level {name!r} needs a fitted profile for this model (see `kvc profile`)")
+        sha = profile.sha256
+        return {"codec": "kvq", "params": {"scale": LEVEL_SCALES[name], "profile": sha}, "profile": sha}
+
+    return build
+
+
+def _cachegen_level(profile) -> dict:
+    from kvc.codec.cachegen import default_params
+
+    if profile is None:
+        raise ProfileError("level 'cachegen' needs the model's profile (for its layer count)")
+    return {"codec": "cachegen", "params": default_params(profile.layers), "profile": None}
+
+
+register_codec("kvq", _kvq_factory)
+register_codec("cachegen", _cachegen_factory)
+for _name in LEVEL_SCALES:
+    register_level(_name, _kvq_level(_name))
+register_level("cachegen", _cachegen_level)

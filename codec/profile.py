@@ -1,0 +1,404 @@
+"""The per-model profile: everything the lossy codec learns once, offline, from calibration text.
+
+For each (layer, K/V, head) it holds a PCA basis and mean (fitted on pre-rotary keys and on
+values), each coefficient's calibration std, the pooled shape of the standardised coefficients
+per (layer, K/V) (a CDF on a fixed grid), and the model's own sensitivity to noise in that head,
+from which the base quantiser steps are derived. A file refers to its profile by sha256; the
+profile records the fingerprints of the model it was fitted for and refuses any other.
+
+Byte format (docs/PROFILE.md): ``magic(8) | version u16 | reserved u16 | header_len u32 |
+header JSON (utf-8) | tensor blob | sha256(everything before)(32)``. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvc.errors import FormatError, ProfileError, VersionError
+
+MAGIC = b"KVCPROF\x00"
+VERSION = 1
+MAX_HEADER = 1 << 20
+MAX_FILE = 256 << 20
+SINKS = 4
+GRID = (-16.0, 16.0, 513)  # standardised-coefficient grid of the shape CDFs
+_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_FIELDS = {  # name -> dtype; shapes come from the header
+    "mean": "float32", "basis": "float16", "sigma": "float32", "cdf": "float32",
+    "base_step": "float32", "sensitivity": "float32",
+}
+IDENTITY_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256")
+
+
+@dataclass
+class Profile:
+    """Arrays are indexed ``[layer, kind(0=key, 1=value), head, ...]``."""
+
+    identity: dict  # name + the three fingerprints of the model it was fitted for
+    layers: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    rotary: dict | None  # {"theta": float, "dim": int} when keys are un-rotated before coding
+    sinks: int
+    arrays: dict[str, np.ndarray]
+    fit: dict = field(default_factory=dict)  # how it was fitted (texts, tokens, timings): informative only
+    _bytes: bytes | None = field(default=None, repr=False)
+
+    # ---- serialisation ----
+    def to_bytes(self) -> bytes:
+        if self._bytes is not None:
+            return self._bytes
+        tensors, blob, offset = [], bytearray(), 0
+        for name, dtype in _FIELDS.items():
+            arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
+            data = arr.tobytes()
+            tensors.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
+                            "nbytes": len(data)})
+            blob += data
+            offset += len(data)
+        header = {
+            "format": "kvc-profile", "version": VERSION, "identity": self.identity, "layers": self.layers,
+            "heads": self.heads, "key_dim": self.key_dim, "value_dim": self.value_dim, "rotary": self.rotary,
+            "sinks": self.sinks, "grid": list(GRID), "fit": self.fit, "tensors": tensors,
+        }
+        hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        body = MAGIC + struct.pack("<HHI", VERSION, 0, len(hjson)) + hjson + bytes(blob)
+        self._bytes = body + hashlib.sha256(body).digest()
+        return self._bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Profile:
+        data = bytes(data)
+        if len(data) > MAX_FILE:
+            raise ProfileError("profile file is implausibly large")
+        if len(data) < len(MAGIC) + 8 + 32 or data[: len(MAGIC)] != MAGIC:
+            raise ProfileError("not a kvc profile (bad magic or truncated)")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise ProfileError("profile checksum mismatch: the file is corrupt")
+        version, _reserved, hlen = struct.unpack_from("<HHI", body, len(MAGIC))
+        if version > VERSION:
+            raise VersionError(f"profile format version {version} is newer than this kvc understands")
+        start = len(MAGIC) + 8
+        if hlen > MAX_HEADER or start + hlen > len(body):
+            raise ProfileError("profile header length out of bounds")
+        try:
+            header = json.loads(body[start : start + hlen].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"profile header is not valid JSON: {exc}") from None
+        blob = body[start + hlen :]
+        try:
+            return cls._from_header(header, blob, data)
+        except ProfileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"profile header is malformed: {exc}") from None
+
+    @classmethod
+    def _from_header(cls, header: dict, blob: bytes, raw: bytes) -> Profile:
+        if header.get("format") != "kvc-profile":
+            raise ProfileError("not a kvc profile header")
+        if list(header["grid"]) != list(GRID):
+            raise ProfileError("profile uses an unknown shape grid")
+        L, H = int(header["layers"]), int(header["heads"])
+        kd, vd = int(header["key_dim"]), int(header["value_dim"])
+        if not (0 < L <= 4096 and 0 < H <= 1024 and 0 < kd <= 1024 and 0 < vd <= 1024):
+            raise ProfileError("profile dimensions out of range")
+        D = max(kd, vd)
+        expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D),
+                  "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H)}
+        arrays = {}
+        for t in header["tensors"]:
+            name = t["name"]
+            if name not in _FIELDS or t["dtype"] != _FIELDS[name] or tuple(t["shape"]) != expect[name]:
+                raise ProfileError(f"profile tensor {name!r} has an unexpected dtype or shape")
+            dt = _DTYPES[t["dtype"]]
+            n = int(np.prod(expect[name]))
+            off, nbytes = int(t["offset"]), int(t["nbytes"])
+            if nbytes != n * dt.itemsize or off < 0 or off + nbytes > len(blob):
+                raise ProfileError(f"profile tensor {name!r} lies outside the file")
+            arrays[name] = np.frombuffer(blob, dtype=dt, count=n, offset=off).reshape(expect[name]).copy()
+        if set(arrays) != set(_FIELDS):
+            raise ProfileError("profile is missing tensors")
+        for name, arr in arrays.items():
+            if not np.all(np.isfinite(arr)):
+                raise ProfileError(f"profile tensor {name!r} holds non-finite values")
+        if np.any(arrays["base_step"] <= 0) or np.any(arrays["sigma"] < 0):
+            raise ProfileError("profile steps must be positive")
+        rotary = header.get("rotary")
+        if rotary is not None:
+            rotary = {"theta": float(rotary["theta"]), "dim": int(rotary["dim"])}
+            if rotary["dim"] != kd or kd % 2 or not rotary["theta"] > 0:
+                raise ProfileError("profile rotary parameters are inconsistent")
+        prof = cls(identity=dict(header["identity"]), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
+                   sinks=int(header["sinks"]), arrays=arrays, fit=dict(header.get("fit") or {}))
+        if not 0 <= prof.sinks <= 1 << 20:
+            raise ProfileError("profile sink count out of range")
+        prof._bytes = raw
+        return prof
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        p = Path(path)
+        if not p.is_file():
+            raise ProfileError(f"no profile at {p}")
+        if p.stat().st_size > MAX_FILE:
+            raise ProfileError(f"{p} is too large to be a profile")
+        return cls.from_bytes(p.read_bytes())
+
+    # ---- model binding ----
+    def matches(self, identity: dict) -> bool:
+        return all(self.identity.get(k) == identity.get(k) for k in IDENTITY_KEYS)
+
+    def check_model(self, identity: dict) -> None:
+        for key in IDENTITY_KEYS:
+            if self.identity.get(key) != identity.get(key):
+                raise ProfileError(
+                    f"profile {self.sha256[:16]}… was fitted for {self.identity.get('name')}, not for "
+                    f"{identity.get('name')} (its {key.removesuffix('_sha256')} differs)")
+
+
+def shipped_profiles_dir() -> Path:
+    return Path(__file__).resolve().parent / "profiles"
+
+
+def _cache_profiles_dir() -> Path | None:
+    root = os.environ.get("KVC_CACHE_DIR")
+    return Path(root) / "profiles" if root else None
+
+
+def find_profile(identity: dict, path: str | None = None) -> Profile | None:
+    """The profile for this model: an explicit path (must match), else a shipped one, else one in
+    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Corrupt files found while searching are skipped."""
+    if path is not None:
+        prof = Profile.load(path)
+        prof.check_model(identity)
+        return prof
+    for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
+        if folder is None or not folder.is_dir():
+            continue
+        for candidate in sorted(folder.glob("*.kvcp")):
+            try:
+                prof = Profile.load(candidate)
+            except (ProfileError, FormatError, OSError):
+                continue
+            if prof.matches(identity):
+                return prof
+    return None
+
+
+def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | None = None) -> Profile | None:
+    """The profile a file names by hash (decode side: no model needed when identity is None)."""
+    if path is not None:
+        prof = Profile.load(path)
+        if prof.sha256 != sha256:
+            raise ProfileError(f"profile {path} is {prof.sha256[:16]}…, but the file needs {sha256[:16]}…")
+        return prof
+    for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
+        if folder is None or not folder.is_dir():
+            continue
+        for candidate in sorted(folder.glob("*.kvcp")):
+            try:
+                prof = Profile.load(candidate)
+            except (ProfileError, FormatError, OSError):
+                continue
+            if prof.sha256 == sha256:
+                return prof
+    return None
+
+
+# ---------------------------------------------------------------- fitting
+
+def _pre_frame(tensor: torch.Tensor, kind: str, start: int, rotary: dict | None) -> torch.Tensor:
+    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
+
+    x = tensor.double()
+    if kind == "key" and rotary is not None:
+        x = unrotate_keys(x, start, rope_inv_freq(rotary["theta"], rotary["dim"]))
+    return x
+
+
+def rotary_for(lm) -> dict | None:
+    """Un-rotate keys only for plain default rope over the whole head (what transforms.py implements)."""
+    from kvc.runtime.identity import rope_info
+
+    info = rope_info(lm.model.config)
+    text = lm.model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    partial = getattr(text, "partial_rotary_factor", 1.0) or 1.0
+    if not info.get("keys_post_rotary") or info.get("rope_type") != "default" or partial != 1.0:
+        return None
+    if info.get("rope_theta") is None or head_dim % 2:
+        return None
+    return {"theta": float(info["rope_theta"]), "dim": int(head_dim)}
+
+
+def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
+                sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
+                on_progress: Callable[[str, int, int], None] | None = None) -> Profile:
+    """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
+
+    PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
+    ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation."""
+    from kvc.codec.transforms import pca_forward
+    from kvc.runtime.identity import model_identity
+    from kvc.runtime.prefill import prefill, tokenize
+
+    if not texts:
+        raise ProfileError("fitting a profile needs at least one calibration text")
+    progress = on_progress or (lambda stage, done, total: None)
+    identity = model_identity(lm)
+    rotary = rotary_for(lm)
+    kvs = []
+    for i, text in enumerate(texts):
+        ids = tokenize(lm, text)
+        kvs.append((ids, prefill(lm, ids[:tokens])))
+        progress("prefill", i + 1, len(texts))
+    first = kvs[0][1]
+    L = len(first.layers)
+    H = first.layers[0].key.shape[0]
+    kd, vd = first.layers[0].key.shape[2], first.layers[0].value.shape[2]
+    D = max(kd, vd)
+    if any(layer.key.shape[0] != H or layer.key.shape[2] != kd or layer.value.shape[2] != vd for layer in first.layers):
+        raise ProfileError("layers with differing head counts or dims are not supported by the lossy codec")
+
+    mean = np.zeros((L, 2, H, D), np.float32)
+    basis = np.zeros((L, 2, H, D, D), np.float16)
+    sigma = np.zeros((L, 2, H, D), np.float32)
+    n_grid = GRID[2]
+    grid = np.linspace(GRID[0], GRID[1], n_grid)
+    cdf = np.zeros((L, 2, n_grid), np.float32)
+    for layer in range(L):
+        for k, kind in enumerate(("key", "value")):
+            dim = kd if kind == "key" else vd
+            xs = []
+            for _, kv in kvs:
+                lay = kv.layers[layer]
+                x = _pre_frame(getattr(lay, kind), kind, lay.start, rotary)
+                skip = max(0, sinks - lay.start)  # sinks are stored raw, never through the model
+                if x.shape[1] > skip:
+                    xs.append(x[:, skip:])
+            if not xs:
+                raise ProfileError("calibration texts are too short to fit a profile")
+            x = torch.cat(xs, dim=1)  # [H, N, dim]
+            mu = x.mean(1)
+            xc = x - mu[:, None]
+            cov = torch.bmm(xc.transpose(1, 2), xc) / max(1, x.shape[1] - 1)
+            _, vecs = torch.linalg.eigh(cov)
+            vecs = vecs.flip(-1)  # largest variance first
+            # Deterministic sign: the largest-magnitude entry of each direction is positive.
+            idx = vecs.abs().argmax(1, keepdim=True)
+            vecs = vecs * torch.sign(torch.gather(vecs, 1, idx))
+            b16 = vecs.numpy().astype(np.float16)
+            from kvc.codec.transforms import analysis_matrix
+
+            ana = torch.from_numpy(analysis_matrix(b16))
+            coef = pca_forward(x, mu, ana)  # [H, N, dim]
+            sd = coef.std(1).numpy()
+            mean[layer, k, :, :dim] = mu.numpy()
+            basis[layer, k, :, :dim, :dim] = b16
+            sigma[layer, k, :, :dim] = sd
+            u = (coef / torch.from_numpy(np.maximum(sd, 1e-12))[:, None, :]).numpy()
+            live = sd > 1e-6 * max(float(sd.max()), 1e-30)
+            u = u[:, :, :][np.broadcast_to(live[:, None, :], u.shape)]
+            u.sort()
+            cdf[layer, k] = np.searchsorted(u, grid, side="right") / max(1, len(u)) if len(u) else (grid >= 0)
+        progress("pca", layer + 1, L)
+    for layer in range(L):  # unused dims of the smaller kind stay an identity basis (never read)
+        for k, dim in ((0, kd), (1, vd)):
+            for h in range(H):
+                basis[layer, k, h, dim:, dim:] = np.eye(D - dim, dtype=np.float16)
+
+    sens = _sensitivity(lm, kvs, sensitivity_texts, sensitivity_tokens, continuation, sinks, seed, progress)
+    base = 1.0 / np.sqrt(np.maximum(sens, 1e-12 * max(float(sens.max()), 1e-30)))
+    base = base / math.exp(float(np.log(base).mean()))  # geometric mean 1: levels scale it
+    fit = {"texts": len(texts), "tokens": tokens, "sensitivity_texts": sensitivity_texts,
+           "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed}
+    ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
+    return Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
+                   arrays={"mean": mean, "basis": basis, "sigma": sigma, "cdf": cdf,
+                           "base_step": base.astype(np.float32), "sensitivity": sens.astype(np.float32)},
+                   fit=fit)
+
+
+def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progress) -> np.ndarray:
+    """KL per unit noise variance for each (layer, kind, head): the model's own sensitivity.
+
+    Gaussian noise of std 0.1·rms of the head is added to every non-sink token of one head at a
+    time; KL(ref‖perturbed) over a continuation, divided by the noise variance, is the slope in
+    the small-noise (quadratic) regime where quantisation operates."""
+    from kvc.evaluation.quality import compare, continuation_logprobs
+    from kvc.runtime.kv import ContextKV, LayerKV
+
+    chosen = [(ids, kv) for ids, kv in kvs if len(ids) >= 32 + continuation][:n_texts] or kvs[:1]
+    L = len(kvs[0][1].layers)
+    H = kvs[0][1].layers[0].key.shape[0]
+    sens = np.zeros((L, 2, H))
+    gen = torch.Generator().manual_seed(seed)
+    total = len(chosen) * L * 2 * H
+    done = 0
+    for ids, full in chosen:
+        n_ctx = min(ctx_tokens, len(ids) - continuation) if len(ids) > continuation + 1 else max(1, len(ids) - 1)
+        cont = ids[n_ctx : n_ctx + continuation]
+        ctx = ContextKV(token_ids=ids[:n_ctx], layers=[
+            LayerKV(key=lay.key[:, :n_ctx].clone(), value=lay.value[:, :n_ctx].clone(), start=0)
+            for lay in full.layers])
+        if any(lay.start for lay in full.layers) or not cont:
+            # sliding-window layers keep a suffix only; sensitivity then defaults to uniform
+            return np.ones((L, 2, H))
+        ref = continuation_logprobs(lm, ctx, cont)
+        for layer in range(L):
+            for k, kind in enumerate(("key", "value")):
+                orig = getattr(ctx.layers[layer], kind)
+                for h in range(H):
+                    rms = float(orig[h, sinks:].float().pow(2).mean().sqrt()) if orig.shape[1] > sinks else 0.0
+                    eps = 0.1 * rms if rms > 0 else 1e-3
+                    noisy = orig.clone()
+                    noise = torch.randn(noisy[h, sinks:].shape, generator=gen, dtype=torch.float32) * eps
+                    noisy[h, sinks:] += noise.to(noisy.dtype)
+                    setattr(ctx.layers[layer], kind, noisy)
+                    kl = compare(ref, continuation_logprobs(lm, ctx, cont), cont).kl
+                    setattr(ctx.layers[layer], kind, orig)
+                    sens[layer, k, h] += max(kl, 1e-12) / (eps * eps) / len(chosen)
+                    done += 1
+                    progress("sensitivity", done, total)
+    return sens
+
+
+def default_progress() -> Callable[[str, int, int], None] | None:
+    """A rich progress bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+        if all(t.finished for t in bar.tasks) and stage == "sensitivity" and done == total:
+            bar.stop()
+
+    return update

@@ -1,0 +1,199 @@
+"""The profiled lossy codec: round trips, determinism, bounds, robustness, profile format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvc.codec.base import Segment
+from kvc.codec.levels import LEVEL_SCALES
+from kvc.codec.profile import Profile, find_profile, find_profile_by_sha, fit_profile
+from kvc.codec.registry import build_codec, level_entry, level_names
+
+from kvc.errors import FormatError, ProfileError
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
+         "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dirs):
+    from kvc.runtime.loading import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_llama):
+    return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8)
+
+
+def _kv(lm, text=TEXTS[1]):
+    from kvc.runtime.prefill import prefill, tokenize
+
+    return prefill(lm, tokenize(lm, text)[:70])
+
+
+def _roundtrip(codec, t, layer, kind, start):
+    seg = Segment(layer, kind, start, tuple(t.shape), t.dtype)
+    blob = codec.encode(t, seg)
+    return blob, codec.decode(blob, seg), seg
+
+
+def test_levels_registered(tiny_profile):
+    names = level_names()
+    for name in LEVEL_SCALES:
+        assert name in names
+        entry = level_entry(name, tiny_profile)
+        assert entry["profile"] == tiny_profile.sha256
+    with pytest.raises(ProfileError):
+        level_entry("balanced", None)
+    with pytest.raises(ProfileError):
+        build_codec(level_entry("balanced", tiny_profile), None)
+
+
+@pytest.mark.parametrize("level", list(LEVEL_SCALES))
+def test_roundtrip_shapes_dtypes_determinism(tiny_llama, tiny_profile, level):
+    kv = _kv(tiny_llama)
+    codec = build_codec(level_entry(level, tiny_profile), tiny_profile)
+    for li, lay in enumerate(kv.layers):
+        for kind in ("key", "value"):
+            t = getattr(lay, kind)
+            for a in range(0, t.shape[1], 32):  # chunks, the first one holding the sinks
+                x = t[:, a : a + 32].contiguous()
+                blob, y, seg = _roundtrip(codec, x, li, kind, a)
+                assert y.shape == x.shape and y.dtype == x.dtype
+                assert torch.isfinite(y).all()
+                y2 = build_codec(level_entry(level, tiny_profile), tiny_profile).decode(blob, seg)
+                assert y.numpy().tobytes() == y2.numpy().tobytes()  # bit-identical, fresh codec
+                assert blob == codec.encode(x, seg)
+                if a == 0:  # sink tokens are kept at float16 precision
+                    s = tiny_profile.sinks
+                    assert torch.allclose(y[:, :s], x[:, :s], rtol=2e-3, atol=1e-3)
+
+
+def test_error_shrinks_with_level(tiny_llama, tiny_profile):
+    kv = _kv(tiny_llama)
+    errs = []
+    for level in LEVEL_SCALES:  # ordered from finest to coarsest
+        codec = build_codec(level_entry(level, tiny_profile), tiny_profile)
+        t = kv.layers[1].value
+        _, y, _ = _roundtrip(codec, t, 1, "value", 0)
+        errs.append(float((y - t).pow(2).mean()))
+        # error bound: uniform quantiser in an (almost) orthonormal basis ⇒ MSE ≤ max step² / 4
+        steps = codec.steps(1, 1).numpy()
+        assert errs[-1] <= float(steps.max()) ** 2 / 4 + 1e-9
+    assert errs == sorted(errs)
+
+
+@pytest.mark.parametrize("case", ["outlier", "zero", "one_token", "short", "nan_inf", "huge"])
+def test_robustness(tiny_profile, case):
+    codec = build_codec(level_entry("balanced", tiny_profile), tiny_profile)
+    H, D = tiny_profile.heads, tiny_profile.key_dim
+    g = torch.Generator().manual_seed(1)
+    T = {"one_token": 1, "short": 7}.get(case, 40)
+    x = torch.randn(H, T, D, generator=g)
+    if case == "outlier":
+        x[:, :, 3] *= 1000
+    elif case == "zero":
+        x[:, :, :] = 0.25
+    elif case == "nan_inf":
+        x[0, 5, 1], x[1, 6, 2], x[0, 7, 0] = float("nan"), float("inf"), float("-inf")
+    elif case == "huge":
+        x *= 1e30
+    for start in (0, 100):
+        for kind in ("key", "value"):
+            _, y, _ = _roundtrip(codec, x, 0, kind, start)
+            assert y.shape == x.shape and torch.isfinite(y).all()
+            if case == "outlier":
+                fin = torch.isfinite(x)
+                assert float((y - x)[fin].abs().max()) < 0.01 * float(x.abs().max())
+
+
+def test_fp16_and_bf16_segments(tiny_profile):
+    codec = build_codec(level_entry("high", tiny_profile), tiny_profile)
+    x = torch.randn(tiny_profile.heads, 20, tiny_profile.value_dim)
+    for dt in (torch.float16, torch.bfloat16):
+        _, y, _ = _roundtrip(codec, x.to(dt), 0, "value", 0)
+        assert y.dtype == dt and torch.isfinite(y).all()
+
+
+def test_corrupt_payload_rejected(tiny_llama, tiny_profile):
+    kv = _kv(tiny_llama)
+    codec = build_codec(level_entry("balanced", tiny_profile), tiny_profile)
+    t = kv.layers[0].key[:, :32].contiguous()
+    blob, _, seg = _roundtrip(codec, t, 0, "key", 0)
+    for cut in (0, 3, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(FormatError):
+            codec.decode(blob[:cut], seg)
+    with pytest.raises(FormatError):
+        codec.decode(blob + b"\0\0\0\0", seg)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # flipped bytes: a clean error or finite output, never a crash
+        b = bytearray(blob)
+        b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+        try:
+            y = codec.decode(bytes(b), seg)
+            assert torch.isfinite(y).all()
+        except FormatError:
+            pass
+
+
+def test_profile_roundtrip_and_corruption(tiny_profile, tmp_path):
+    data = tiny_profile.to_bytes()
+    again = Profile.from_bytes(data)
+    assert again.sha256 == tiny_profile.sha256 and again.to_bytes() == data
+    for name, arr in tiny_profile.arrays.items():
+        assert np.array_equal(again.arrays[name], arr.astype(again.arrays[name].dtype))
+    for i in (0, 9, 20, len(data) // 2, len(data) - 1):
+        b = bytearray(data)
+        b[i] ^= 0x40
+        with pytest.raises((ProfileError, FormatError)):
+            Profile.from_bytes(bytes(b))
+    for cut in (0, 10, len(data) - 1):
+        with pytest.raises((ProfileError, FormatError)):
+            Profile.from_bytes(data[:cut])
+    path = tmp_path / "p.kvcp"
+    tiny_profile.save(path)
+    assert Profile.load(path).sha256 == tiny_profile.sha256
+    assert find_profile_by_sha(tiny_profile.sha256, path=str(path)) is not None
+
+
+def test_wrong_model_profile_refused(tiny_profile, tiny_model_dirs, tmp_path, monkeypatch):
+    from kvc.runtime.identity import model_identity
+    from kvc.runtime.loading import load_model
+
+    path = tmp_path / "p.kvcp"
+    tiny_profile.save(path)
+    other = model_identity(load_model(str(tiny_model_dirs["llama-mqa"]), device="cpu"))
+    with pytest.raises(ProfileError):
+        find_profile(other, str(path))
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path))
+    (tmp_path / "profiles").mkdir()
+    tiny_profile.save(tmp_path / "profiles" / "tiny.kvcp")
+    (tmp_path / "profiles" / "junk.kvcp").write_bytes(b"garbage")
+    assert find_profile(other) is None
+    assert find_profile(dict(tiny_profile.identity)).sha256 == tiny_profile.sha256
+
+
+def test_coder_within_one_percent_of_model_entropy(tiny_profile):
+    codec = build_codec(level_entry("high", tiny_profile), tiny_profile)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tiny_profile.heads, 512, tiny_profile.key_dim, generator=g) * 2
+    info, written = codec.model_bits(x, Segment(1, "key", 300, tuple(x.shape), torch.float32))
+    assert info > 10_000
+    assert written <= info * 1.01 + 64
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 40), start=st.integers(0, 6), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 99),
+       kind=st.sampled_from(["key", "value"]))
+def test_property_roundtrip(tiny_profile, tokens, start, scale, seed, kind):
+    codec = build_codec(level_entry("compact", tiny_profile), tiny_profile)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tiny_profile.heads, tokens, tiny_profile.key_dim, generator=g) * scale
+    blob, y, seg = _roundtrip(codec, x, 2, kind, start)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert torch.equal(codec.decode(blob, seg), y)
