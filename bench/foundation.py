@@ -21,8 +21,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kvc  # noqa: E402
 from kvc.runtime.identity import model_identity  # noqa: E402
+
+import kvc  # noqa: E402
 from kvc.samples import essay_text, evaluation_essays  # noqa: E402
 
 
@@ -59,20 +60,48 @@ def main() -> None:
         raw = b"".join(t.contiguous().numpy().tobytes() for layer in kv.layers for t in (layer.key, layer.value))
         plain_zstd = len(zstandard.ZstdCompressor(level=3).compress(raw))
         fp16 = kv.nbytes() // kv.layers[0].key.element_size() * 2
-        rows.append({"context": name, "tokens": len(ids), "prefill_s": t1 - t0, "encode_s": t2 - t1,
-                     "decode_s": t3 - t2, "file_bytes": len(data), "raw_bytes": kv.nbytes(), "fp16_bytes": fp16,
-                     "ratio_vs_fp16": fp16 / len(data), "ratio_vs_raw": kv.nbytes() / len(data),
-                     "ratio_vs_plain_zstd": plain_zstd / len(data), "plain_zstd_bytes": plain_zstd})
-    table = Table(title=f"kvc lossless on {lm.name} ({identity['dtype']}), {args.tokens}-token contexts, "
-                        f"device {args.device}")
-    for col in ("context", "prefill s", "encode s", "decode s", "file MiB", "× vs fp16", f"× vs raw {identity['dtype']}",
-                "× vs plain zstd"):
+        rows.append(
+            {
+                "context": name,
+                "tokens": len(ids),
+                "prefill_s": t1 - t0,
+                "encode_s": t2 - t1,
+                "decode_s": t3 - t2,
+                "file_bytes": len(data),
+                "raw_bytes": kv.nbytes(),
+                "fp16_bytes": fp16,
+                "ratio_vs_fp16": fp16 / len(data),
+                "ratio_vs_raw": kv.nbytes() / len(data),
+                "ratio_vs_plain_zstd": plain_zstd / len(data),
+                "plain_zstd_bytes": plain_zstd,
+            }
+        )
+    table = Table(
+        title=f"kvc lossless on {lm.name} ({identity['dtype']}), {args.tokens}-token contexts, device {args.device}"
+    )
+    for col in (
+        "context",
+        "prefill s",
+        "encode s",
+        "decode s",
+        "file MiB",
+        "× vs fp16",
+        f"× vs raw {identity['dtype']}",
+        "× vs plain zstd",
+    ):
         table.add_column(col, justify="left" if col == "context" else "right")
     mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k not in ("context",)}
     for r in [*rows, {"context": "mean", **mean}]:
-        table.add_row(r["context"], f"{r['prefill_s']:.2f}", f"{r['encode_s']:.2f}", f"{r['decode_s']:.2f}",
-                      f"{r['file_bytes'] / 2**20:.2f}", f"{r['ratio_vs_fp16']:.3f}", f"{r['ratio_vs_raw']:.3f}",
-                      f"{r['ratio_vs_plain_zstd']:.3f}")
+        table.add_row(
+            r["context"],
+            f"{r['prefill_s']:.2f}",
+            f"{r['encode_s']:.2f}",
+            f"{r['decode_s']:.2f}",
+            f"{r['file_bytes'] / 2**20:.2f}",
+            f"{r['ratio_vs_fp16']:.3f}",
+            f"{r['ratio_vs_raw']:.3f}",
+            f"{r['ratio_vs_plain_zstd']:.3f}",
+        )
     Console().print(table)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"rows": rows, "mean": mean}, indent=2))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvc.errors import InputError
 from kvc.formats.container import write_atomic
+
+from kvc.errors import InputError
 
 
 def read_input_bytes(path: str) -> bytes:

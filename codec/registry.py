@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvc.codec.base import SegmentCodec
+
 from kvc.errors import FormatError, ProfileError
 
 LOSSLESS = "lossless"

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kvc.errors import FormatError, InputError, VersionError
 from kvc.formats import header as header_schema
 from kvc.formats import layout
+
+from kvc.errors import FormatError, InputError, VersionError
 
 
 @dataclass
@@ -36,13 +37,22 @@ def build(header: dict, chunks: list[EncodedChunk], attachments: dict[str, bytes
         entries = []
         for level, segments in chunk.encodings.items():
             payload = b"".join(segments)
-            entries.append({"level": level, "offset": data.tell(), "length": len(payload),
-                            "sha256": hashlib.sha256(payload).hexdigest(), "segments": [len(s) for s in segments]})
+            entries.append(
+                {
+                    "level": level,
+                    "offset": data.tell(),
+                    "length": len(payload),
+                    "sha256": hashlib.sha256(payload).hexdigest(),
+                    "segments": [len(s) for s in segments],
+                }
+            )
             data.write(payload)
         index.append({"start": chunk.start, "end": chunk.end, "encodings": entries})
     atts = []
     for name, blob in (attachments or {}).items():
-        atts.append({"name": name, "offset": data.tell(), "length": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+        atts.append(
+            {"name": name, "offset": data.tell(), "length": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        )
         data.write(blob)
     full = dict(header, chunks=index, data_length=data.tell())
     if atts:
@@ -86,7 +96,9 @@ class _Source:
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise FormatError(f"truncated file: {what} needs bytes {offset}..{offset + length}, the file has {self.size}")
+            raise FormatError(
+                f"truncated file: {what} needs bytes {offset}..{offset + length}, the file has {self.size}"
+            )
         if self._buffer is not None:
             return bytes(self._buffer[offset : offset + length])
         self._handle.seek(offset)
@@ -105,24 +117,26 @@ class Container:
 
     def __init__(self, source: _Source, name: str):
         self._source, self.name = source, name
-        magic, major, minor, header_len = layout.PREAMBLE.unpack(
-            self._read_preamble(source, name)
-        )
+        magic, major, minor, header_len = layout.PREAMBLE.unpack(self._read_preamble(source, name))
         if magic != layout.MAGIC:
             raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
         if major > layout.MAJOR:
-            raise VersionError(f"{name} uses .kvc format {major}.{minor}; this kvc reads format {layout.MAJOR}.x "
-                               f"and older: upgrade kvc")
+            raise VersionError(
+                f"{name} uses .kvc format {major}.{minor}; this kvc reads format {layout.MAJOR}.x "
+                f"and older: upgrade kvc"
+            )
         if major < 1:
             raise FormatError(f"{name} claims format version {major}.{minor}, which never existed")
         if header_len > layout.MAX_HEADER_BYTES:
             raise FormatError(f"{name}: header of {header_len} bytes is over the {layout.MAX_HEADER_BYTES}-byte limit")
-        head = layout.PREAMBLE.pack(magic, major, minor, header_len) + source.read(layout.PREAMBLE_BYTES, header_len, "the header")
+        head = layout.PREAMBLE.pack(magic, major, minor, header_len) + source.read(
+            layout.PREAMBLE_BYTES, header_len, "the header"
+        )
         digest = source.read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum")
         if hashlib.sha256(head).digest() != digest:
             raise FormatError(f"{name}: header checksum mismatch (the file is corrupt)")
         try:
-            header = json.loads(head[layout.PREAMBLE_BYTES:].decode("utf-8"))
+            header = json.loads(head[layout.PREAMBLE_BYTES :].decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise FormatError(f"{name}: header is not valid JSON") from exc
         self.version = (major, minor)
@@ -151,7 +165,9 @@ class Container:
             if enc["level"] == level:
                 data = self._source.read(self.data_start + enc["offset"], enc["length"], f"chunk {chunk_index}")
                 if hashlib.sha256(data).hexdigest() != enc["sha256"]:
-                    raise FormatError(f"{self.name}: chunk {chunk_index} ({level}) checksum mismatch (the file is corrupt)")
+                    raise FormatError(
+                        f"{self.name}: chunk {chunk_index} ({level}) checksum mismatch (the file is corrupt)"
+                    )
                 return enc, data
         raise InputError(f"chunk {chunk_index} has no encoding at level {level!r}")
 

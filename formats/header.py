@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
-from kvc.errors import FormatError
 from kvc.formats import layout
+
+from kvc.errors import FormatError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -21,8 +22,10 @@ def _need(condition: bool, message: str) -> None:
 
 
 def _int(value, low: int, high: int, what: str) -> int:
-    _need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-          f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    _need(
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+        f"{what} must be an integer in [{low}, {high}], got {value!r}",
+    )
     return value
 
 
@@ -38,8 +41,10 @@ def validate(header: dict, data_bytes: int) -> None:
     _need(isinstance(tokens, list), "context.token_ids must be a list")
     num_tokens = _int(context.get("num_tokens"), 1, layout.MAX_TOKENS, "context.num_tokens")
     _need(len(tokens) == num_tokens, "context.token_ids does not hold num_tokens ids")
-    _need(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in tokens),
-          "context.token_ids must be non-negative 31-bit integers")
+    _need(
+        all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in tokens),
+        "context.token_ids must be non-negative 31-bit integers",
+    )
 
     layers = header["layout"].get("layers")
     _need(isinstance(layers, list) and 1 <= len(layers) <= layout.MAX_LAYERS, "layout.layers must list 1..1024 layers")
@@ -52,8 +57,10 @@ def validate(header: dict, data_bytes: int) -> None:
 
     for name, entry in header["levels"].items():
         _need(isinstance(entry, dict) and isinstance(entry.get("codec"), str), f"level {name!r} names no codec")
-        _need(entry.get("profile") is None or (isinstance(entry["profile"], str) and _SHA256.match(entry["profile"])),
-              f"level {name!r} has a malformed profile hash")
+        _need(
+            entry.get("profile") is None or (isinstance(entry["profile"], str) and _SHA256.match(entry["profile"])),
+            f"level {name!r} has a malformed profile hash",
+        )
 
     chunk_tokens = _int(header.get("chunk_tokens"), 1, layout.MAX_CHUNK_TOKENS, "chunk_tokens")
     position = 0
@@ -75,7 +82,9 @@ def validate(header: dict, data_bytes: int) -> None:
             length = _int(enc.get("length"), 0, data_bytes - offset, f"{where}.length (past the end of the file)")
             _need(isinstance(enc.get("sha256"), str) and _SHA256.match(enc["sha256"]), f"{where}.sha256 malformed")
             segments = enc.get("segments")
-            _need(isinstance(segments, list) and len(segments) == 2 * len(layers), f"{where}.segments needs 2 per layer")
+            _need(
+                isinstance(segments, list) and len(segments) == 2 * len(layers), f"{where}.segments needs 2 per layer"
+            )
             for s in segments:
                 _int(s, 0, length, f"{where}.segments entry")
             _need(sum(segments) == length, f"{where}.segments do not add up to its length")

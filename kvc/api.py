@@ -22,8 +22,12 @@ from kvc.runtime.prefill import DEFAULT_SLICE_TOKENS, prefill, tokenize
 
 DEFAULT_CHUNK_TOKENS = 256
 KINDS = ("key", "value")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def _resolve_profile(levels: Iterable[str], identity: dict, profile):
@@ -38,8 +42,10 @@ def _resolve_profile(levels: Iterable[str], identity: dict, profile):
         raise ProfileError("this kvc has no lossy codec installed") from exc
     found = find_profile(identity, str(profile) if profile is not None else None)
     if found is None:
-        raise ProfileError(f"no profile for model {identity.get('name')}: fit one with `kvc profile` "
-                           f"and pass --profile, or use --level lossless")
+        raise ProfileError(
+            f"no profile for model {identity.get('name')}: fit one with `kvc profile` "
+            f"and pass --profile, or use --level lossless"
+        )
     return found
 
 
@@ -56,9 +62,17 @@ def default_levels(lm, profile=None) -> list[str]:
     return [LOSSLESS]
 
 
-def encode_kv(kv: ContextKV, model: dict, levels: Iterable[str] = (LOSSLESS,), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-              profile=None, context: dict | None = None, prefill_info: dict | None = None,
-              embed_profile: bool = False, on_chunk: Callable[[int], None] | None = None) -> bytes:
+def encode_kv(
+    kv: ContextKV,
+    model: dict,
+    levels: Iterable[str] = (LOSSLESS,),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    profile=None,
+    context: dict | None = None,
+    prefill_info: dict | None = None,
+    embed_profile: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> bytes:
     """Container bytes for an already computed KV cache."""
     levels = list(dict.fromkeys(levels))
     if not levels:
@@ -94,8 +108,17 @@ def encode_kv(kv: ContextKV, model: dict, levels: Iterable[str] = (LOSSLESS,), c
         "created_by": f"kvc {kvc.__version__}",
         "model": model,
         "dtype": str(dtype).removeprefix("torch."),
-        "layout": {"layers": [{"kv_heads": layer.key.shape[0], "key_dim": layer.key.shape[2],
-                               "value_dim": layer.value.shape[2], "start": layer.start} for layer in kv.layers]},
+        "layout": {
+            "layers": [
+                {
+                    "kv_heads": layer.key.shape[0],
+                    "key_dim": layer.key.shape[2],
+                    "value_dim": layer.value.shape[2],
+                    "start": layer.start,
+                }
+                for layer in kv.layers
+            ]
+        },
         "context": {"num_tokens": kv.num_tokens, "token_ids": list(kv.token_ids), **(context or {})},
         "prefill": prefill_info or {},
         "chunk_tokens": chunk_tokens,
@@ -105,19 +128,37 @@ def encode_kv(kv: ContextKV, model: dict, levels: Iterable[str] = (LOSSLESS,), c
     return build(header, chunks, attachments)
 
 
-def encode_tokens(lm, token_ids: list[int], levels: Iterable[str] = (LOSSLESS,),
-                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, slice_tokens: int = DEFAULT_SLICE_TOKENS,
-                  profile=None, context: dict | None = None, embed_profile: bool = False,
-                  on_progress: Callable[[int], None] | None = None) -> bytes:
+def encode_tokens(
+    lm,
+    token_ids: list[int],
+    levels: Iterable[str] = (LOSSLESS,),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    slice_tokens: int = DEFAULT_SLICE_TOKENS,
+    profile=None,
+    context: dict | None = None,
+    embed_profile: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> bytes:
     """Prefill ``token_ids`` with ``lm`` and return the .kvc bytes holding its cache."""
     kv = prefill(lm, token_ids, slice_tokens, on_progress)
-    info = {"slice_tokens": slice_tokens, "device": lm.device.type, "torch": torch.__version__.split("+")[0],
-            "transformers": _transformers_version(), "machine": platform.machine()}
+    info = {
+        "slice_tokens": slice_tokens,
+        "device": lm.device.type,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": _transformers_version(),
+        "machine": platform.machine(),
+    }
     return encode_kv(kv, model_identity(lm), levels, chunk_tokens, profile, context, info, embed_profile)
 
 
-def encode_text(lm, text: str, levels: Iterable[str] = (LOSSLESS,), max_tokens: int | None = None,
-                source: str | None = None, **kwargs) -> bytes:
+def encode_text(
+    lm,
+    text: str,
+    levels: Iterable[str] = (LOSSLESS,),
+    max_tokens: int | None = None,
+    source: str | None = None,
+    **kwargs,
+) -> bytes:
     """Tokenize ``text`` (with the tokenizer's special tokens) and encode it; see encode_tokens."""
     ids = tokenize(lm, text, max_tokens=max_tokens)
     context = {"add_special_tokens": True, **({"source": source} if source else {})}
@@ -145,7 +186,7 @@ class KvcFile:
         self._profile_hint = profile
         self._profiles: dict[str, object] = {}
 
-    def __enter__(self) -> "KvcFile":
+    def __enter__(self) -> KvcFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -221,8 +262,11 @@ class KvcFile:
             candidate = Profile.from_bytes(embedded) if embedded is not None else None
             if candidate is None or candidate.sha256 != wanted:
                 hint = self._profile_hint
-                candidate = hint if hint is not None and not isinstance(hint, (str, Path)) else find_profile(
-                    self.model, str(hint) if hint is not None else None, sha256=wanted)
+                candidate = (
+                    hint
+                    if hint is not None and not isinstance(hint, (str, Path))
+                    else find_profile(self.model, str(hint) if hint is not None else None, sha256=wanted)
+                )
             if candidate is None or candidate.sha256 != wanted:
                 raise ProfileError(f"this file needs profile {wanted[:16]}…, which was not found: pass --profile")
             self._profiles[wanted] = candidate
@@ -266,8 +310,13 @@ class KvcFile:
         layers = []
         for spec, (keys, values) in zip(layout_layers, pieces):
             start = max(a, spec["start"])
-            layers.append(LayerKV(key=_window(keys, spec, "key_dim", start, b, self.dtype),
-                                  value=_window(values, spec, "value_dim", start, b, self.dtype), start=start))
+            layers.append(
+                LayerKV(
+                    key=_window(keys, spec, "key_dim", start, b, self.dtype),
+                    value=_window(values, spec, "value_dim", start, b, self.dtype),
+                    start=start,
+                )
+            )
         return ContextKV(token_ids=self.token_ids[a:b], layers=layers, first_token=a)
 
     def to_cache(self, lm, level: str | None = None):
@@ -278,8 +327,9 @@ class KvcFile:
         return to_transformers_cache(self.read(level), lm.model.config, device=lm.device)
 
 
-def _window(parts: list[tuple[int, torch.Tensor]], spec: dict, dim_key: str, start: int, end: int,
-            dtype: torch.dtype) -> torch.Tensor:
+def _window(
+    parts: list[tuple[int, torch.Tensor]], spec: dict, dim_key: str, start: int, end: int, dtype: torch.dtype
+) -> torch.Tensor:
     if not parts or start >= end:
         return torch.empty((spec["kv_heads"], 0, spec[dim_key]), dtype=dtype)
     first = parts[0][0]

@@ -32,7 +32,9 @@ def load_rows(spec: str, split: str = "train"):
     except InputError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise InputError(f"cannot read dataset {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise InputError(
+            f"cannot read dataset {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
 
 
 def load_texts(spec: str, field: str = "text", split: str = "train", limit: int | None = None) -> list[str]:

@@ -16,7 +16,7 @@ def _errors(reference: ContextKV, decoded: ContextKV) -> dict:
             if x.shape != y.shape:
                 return {"exact": False, "max_abs_error": float("inf"), "relative_rmse": float("inf")}
             exact = exact and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
-            diff = (x.double() - y.double())
+            diff = x.double() - y.double()
             max_abs = max(max_abs, diff.abs().max().item() if diff.numel() else 0.0)
             sq_err += diff.pow(2).sum().item()
             sq_ref += x.double().pow(2).sum().item()
@@ -25,8 +25,14 @@ def _errors(reference: ContextKV, decoded: ContextKV) -> dict:
 
 def verify(f, deep: bool = False, lm=None) -> dict:
     """A report dict; ``ok`` is False when anything failed. Raises only for unusable input."""
-    report = {"file": f.name, "format_version": "%d.%d" % f.version, "tokens": f.num_tokens,
-              "checks": [], "levels": {}, "ok": True}
+    report = {
+        "file": f.name,
+        "format_version": "{}.{}".format(*f.version),
+        "tokens": f.num_tokens,
+        "checks": [],
+        "levels": {},
+        "ok": True,
+    }
 
     def check(name: str, passed: bool, detail: str = "") -> None:
         report["checks"].append({"check": name, "ok": passed, "detail": detail})
@@ -66,8 +72,11 @@ def verify(f, deep: bool = False, lm=None) -> dict:
             passed = limit is None or err["relative_rmse"] <= limit
             bound = f"relative RMSE ≤ {limit}" if limit is not None else "no stated bound"
         report["levels"][level] = {**err, "bound": bound, "ok": passed}
-        check(f"deep {level}", passed, f"max |error| {err['max_abs_error']:.3g}, relative RMSE "
-                                       f"{err['relative_rmse']:.3g} ({bound})")
+        check(
+            f"deep {level}",
+            passed,
+            f"max |error| {err['max_abs_error']:.3g}, relative RMSE {err['relative_rmse']:.3g} ({bound})",
+        )
     return report
 
 

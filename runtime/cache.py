@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kvc.runtime.kv import ContextKV, LayerKV
 
 

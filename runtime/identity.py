@@ -14,9 +14,19 @@ from kvc.errors import ModelMismatchError
 
 # Config keys that say where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
-    "_attn_implementation_autoset", "_commit_hash", "use_cache", "output_attentions", "output_hidden_states",
-    "return_dict", "architectures",
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "architectures",
 }
 
 
@@ -51,8 +61,12 @@ def rope_info(config) -> dict:
     theta = (rope or {}).get("rope_theta", getattr(text, "rope_theta", None))
     if theta is None and getattr(text, "model_type", "") in ("gpt2", "opt", "bloom"):
         return {"position_encoding": "learned" if text.model_type != "bloom" else "alibi", "keys_post_rotary": False}
-    return {"position_encoding": "rotary", "keys_post_rotary": True, "rope_theta": theta,
-            "rope_type": (rope or {}).get("rope_type", "default")}
+    return {
+        "position_encoding": "rotary",
+        "keys_post_rotary": True,
+        "rope_theta": theta,
+        "rope_type": (rope or {}).get("rope_type", "default"),
+    }
 
 
 def model_identity(lm) -> dict:

@@ -36,7 +36,7 @@ class ContextKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.key, layer.value))
 
-    def equal(self, other: "ContextKV") -> bool:
+    def equal(self, other: ContextKV) -> bool:
         """Bit-exact equality (NaN payloads included), the lossless promise."""
         if (self.token_ids, self.first_token) != (other.token_ids, other.first_token) or len(self.layers) != len(
             other.layers

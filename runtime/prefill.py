@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-from kvc.errors import InputError
 from kvc.runtime.cache import from_transformers_cache
 from kvc.runtime.kv import ContextKV
+
+from kvc.errors import InputError
 
 DEFAULT_SLICE_TOKENS = 512
 
@@ -33,24 +33,30 @@ def new_cache(config):
 
 
 @torch.no_grad()
-def run_slices(model, token_ids: list[int], cache, slice_tokens: int, on_progress: Callable[[int], None] | None = None,
-               start: int = 0):
+def run_slices(
+    model,
+    token_ids: list[int],
+    cache,
+    slice_tokens: int,
+    on_progress: Callable[[int], None] | None = None,
+    start: int = 0,
+):
     """Feed ``token_ids`` (positions ``start..``) into ``cache`` slice by slice; return the last logits."""
     device = next(model.parameters()).device
     logits = None
     for a in range(0, len(token_ids), slice_tokens):
         piece = torch.tensor([token_ids[a : a + slice_tokens]], device=device)
         positions = torch.arange(start + a, start + a + piece.shape[1], device=device)
-        out = model(input_ids=piece, past_key_values=cache, use_cache=True, cache_position=positions,
-                    logits_to_keep=1)
+        out = model(input_ids=piece, past_key_values=cache, use_cache=True, cache_position=positions, logits_to_keep=1)
         logits = out.logits[0, -1]
         if on_progress is not None:
             on_progress(piece.shape[1])
     return logits
 
 
-def prefill(lm, token_ids: list[int], slice_tokens: int = DEFAULT_SLICE_TOKENS,
-            on_progress: Callable[[int], None] | None = None) -> ContextKV:
+def prefill(
+    lm, token_ids: list[int], slice_tokens: int = DEFAULT_SLICE_TOKENS, on_progress: Callable[[int], None] | None = None
+) -> ContextKV:
     """The model's KV for ``token_ids``: per layer ``[kv_heads, tokens, head_dim]`` in its dtype, on CPU."""
     if not token_ids:
         raise InputError("cannot prefill an empty context")

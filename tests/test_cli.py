@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
+from kvc.runtime.loading import load_model
 from safetensors import safe_open
 
 import kvc
-from kvc.runtime.loading import load_model
 from tests.conftest import KVC
 from tests.tiny_models import build_tiny_model
 
@@ -21,8 +21,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. KV caches let a model skip 
 
 
 def run(*args, stdin: bytes | None = None, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([KVC, *map(str, args)], input=stdin, capture_output=True, timeout=300,
-                          env={**os.environ, "KVC_DEBUG": ""})
+    proc = subprocess.run(
+        [KVC, *map(str, args)], input=stdin, capture_output=True, timeout=300, env={**os.environ, "KVC_DEBUG": ""}
+    )
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr.decode()
     return proc
@@ -46,8 +47,9 @@ def encoded(tmp_path_factory, llama):
     doc = folder / "doc.txt"
     doc.write_text(TEXT)
     out = folder / "doc.kvc"
-    report = json.loads(run("encode", doc, "-o", out, "--model", llama, "--chunk-tokens", "32", "--level",
-                            "lossless", "--json").stdout)
+    report = json.loads(
+        run("encode", doc, "-o", out, "--model", llama, "--chunk-tokens", "32", "--level", "lossless", "--json").stdout
+    )
     assert report["output"] == str(out) and report["tokens"] > 32
     return out
 
@@ -90,19 +92,24 @@ def test_folder_input_writes_one_file_per_document(llama, tmp_path):
     (docs / "a.txt").write_text(TEXT)
     (docs / "sub" / "b.txt").write_text(TEXT[:200])
     (docs / "skip.md").write_text("not matched by the glob")
-    report = json.loads(run("encode", docs, "--out-dir", tmp_path / "out", "--model", llama, "--level", "lossless",
-                            "--json").stdout)
+    report = json.loads(
+        run("encode", docs, "--out-dir", tmp_path / "out", "--model", llama, "--level", "lossless", "--json").stdout
+    )
     assert sorted(r["output"] for r in report) == [str(tmp_path / "out" / "a.kvc"), str(tmp_path / "out/sub/b.kvc")]
 
 
 def test_dataset_input(llama, tmp_path):
     rows = tmp_path / "corpus.jsonl"
     rows.write_text("\n".join(json.dumps({"text": TEXT[: 100 * (i + 1)], "id": i}) for i in range(3)))
-    report = json.loads(run("encode", "--dataset", rows, "--out-dir", tmp_path / "o", "--model", llama,
-                            "--level", "lossless", "--json").stdout)
+    report = json.loads(
+        run(
+            "encode", "--dataset", rows, "--out-dir", tmp_path / "o", "--model", llama, "--level", "lossless", "--json"
+        ).stdout
+    )
     assert len(report) == 3 and all(os.path.exists(r["output"]) for r in report)
-    one_line_error(run("encode", "--dataset", rows, "--text-field", "body", "--model", llama, check_rc=None), 2,
-                   "no column 'body'")
+    one_line_error(
+        run("encode", "--dataset", rows, "--text-field", "body", "--model", llama, check_rc=None), 2, "no column 'body'"
+    )
 
 
 def test_bad_inputs_fail_with_one_line(encoded, llama, tiny_model_dirs, tmp_path):
@@ -110,8 +117,10 @@ def test_bad_inputs_fail_with_one_line(encoded, llama, tiny_model_dirs, tmp_path
     (tmp_path / "text.kvc").write_text("just some text, not a cache")
     one_line_error(run("verify", tmp_path / "text.kvc", check_rc=None), 3, "not a .kvc file")
     data = encoded.read_bytes()
-    for name, blob in [("truncated", data[: len(data) // 2]), ("flipped", data[:-100] + bytes([data[-100] ^ 1])
-                       + data[-99:])]:
+    for name, blob in [
+        ("truncated", data[: len(data) // 2]),
+        ("flipped", data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]),
+    ]:
         path = tmp_path / f"{name}.kvc"
         path.write_bytes(blob)
         for command in (("verify", path), ("decode", path, "-o", tmp_path / "x.safetensors")):
@@ -121,8 +130,9 @@ def test_bad_inputs_fail_with_one_line(encoded, llama, tiny_model_dirs, tmp_path
     newer[8] = 9
     (tmp_path / "newer.kvc").write_bytes(bytes(newer))
     one_line_error(run("inspect", tmp_path / "newer.kvc", check_rc=None), 4, "upgrade kvc")
-    one_line_error(run("verify", "--deep", encoded, "--model", tiny_model_dirs["gpt2"], check_rc=None), 5,
-                   "model mismatch")
+    one_line_error(
+        run("verify", "--deep", encoded, "--model", tiny_model_dirs["gpt2"], check_rc=None), 5, "model mismatch"
+    )
     one_line_error(run("decode", encoded, "-o", tmp_path / "y.st", "--tokens", "5:1", check_rc=None), 2, "outside")
     one_line_error(run("encode", tmp_path / "nope.txt", "-o", tmp_path / "z.kvc", check_rc=None), 2, "no such file")
 
@@ -134,7 +144,9 @@ def test_deep_verify_catches_an_unfaithful_file(llama, tmp_path):
     path = tmp_path / "wrong.kvc"
     kvc.save(path, kvc.encode_kv(kv, kvc.api.model_identity(lm), prefill_info={"slice_tokens": 512}))
     run("verify", path)  # intact...
-    one_line_error(run("verify", "--deep", path, "--model", llama, check_rc=None), 6, "deep lossless")  # ...not faithful
+    one_line_error(
+        run("verify", "--deep", path, "--model", llama, check_rc=None), 6, "deep lossless"
+    )  # ...not faithful
 
 
 def test_a_killed_encode_leaves_nothing_behind(tmp_path):
@@ -142,8 +154,23 @@ def test_a_killed_encode_leaves_nothing_behind(tmp_path):
     (tmp_path / "long.txt").write_text(TEXT * 40)
     target = tmp_path / "out" / "long.kvc"
     (tmp_path / "out").mkdir()
-    proc = subprocess.Popen([KVC, "encode", tmp_path / "long.txt", "-o", target, "--model", model, "--level",
-                             "lossless", "--slice-tokens", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            KVC,
+            "encode",
+            tmp_path / "long.txt",
+            "-o",
+            target,
+            "--model",
+            model,
+            "--level",
+            "lossless",
+            "--slice-tokens",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(8)
     assert proc.poll() is None, "encode finished before it could be killed; make the input longer"
     proc.send_signal(signal.SIGKILL)

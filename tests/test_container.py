@@ -11,18 +11,30 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import kvc
-from kvc.errors import FormatError, InputError, VersionError
 from kvc.formats import layout
 from kvc.runtime.kv import ContextKV, LayerKV
 
-IDENTITY = {"name": "synthetic", "source": "none", "config_sha256": "0" * 64, "weights_sha256": "1" * 64,
-            "tokenizer_sha256": "2" * 64}
+import kvc
+from kvc.errors import FormatError, InputError, VersionError
+
+IDENTITY = {
+    "name": "synthetic",
+    "source": "none",
+    "config_sha256": "0" * 64,
+    "weights_sha256": "1" * 64,
+    "tokenizer_sha256": "2" * 64,
+}
 
 
-def synthetic_kv(tokens: int, layers: int = 3, heads: int = 2, dim: int = 8, dtype=torch.float32,
-                 window: int | None = None, seed: int = 0) -> ContextKV:
+def synthetic_kv(
+    tokens: int,
+    layers: int = 3,
+    heads: int = 2,
+    dim: int = 8,
+    dtype=torch.float32,
+    window: int | None = None,
+    seed: int = 0,
+) -> ContextKV:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(layers):
@@ -38,9 +50,14 @@ def encode(kv: ContextKV, chunk_tokens: int = 4) -> bytes:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tokens=st.integers(1, 40), chunk=st.integers(1, 17), layers=st.integers(1, 4),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       window=st.one_of(st.none(), st.integers(1, 12)), data=st.data())
+@given(
+    tokens=st.integers(1, 40),
+    chunk=st.integers(1, 17),
+    layers=st.integers(1, 4),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    data=st.data(),
+)
 def test_round_trip_and_windows_are_exact(tokens, chunk, layers, dtype, window, data):
     kv = synthetic_kv(tokens, layers=layers, dtype=dtype, window=window)
     f = kvc.open(encode(kv, chunk))
@@ -120,19 +137,22 @@ def test_newer_minor_version_is_read():
     assert kvc.open(data).version == (1, 7)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda h: h["chunks"][0]["encodings"][0].update(offset=10**9), "offset"),
-    (lambda h: h["chunks"][0]["encodings"][0].update(length=h["data_length"] + 1), "length"),
-    (lambda h: h["chunks"][0].update(end=h["chunks"][0]["end"] + 1), "end"),
-    (lambda h: h["chunks"].pop(), "cover"),
-    (lambda h: h["context"].update(num_tokens=10**9), "num_tokens"),
-    (lambda h: h["context"]["token_ids"].append(5), "num_tokens"),
-    (lambda h: h["layout"]["layers"][0].update(kv_heads=10**7), "kv_heads"),
-    (lambda h: h["chunks"][0]["encodings"][0]["segments"].append(0), "segments"),
-    (lambda h: h["chunks"][0]["encodings"][0].update(level="nope"), "unknown level"),
-    (lambda h: h.update(dtype="int8"), "dtype"),
-    (lambda h: h["levels"]["lossless"].update(codec="future-codec"), None),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h: h["chunks"][0]["encodings"][0].update(offset=10**9), "offset"),
+        (lambda h: h["chunks"][0]["encodings"][0].update(length=h["data_length"] + 1), "length"),
+        (lambda h: h["chunks"][0].update(end=h["chunks"][0]["end"] + 1), "end"),
+        (lambda h: h["chunks"].pop(), "cover"),
+        (lambda h: h["context"].update(num_tokens=10**9), "num_tokens"),
+        (lambda h: h["context"]["token_ids"].append(5), "num_tokens"),
+        (lambda h: h["layout"]["layers"][0].update(kv_heads=10**7), "kv_heads"),
+        (lambda h: h["chunks"][0]["encodings"][0]["segments"].append(0), "segments"),
+        (lambda h: h["chunks"][0]["encodings"][0].update(level="nope"), "unknown level"),
+        (lambda h: h.update(dtype="int8"), "dtype"),
+        (lambda h: h["levels"]["lossless"].update(codec="future-codec"), None),
+    ],
+)
 def test_structurally_bad_headers_are_refused(change, message):
     data = _rewrite_header(encode(synthetic_kv(9), chunk_tokens=4), change)
     with pytest.raises(FormatError, match=message):
@@ -153,11 +173,16 @@ def test_segment_claiming_a_huge_size_is_refused_before_allocation():
     assert f.read().equal(kv)
 
 
-@pytest.mark.parametrize("blob, message", [
-    (b"", "not a .kvc"), (b"hello", "not a .kvc"), (b"PK\x03\x04" + b"\0" * 100, "bad magic"),
-    (layout.MAGIC + struct.pack("<HHI", 1, 0, layout.MAX_HEADER_BYTES + 1), "limit"),
-    (layout.MAGIC + struct.pack("<HHI", 1, 0, 100), "truncated"),
-])
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"", "not a .kvc"),
+        (b"hello", "not a .kvc"),
+        (b"PK\x03\x04" + b"\0" * 100, "bad magic"),
+        (layout.MAGIC + struct.pack("<HHI", 1, 0, layout.MAX_HEADER_BYTES + 1), "limit"),
+        (layout.MAGIC + struct.pack("<HHI", 1, 0, 100), "truncated"),
+    ],
+)
 def test_foreign_bytes_are_refused(blob, message):
     with pytest.raises(FormatError, match=message):
         kvc.open(blob)

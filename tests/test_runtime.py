@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvc.runtime.loading import load_model
 
 import kvc
 from kvc.errors import InputError, ModelMismatchError
-from kvc.runtime.loading import load_model
 from tests.tiny_models import build_tiny_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. KV caches let a model skip re-reading. " * 6
@@ -39,8 +39,9 @@ def test_generation_from_a_decoded_file_matches_a_fresh_prefill(tiny_lm):
     question = kvc.tokenize(tiny_lm, " the lazy fox", add_special_tokens=False)
     f = kvc.open(kvc.encode_tokens(tiny_lm, ids, chunk_tokens=16))
     prompt = torch.tensor([ids + question])
-    from_file = tiny_lm.model.generate(prompt, past_key_values=f.to_cache(tiny_lm), max_new_tokens=12,
-                                       do_sample=False, min_new_tokens=12)
+    from_file = tiny_lm.model.generate(
+        prompt, past_key_values=f.to_cache(tiny_lm), max_new_tokens=12, do_sample=False, min_new_tokens=12
+    )
     from_text = tiny_lm.model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert from_file.tolist() == from_text.tolist()
 
@@ -52,8 +53,9 @@ def test_continuation_logits_from_file_equal_the_exact_cache(tiny_lm):
     continuation = kvc.tokenize(tiny_lm, " and then the dog slept.", add_special_tokens=False)
     exact = kvc.prefill(tiny_lm, ids)
     decoded = kvc.open(kvc.encode_kv(exact, {"name": "t"})).read()
-    assert torch.equal(continuation_logprobs(tiny_lm, exact, continuation),
-                       continuation_logprobs(tiny_lm, decoded, continuation))
+    assert torch.equal(
+        continuation_logprobs(tiny_lm, exact, continuation), continuation_logprobs(tiny_lm, decoded, continuation)
+    )
 
 
 def test_a_different_model_is_refused(tiny_model_dirs, tmp_path):

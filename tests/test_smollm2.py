@@ -26,7 +26,11 @@ def test_lossless_is_bit_exact_with_partial_chunks(smollm2, context):
     exact = kvc.prefill(smollm2, context, slice_tokens=200)
     assert f.read().equal(exact)
     assert len(f.header["chunks"]) == 3 and f.header["layout"]["layers"][0] == {
-        "kv_heads": 3, "key_dim": 64, "value_dim": 64, "start": 0}
+        "kv_heads": 3,
+        "key_dim": 64,
+        "value_dim": 64,
+        "start": 0,
+    }
     window = f.read(tokens=(300, 555))
     assert torch.equal(window.layers[29].value, exact.layers[29].value[:, 300:555])
 
@@ -35,16 +39,20 @@ def test_greedy_generation_from_file_matches_generation_from_text(smollm2, conte
     f = kvc.open(kvc.encode_tokens(smollm2, context))
     question = kvc.tokenize(smollm2, "\n\nIn one sentence, this essay argues that", add_special_tokens=False)
     prompt = torch.tensor([context + question])
-    from_file = smollm2.model.generate(prompt, past_key_values=f.to_cache(smollm2), max_new_tokens=24,
-                                       do_sample=False)
+    from_file = smollm2.model.generate(prompt, past_key_values=f.to_cache(smollm2), max_new_tokens=24, do_sample=False)
     from_text = smollm2.model.generate(prompt, max_new_tokens=24, do_sample=False)
     assert from_file.tolist() == from_text.tolist()
 
 
 def test_the_main_job_from_the_cli(tmp_path):
     out = tmp_path / "e.kvc"
-    subprocess.run([KVC, "encode", "--essay", "nft.txt", "-o", out, "--level", "lossless",
-                    "--max-tokens", "100000"], check=True, capture_output=True, timeout=600)
-    report = json.loads(subprocess.run([KVC, "verify", "--deep", out, "--json"], check=True, capture_output=True,
-                                       timeout=600).stdout)
+    subprocess.run(
+        [KVC, "encode", "--essay", "nft.txt", "-o", out, "--level", "lossless", "--max-tokens", "100000"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    report = json.loads(
+        subprocess.run([KVC, "verify", "--deep", out, "--json"], check=True, capture_output=True, timeout=600).stdout
+    )
     assert report["ok"] and report["levels"]["lossless"]["exact"]
