@@ -102,7 +102,7 @@ def main() -> None:
             f"{r['ratio_vs_raw']:.3f}",
             f"{r['ratio_vs_plain_zstd']:.3f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"rows": rows, "mean": mean}, indent=2))
 
