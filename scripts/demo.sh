@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p out
 set -x
-.venv/bin/kvc encode --essay addiction.txt -o out/addiction.kvc
-.venv/bin/kvc inspect out/addiction.kvc
-.venv/bin/kvc verify --deep out/addiction.kvc
-.venv/bin/kvc decode out/addiction.kvc -o out/addiction.safetensors
+.venv/bin/kvc encode --essay aord.txt -o out/aord.kvc
+.venv/bin/kvc inspect out/aord.kvc
+.venv/bin/kvc verify --deep out/aord.kvc
+.venv/bin/kvc decode out/aord.kvc -o out/aord.safetensors
