@@ -179,7 +179,7 @@ def main(argv=None):
         meths = [m for m in meths if any(k in m[0] for k in keys)]
     for label, codec, size_fn in meths:
         tot = {"bytes": 0, "elems": 0, "enc": 0.0, "dec": 0.0, "kl": [], "top1": [], "ppl": []}
-        for name, kv, cont, ref, _ in prepared:
+        for _name, kv, cont, ref, _ in prepared:
             dec, nbytes, es, ds = run_codec(codec, kv, size_fn)
             q = compare(ref, continuation_logprobs(lm, dec, cont), cont)
             tot["bytes"] += nbytes
@@ -190,7 +190,8 @@ def main(argv=None):
             tot["top1"].append(q.top1_agreement)
             tot["ppl"].append(q.perplexity_ratio)
         fp16 = 2 * tot["elems"]
-        row = {"method": label, "bits_per_element": 8 * tot["bytes"] / tot["elems"], "ratio_vs_fp16": fp16 / tot["bytes"],
+        row = {"method": label, "bits_per_element": 8 * tot["bytes"] / tot["elems"],
+               "ratio_vs_fp16": fp16 / tot["bytes"],
                "kl": float(np.mean(tot["kl"])), "kl_max": float(np.max(tot["kl"])),
                "top1": float(np.mean(tot["top1"])), "ppl_ratio": float(np.mean(tot["ppl"])),
                "encode_MBps": fp16 / tot["enc"] / 1e6, "decode_MBps": fp16 / tot["dec"] / 1e6}

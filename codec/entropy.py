@@ -23,8 +23,8 @@ from kvc.errors import FormatError
 
 PROB_FLOOR = 2.0**-20  # every symbol stays encodable, even ones the profile never saw
 MAX_RADIUS = 4096  # alphabet cap: beyond it the escape list carries the excess
-TAIL_SIGMAS = 10.0
-_CODER_ERRORS = (ValueError, RuntimeError, OverflowError, TypeError, IndexError)  # alphabet radius in units of the channel's std over the step
+TAIL_SIGMAS = 10.0  # alphabet radius in units of the channel's std over the step
+_CODER_ERRORS = (ValueError, RuntimeError, OverflowError, TypeError, IndexError)
 
 
 def channel_radius(ratio: np.ndarray) -> np.ndarray:

@@ -76,7 +76,8 @@ class KvqCodec:
         dim = p.key_dim if k == 0 else p.value_dim
         H, _, D = segment.shape
         if H != p.heads or D != dim:
-            raise ProfileError(f"segment shape {tuple(segment.shape)} does not fit the profile ({p.heads} heads × {dim})")
+            raise ProfileError(
+                f"segment shape {tuple(segment.shape)} does not fit the profile ({p.heads} heads × {dim})")
         return segment.layer, k, dim
 
     def steps(self, layer: int, k: int) -> torch.Tensor:

@@ -20,10 +20,10 @@ DEFAULT_LEVEL = "balanced"
 
 # level name -> global step scale (multiplies profile base_step, whose geometric mean is 1)
 LEVEL_SCALES: dict[str, float] = {
-    "high": 0.010,
-    "balanced": 0.030,
-    "compact": 0.060,
-    "tiny": 0.100,
+    "high": 0.22,
+    "balanced": 0.62,
+    "compact": 1.4,
+    "tiny": 2.5,
 }
 
 
