@@ -21,6 +21,13 @@ class Document:
     output: str  # where its .kvc goes ('-' for stdout)
 
 
+def _source_name(name: str) -> str:
+    """Where the document came from, as `kvc eval` can find it again (the text after a truncated context
+    is its default continuation)."""
+    path = Path(name)
+    return str(path.resolve()) if path.is_file() else name
+
+
 def _decode_text(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
@@ -95,6 +102,9 @@ def encode_command(
     chunk_tokens: int = typer.Option(256, "--chunk-tokens", help="Tokens per chunk (the unit of random access)."),
     slice_tokens: int = typer.Option(512, "--slice-tokens", help="Tokens per prefill step (bounds memory)."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Refuse documents longer than this many tokens."),
+    truncate: bool = typer.Option(
+        False, "--truncate", help="Keep the first --max-tokens tokens of longer documents instead of refusing them."
+    ),
     glob: str = typer.Option("*.txt", "--glob", help="Which files to take from folders."),
     essay: list[str] = typer.Option(
         None,
@@ -118,6 +128,8 @@ def encode_command(
       kvc encode essay.txt -o essay.kvc
 
       kvc encode --essay addiction.txt -o addiction.kvc
+
+      kvc encode long.txt --max-tokens 2048 --truncate -o head.kvc
 
       kvc encode docs/ --out-dir caches/ --level lossless
 
@@ -148,7 +160,7 @@ def encode_command(
             Path(doc.output).parent.mkdir(parents=True, exist_ok=True)
     lm = kvc.load_model(model, device=device, dtype=dtype)
     levels = level or default_levels(lm, profile)
-    token_lists = [kvc.tokenize(lm, d.text, max_tokens=max_tokens) for d in docs]
+    token_lists = [kvc.tokenize(lm, d.text, max_tokens=None if truncate else max_tokens)[:max_tokens] for d in docs]
     reports = []
     with out.progress("encoding", total=sum(len(t) for t in token_lists)) as advance:
         for doc, ids in zip(docs, token_lists):
@@ -161,7 +173,7 @@ def encode_command(
                 slice_tokens=slice_tokens,
                 profile=profile,
                 embed_profile=embed_profile,
-                context={"add_special_tokens": True, "source": Path(doc.name).name},
+                context={"add_special_tokens": True, "source": _source_name(doc.name)},
                 on_progress=advance,
             )
             write_output(doc.output, data)

@@ -256,7 +256,7 @@ class KvcFile:
         if not wanted:
             return None
         if wanted not in self._profiles:
-            from kvc.codec.profile import Profile, find_profile
+            from kvc.codec.profile import Profile, find_profile_by_sha
 
             embedded = self._container.attachment("profile")
             candidate = Profile.from_bytes(embedded) if embedded is not None else None
@@ -265,7 +265,7 @@ class KvcFile:
                 candidate = (
                     hint
                     if hint is not None and not isinstance(hint, (str, Path))
-                    else find_profile(self.model, str(hint) if hint is not None else None, sha256=wanted)
+                    else find_profile_by_sha(wanted, self.model, str(hint) if hint is not None else None)
                 )
             if candidate is None or candidate.sha256 != wanted:
                 raise ProfileError(f"this file needs profile {wanted[:16]}…, which was not found: pass --profile")

@@ -181,3 +181,31 @@ def test_a_killed_encode_leaves_nothing_behind(tmp_path):
 def test_help_has_examples():
     for command in ("encode", "decode", "inspect", "verify"):
         assert "Examples" in run(command, "--help").stdout.decode()
+
+
+def test_truncate_keeps_the_head_and_names_the_source(llama, tmp_path):
+    doc = tmp_path / "long.txt"
+    doc.write_text(TEXT)
+    one_line_error(
+        run("encode", doc, "-o", tmp_path / "a.kvc", "--model", llama, "--max-tokens", "30", check_rc=None),
+        2,
+        "over --max-tokens 30",
+    )
+    report = json.loads(
+        run(
+            "encode",
+            doc,
+            "-o",
+            tmp_path / "a.kvc",
+            "--model",
+            llama,
+            "--max-tokens",
+            "30",
+            "--truncate",
+            "--level",
+            "lossless",
+            "--json",
+        ).stdout
+    )
+    assert report["tokens"] == 30
+    assert kvc.open(tmp_path / "a.kvc").header["context"]["source"] == str(doc.resolve())
