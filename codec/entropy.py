@@ -44,11 +44,36 @@ def channel_probabilities(ratio: float, radius: int, grid: np.ndarray, cdf: np.n
     return p / p.sum()
 
 
+def bank_probabilities(ratio: np.ndarray, radius: np.ndarray, grid: np.ndarray, cdf: np.ndarray) -> list[np.ndarray]:
+    """:func:`channel_probabilities` for many channels at once, bit-identical to calling it per channel.
+
+    Channels sharing a radius are evaluated as one ``[n, 2R]`` array: every step is elementwise
+    except the final normalising sum, which numpy reduces row by row with the same pairwise
+    summation it uses on a 1-D array (tests check the equality exactly)."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    radius = np.asarray(radius, dtype=np.int64)
+    out: list[np.ndarray | None] = [None] * len(ratio)
+    for R in np.unique(radius):
+        idx = np.flatnonzero(radius == R)
+        R = int(R)
+        k = np.arange(-R, R, dtype=np.float64) + 0.5
+        edges = k[None, :] / np.maximum(ratio[idx], 1e-12)[:, None]
+        F = np.interp(edges.ravel(), grid, cdf, left=0.0, right=1.0).reshape(len(idx), 2 * R)
+        F = np.concatenate([np.zeros((len(idx), 1)), F, np.ones((len(idx), 1))], axis=1)
+        p = np.diff(F, axis=1)
+        p = np.maximum(p, 0.0) + PROB_FLOOR
+        p = p / p.sum(axis=1, keepdims=True)
+        for row, c in enumerate(idx):
+            out[c] = p[row]
+    return out  # type: ignore[return-value]
+
+
 class ChannelBank:
     """One categorical model per channel; encodes/decodes ``[channels, tokens]`` int symbols."""
 
     def __init__(self, probabilities: list[np.ndarray], radius: np.ndarray):
         self.radius = np.asarray(radius, dtype=np.int64)
+        self._radius32 = self.radius.astype(np.int32)
         self.probabilities = probabilities
         self.models = [constriction.stream.model.Categorical(p, perfect=False) for p in probabilities]
 
@@ -63,29 +88,38 @@ class ChannelBank:
         mag = np.abs(q)
         esc = mag >= R
         excess = (mag - R)[esc].astype(np.uint32)  # row-major: channel by channel, token order
-        sym = np.clip(q, -R, R) + R
+        sym = (np.clip(q, -R, R) + R).astype(np.int32)
         coder = constriction.stream.stack.AnsCoder()
-        for c in reversed(np.flatnonzero(flags)):  # stack coder: encode backwards, decode forwards
-            coder.encode_reverse(sym[c].astype(np.int32), self.models[c])
+        models = self.models
+        for c in np.flatnonzero(flags)[::-1].tolist():  # stack coder: encode backwards, decode forwards
+            coder.encode_reverse(sym[c], models[c])
         return flags, excess, coder.get_compressed()
 
     def decode(self, flags: np.ndarray, excess: np.ndarray, words: np.ndarray, tokens: int) -> np.ndarray:
+        """int32 symbols ``[channels, tokens]`` (escapes re-attached; |q| ≤ 2³⁰ + 4096 fits int32)."""
         C = self.channels
-        q = np.zeros((C, tokens), dtype=np.int64)
+        q = np.zeros((C, tokens), dtype=np.int32)
         coder = constriction.stream.stack.AnsCoder(words)
+        decode, models = coder.decode, self.models
+        chans = np.flatnonzero(flags).tolist()
         try:
-            for c in np.flatnonzero(flags):
-                q[c] = coder.decode(self.models[c], tokens) - self.radius[c]
+            for c in chans:
+                q[c] = decode(models[c], tokens)
         except _CODER_ERRORS as exc:  # constriction raises on an exhausted or garbled stream
             raise FormatError(f"corrupt entropy-coded payload: {exc}") from None
-        R = self.radius[:, None]
+        R = self._radius32[:, None]
+        if chans:
+            q[chans] -= R[chans]
+        # an escape is a symbol at either end of its alphabet: q = ±R
         esc = np.abs(q) >= R
-        n_esc = int(esc.sum())
+        n_esc = int(np.count_nonzero(esc))
         if n_esc != len(excess):
             raise FormatError("corrupt payload: escape count does not match the coded symbols")
         if n_esc:
-            sign = np.sign(q[esc])
-            q[esc] = sign * (np.abs(q[esc]) + excess.astype(np.int64))
+            if excess.size and int(excess.max()) > (1 << 30):
+                raise FormatError("corrupt payload: escape excess out of range")
+            e = q[esc]
+            q[esc] = np.sign(e) * (np.abs(e) + excess.astype(np.int32))
         return q
 
     def cross_entropy_bits(self, q: np.ndarray) -> float:
@@ -109,6 +143,12 @@ def _quantized_counts(row: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return scaled.astype(np.uint16)
 
 
+def _chunk_model(counts: np.ndarray):
+    # constriction refuses a one-symbol categorical, which a constant channel produces; a trailing
+    # zero-count symbol (never coded) makes it valid on both sides without changing the table bytes.
+    return constriction.stream.model.Categorical(np.append(counts, 0.0), perfect=False)
+
+
 def encode_with_chunk_tables(q: np.ndarray) -> tuple[bytes, bytes]:
     """Per-channel tables measured on this chunk (returned as bytes: they are side information)."""
     import struct
@@ -120,7 +160,7 @@ def encode_with_chunk_tables(q: np.ndarray) -> tuple[bytes, bytes]:
         lo, hi = int(q[c].min()), int(q[c].max())
         counts = _quantized_counts(q[c], lo, hi)
         table += struct.pack("<iH", lo, len(counts)) + counts.tobytes()
-        models.append((lo, constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)))
+        models.append((lo, _chunk_model(counts.astype(np.float64))))
     coder = constriction.stream.stack.AnsCoder()
     for c in reversed(range(C)):
         lo, m = models[c]
@@ -145,7 +185,7 @@ def decode_with_chunk_tables(table: bytes, words: bytes, channels: int, tokens: 
         pos += 2 * k
         if counts.sum() <= 0:
             raise FormatError("corrupt chunk table")
-        models.append((lo, constriction.stream.model.Categorical(counts, perfect=False)))
+        models.append((lo, _chunk_model(counts)))
     if len(words) % 4:
         raise FormatError("corrupt payload length")
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").copy())
