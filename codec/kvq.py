@@ -18,23 +18,40 @@ import struct
 import numpy as np
 import torch
 from kvc.codec.base import Segment
-from kvc.codec.entropy import ChannelBank, channel_probabilities, channel_radius
+from kvc.codec.entropy import ChannelBank, bank_probabilities, channel_radius
 from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
-    dequantize_uniform,
     pack_sinks,
     quantize_uniform,
     read_u32,
     sink_count,
     unpack_sinks,
 )
-from kvc.codec.transforms import analysis_matrix, rope_inv_freq, rotate_keys, unrotate_keys
+from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq, unrotate_keys
 
 from kvc.errors import FormatError, ProfileError
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = 1
 _KINDS = {"key": 0, "value": 1}
+
+
+# Coding tables are pure functions of (profile, scale): they are built once per process and shared by
+# every codec object (each `kvc.open` builds a fresh codec). Small LRU over (profile sha, scale).
+_BANK_CACHE: dict[tuple[str, float], dict] = {}
+_BANK_CACHE_SIZE = 8
+
+
+def _shared_state(profile: Profile, scale: float) -> dict:
+    """``{(layer, kind): ChannelBank, ("m", layer, kind): matrices}`` shared by codecs of one (profile, scale)."""
+    key = (profile.sha256, scale)
+    banks = _BANK_CACHE.pop(key, None)
+    if banks is None:
+        banks = {}
+        while len(_BANK_CACHE) >= _BANK_CACHE_SIZE:
+            _BANK_CACHE.pop(next(iter(_BANK_CACHE)))
+    _BANK_CACHE[key] = banks  # most recently used last
+    return banks
 
 
 def _finite_range(dtype: torch.dtype) -> float:
@@ -61,8 +78,9 @@ class KvqCodec:
         self.profile = profile
         self.sinks = profile.sinks
         self._grid = np.linspace(GRID[0], GRID[1], GRID[2])
-        self._banks: dict[tuple[int, int], ChannelBank] = {}
-        self._mats: dict[tuple[int, int], tuple] = {}
+        self._banks = self._mats = _shared_state(profile, self.scale)
+        self._steps: dict[tuple[int, int], torch.Tensor] = {}
+        self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freq = rope_inv_freq(profile.rotary["theta"], profile.rotary["dim"]) if profile.rotary else None
 
     # ---- per (layer, kind) state, built lazily and cached ----
@@ -81,27 +99,48 @@ class KvqCodec:
         return segment.layer, k, dim
 
     def steps(self, layer: int, k: int) -> torch.Tensor:
-        return torch.from_numpy(self.profile.arrays["base_step"][layer, k].astype(np.float64) * self.scale)
+        key = (layer, k)
+        if key not in self._steps:
+            self._steps[key] = torch.from_numpy(
+                self.profile.arrays["base_step"][layer, k].astype(np.float64) * self.scale)
+        return self._steps[key]
 
     def bank(self, layer: int, k: int, dim: int) -> ChannelBank:
         key = (layer, k)
-        if key not in self._banks:
+        bank = self._banks.get(key)
+        if bank is None:
             sigma = self.profile.arrays["sigma"][layer, k, :, :dim].astype(np.float64)  # [H, dim]
             step = self.steps(layer, k).numpy()
             ratio = (sigma / step[:, None]).reshape(-1)
             radius = channel_radius(ratio)
             cdf = self.profile.arrays["cdf"][layer, k].astype(np.float64)
-            probs = [channel_probabilities(r, int(R), self._grid, cdf) for r, R in zip(ratio, radius)]
-            self._banks[key] = ChannelBank(probs, radius)
-        return self._banks[key]
+            bank = self._banks[key] = ChannelBank(bank_probabilities(ratio, radius, self._grid, cdf), radius)
+        return bank
+
+    def _cos_sin(self, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (cos a, signed sin a) for re-rotation, cached: every layer of a chunk shares them."""
+        key = (start, tokens)
+        cs = self._rope.get(key)
+        if cs is None:
+            if len(self._rope) > 64:
+                self._rope.clear()
+            cos, sin = rope_cos_sin(start, tokens, self._inv_freq)
+            half = sin.shape[1] // 2
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=1)  # folds rotate_half's sign in
+            cs = self._rope[key] = (cos.float(), sin.float())
+        return cs
 
     def _matrices(self, layer: int, k: int, dim: int):
-        key = (layer, k)
+        key = ("m", layer, k)
         if key not in self._mats:
             basis16 = self.profile.arrays["basis"][layer, k, :, :dim, :dim]
             mean = torch.from_numpy(self.profile.arrays["mean"][layer, k, :, :dim].astype(np.float64))
             basis = torch.from_numpy(basis16.astype(np.float32))
-            self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float())
+            # decode folds the step into the synthesis matrix: x = q @ (Δ_h·Bᵀ) + mean (float32)
+            synth = torch.from_numpy(
+                (basis16.astype(np.float64) * self.steps(layer, k).numpy()[:, None, None]).transpose(0, 2, 1)
+                .astype(np.float32).copy())
+            self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float(), synth)
         return self._mats[key]
 
     # ---- the contract ----
@@ -122,7 +161,7 @@ class KvqCodec:
         x = x.clamp(-big, big)
         if k == 0 and self._inv_freq is not None:
             x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
-        mean, analysis, _, _ = self._matrices(layer, k, dim)
+        mean, analysis, *_ = self._matrices(layer, k, dim)
         coef = torch.bmm(x - mean[:, None, :], analysis)
         q = quantize_uniform(coef, self.steps(layer, k))  # [H, body, D]
         sym = q.transpose(0, 2, 1).reshape(H * D, body)  # channel-major: (head, coefficient)
@@ -168,16 +207,20 @@ class KvqCodec:
             words = np.frombuffer(data, "<u4", n_words, pos).copy()
             if n_words == 0 and flags.any():
                 raise FormatError("kvq segment has flagged channels but no coded data")
-            sym = self.bank(layer, k, dim).decode(flags, excess, words, body)
-            q = sym.reshape(H, D, body).transpose(0, 2, 1)
-            _, _, basis, mean32 = self._matrices(layer, k, dim)
-            coef = dequantize_uniform(np.ascontiguousarray(q), self.steps(layer, k))
-            x = torch.baddbmm(mean32[:, None, :], coef, basis.transpose(1, 2))
+            q = self.bank(layer, k, dim).decode(flags, excess, words, body)  # int32 [H·D, body]
+            _, _, _, mean32, synth = self._matrices(layer, k, dim)
+            coef = torch.from_numpy(q.astype(np.float32).reshape(H, D, body)).transpose(1, 2)  # [H, body, D]
+            x = torch.baddbmm(mean32[:, None, :], coef, synth)
             if k == 0 and self._inv_freq is not None:
-                x = rotate_keys(x.double(), segment.start + n_sink, self._inv_freq).float()
+                cos, sin = self._cos_sin(segment.start + n_sink, body)
+                half = D // 2
+                rot = x * cos
+                rot[..., :half].addcmul_(x[..., half:], sin[:, :half])
+                rot[..., half:].addcmul_(x[..., :half], sin[:, half:])
+                x = rot
             out[:, n_sink:] = x
         big = _finite_range(segment.dtype)
-        out = torch.nan_to_num(out, nan=0.0, posinf=big, neginf=-big).clamp(-big, big)
+        out = torch.nan_to_num_(out, nan=0.0, posinf=big, neginf=-big).clamp_(-big, big)
         return out.to(segment.dtype)
 
     def model_bits(self, tensor: torch.Tensor, segment: Segment) -> tuple[float, int]:
@@ -188,7 +231,7 @@ class KvqCodec:
         x = tensor[:, n_sink:].double()
         if k == 0 and self._inv_freq is not None:
             x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
-        mean, analysis, _, _ = self._matrices(layer, k, dim)
+        mean, analysis, *_ = self._matrices(layer, k, dim)
         q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))
         sym = q.transpose(0, 2, 1).reshape(H * D, T - n_sink)
         bank = self.bank(layer, k, dim)

@@ -23,6 +23,11 @@ def rope_inv_freq(theta: float, dim: int) -> np.ndarray:
     return 1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
 
 
+def rope_cos_sin(start: int, tokens: int, inv_freq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``cos a``, ``sin a`` ``[tokens, dim]`` for positions ``start..start+tokens-1``."""
+    return _cos_sin(start, tokens, inv_freq)
+
+
 def _cos_sin(start: int, tokens: int, inv_freq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # float64 angles: positions up to 1e6 keep ~1e-10 rad accuracy, so un-rotate/rotate is exact to fp32 noise.
     pos = np.arange(start, start + tokens, dtype=np.float64)
