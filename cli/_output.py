@@ -18,7 +18,8 @@ class Output:
     def __init__(self, json_mode: bool = False, data_on_stdout: bool = False):
         self.json_mode = json_mode
         self.data_on_stdout = data_on_stdout
-        self.console = Console(file=sys.stderr if data_on_stdout else sys.stdout, highlight=False)
+        stream = sys.stderr if data_on_stdout else sys.stdout
+        self.console = human_console(stream)
         self.err = Console(file=sys.stderr, highlight=False)
 
     def result(self, data, render: Callable[[Console], None] | None = None) -> None:
@@ -55,6 +56,12 @@ class Output:
         ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
+
+
+def human_console(stream) -> Console:
+    """A console for people; when it is not a terminal (a log, a pipe into less) tables keep their full
+    width instead of rich's 80-column default, which truncates every cell."""
+    return Console(file=stream, highlight=False, width=None if stream.isatty() else 200)
 
 
 def human_bytes(n: float) -> str:

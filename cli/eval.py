@@ -14,7 +14,9 @@ from kvc.errors import InputError
 
 HELP = """Evaluate caches on your own model and data: quality and time to first token, per level.
 
-Every run compares, side by side: text (prefill from the token ids: the time reference), exact (the model's own cache, never serialised: the quality reference) and each level stored in the file (lossless included), decoded exactly as an application would.
+Every run compares, side by side: text (prefill from the token ids: the time reference),
+exact (the model's own cache, never serialised: the quality reference) and each level
+stored in the file (lossless included), decoded exactly as an application would.
 
 \b
 Examples:
@@ -157,9 +159,9 @@ def eval_command(
                              model={"name": lm.name, "source": lm.source, "device": str(lm.device)})
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return
-    from rich.console import Console
+    from kvc.cli._output import human_console
 
-    console = Console()
+    console = human_console(sys.stdout)
     if results:
         console.print(report.replay_table(results, bandwidths))
     if needle_result is not None:

@@ -233,7 +233,8 @@ def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *,
     result = ContextResult(name=name, tokens=len(context_ids), continuation_tokens=len(continuation_ids),
                            continuation_source=continuation_source, elements=elements)
     for mode, kind, nbytes, scores in entries:
-        result.modes.append(ModeResult(mode=mode, kind=kind, transfer_bytes=nbytes, bits_per_element=nbytes * 8 / max(elements, 1),
+        bits = nbytes * 8 / max(elements, 1)
+        result.modes.append(ModeResult(mode=mode, kind=kind, transfer_bytes=nbytes, bits_per_element=bits,
                                        scores=scores, timing=median_breakdown(runs[mode])))
     return result
 
