@@ -143,6 +143,73 @@ class KvqCodec:
             self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float(), synth)
         return self._mats[key]
 
+    # ---- error bounds (docs/CODEC.md "Error bounds") ----
+    ARITH_REL_SLACK = 2.0**-14  # float32 synthesis/rotation rounding, relative to |x| (≈ 64·2⁻²⁴ needed)
+    SINK_REL_ERROR = 2.0**-11  # float16 storage of sink tokens: half an ulp, relative
+    SINK_ABS_ERROR = 2.0**-24  # … and at most half the float16 subnormal spacing absolutely
+    RMSE_SAFETY = 2.0  # statistical bound: factor over the profile-predicted relative RMSE
+
+    def max_abs_error_bound(self, layer: int, kind: str, dtype: torch.dtype = torch.float32) -> float:
+        """Strict bound on |decoded − original| for every element at a position ≥ ``profile.sinks``.
+
+        Quantisation leaves every PCA coefficient within Δ_h/2 of its value (escapes are exact), so a
+        pre-rotary element j of head h is off by at most Δ_h/2·Σ_d|B[j,d]|; re-rotation mixes the pair
+        (j, j+D/2) by a plane rotation, so keys get the pair's Euclidean norm. Holds for finite inputs
+        whose coefficients stay below 2³⁰·Δ_h, up to float32 arithmetic (≤ ARITH_REL_SLACK·|x| more);
+        a 16-bit output ``dtype`` at most doubles it (the original is representable there, so rounding
+        to nearest moves the result by no more than its existing error)."""
+        m = 2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
+        cached = self._mats.get(("bound", layer, kind))
+        if cached is not None:
+            return cached * m
+        k = _KINDS.get(kind)
+        if k is None:
+            raise ValueError(f"unknown kind {kind!r}")
+        p = self.profile
+        dim = p.key_dim if k == 0 else p.value_dim
+        B = np.abs(p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))  # [H, D, D]
+        b = 0.5 * self.steps(layer, k).numpy()[:, None] * B.sum(axis=2)  # [H, D]: per output element
+        if k == 0 and self._inv_freq is not None:
+            half = dim // 2
+            pair = np.sqrt(b[:, :half] ** 2 + b[:, half:] ** 2)
+            b = np.concatenate([pair, pair], axis=1)
+        bound = self._mats[("bound", layer, kind)] = float(b.max()) * (1 + 1e-9)
+        return bound * m
+
+    def element_error_bound(self, layer: int, kind: str, original: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Per-element bound ``[H, T, D]`` on |decoded − original| for a segment starting at ``start``:
+        ``m·(max_abs_error_bound + ARITH_REL_SLACK·|x|)`` past the sinks and
+        ``m·(SINK_REL_ERROR·|x| + SINK_ABS_ERROR)`` on sink positions, m = 2 for 16-bit dtypes else 1."""
+        x = original.detach().float().abs()
+        m = 2.0 if original.dtype in (torch.float16, torch.bfloat16) else 1.0
+        bound = m * (self.max_abs_error_bound(layer, kind) + self.ARITH_REL_SLACK * x)
+        n_sink = sink_count(start, x.shape[1], self.sinks)
+        if n_sink:
+            bound[:, :n_sink] = m * (self.SINK_REL_ERROR * x[:, :n_sink] + self.SINK_ABS_ERROR)
+        return bound
+
+    @property
+    def relative_rmse_bound(self) -> float:
+        """Statistical (not strict) bound on ‖decoded − original‖/‖original‖ over a whole cache.
+
+        Predicted from the profile alone: each coefficient's error variance is min(Δ²/12, σ²) (uniform
+        rounding noise, or the whole coefficient when σ ≪ Δ), the energy per head is ‖mean‖² + Σσ²
+        (the synthesis basis is orthonormal to float16 precision and rotation preserves norms), sinks
+        are counted as error-free and excluded from the energy (they only lower the real ratio); the
+        prediction is multiplied by RMSE_SAFETY. Text far from the profile's calibration data can
+        exceed it; max_abs_error_bound is the strict per-element guarantee."""
+        if getattr(self, "_rmse_bound", None) is None:
+            p = self.profile
+            err = energy = 0.0
+            for k, dim in ((0, p.key_dim), (1, p.value_dim)):
+                sigma = p.arrays["sigma"][:, k, :, :dim].astype(np.float64)  # [L, H, D]
+                mean = p.arrays["mean"][:, k, :, :dim].astype(np.float64)
+                step = p.arrays["base_step"][:, k].astype(np.float64) * self.scale  # [L, H]
+                err += float(np.minimum(step[..., None] ** 2 / 12.0, sigma**2).sum())
+                energy += float((sigma**2).sum() + (mean**2).sum())
+            self._rmse_bound = self.RMSE_SAFETY * (err / energy) ** 0.5 if energy > 0 else float("inf")
+        return self._rmse_bound
+
     # ---- the contract ----
     def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
         layer, k, dim = self._dims(segment)

@@ -212,3 +212,83 @@ def test_bank_probabilities_match_per_channel(tiny_profile):
     got = bank_probabilities(ratio, radius, grid, cdf)
     for r, R, p in zip(ratio, radius, got):
         assert p.tobytes() == channel_probabilities(r, int(R), grid, cdf).tobytes()
+
+
+def _decode_all(codec, kv, chunk):
+    from dataclasses import replace
+
+    from kvc.runtime.kv import LayerKV
+
+    layers = []
+    for li, lay in enumerate(kv.layers):
+        parts = [torch.cat([_roundtrip(codec, getattr(lay, kind)[:, a : a + chunk].contiguous(), li, kind, a)[1]
+                            for a in range(0, lay.key.shape[1], chunk)], dim=1) for kind in ("key", "value")]
+        layers.append(LayerKV(*parts))
+    return replace(kv, layers=layers)
+
+
+def _bound_ratio(codec, kv, dec, chunk):
+    """(max over elements of |decoded − original| / stated per-element bound, relative RMSE)."""
+    worst, err2, ref2 = 0.0, 0.0, 0.0
+    for li, (lay, dlay) in enumerate(zip(kv.layers, dec.layers)):
+        for kind in ("key", "value"):
+            t, y = getattr(lay, kind), getattr(dlay, kind)
+            d = (y.double() - t.double()).abs()
+            for a in range(0, t.shape[1], chunk):
+                x = t[:, a : a + chunk]
+                bound = codec.element_error_bound(li, kind, x, a).double()
+                worst = max(worst, float((d[:, a : a + chunk] / bound).max()))
+            err2 += float((d**2).sum())
+            ref2 += float((t.double() ** 2).sum())
+    return worst, (err2 / ref2) ** 0.5
+
+
+@pytest.mark.parametrize("level", list(LEVEL_SCALES))
+def test_error_bound_holds_tiny(tiny_llama, tiny_profile, level):
+    codec = build_codec(level_entry(level, tiny_profile), tiny_profile)
+    kv = _kv(tiny_llama)
+    worst, rel = _bound_ratio(codec, kv, _decode_all(codec, kv, 32), 32)
+    assert worst <= 1.0
+    assert 0 < codec.max_abs_error_bound(0, "key") < float("inf")
+    assert codec.max_abs_error_bound(0, "value", torch.bfloat16) == 2 * codec.max_abs_error_bound(0, "value")
+    assert rel <= codec.relative_rmse_bound
+
+
+def test_error_bound_scales_with_level(tiny_profile):
+    codecs = [build_codec(level_entry(lv, tiny_profile), tiny_profile) for lv in LEVEL_SCALES]
+    bounds = [c.max_abs_error_bound(1, "key") for c in codecs]
+    rmse = [c.relative_rmse_bound for c in codecs]
+    assert bounds == sorted(bounds) and rmse == sorted(rmse)
+
+
+@pytest.mark.real
+def test_smollm2_error_bound_and_kl(smollm2):
+    """512 tokens of a held-out essay: the strict and statistical bounds hold, balanced KL is small
+    and a much coarser step is clearly worse (so this test can fail)."""
+    from kvc.codec.profile import find_profile
+    from kvc.evaluation.quality import compare, continuation_logprobs
+    from kvc.runtime.identity import model_identity
+
+    import kvc
+    from kvc.samples import essay_text, evaluation_essays
+
+    lm = smollm2
+    profile = find_profile(model_identity(lm))
+    ids = kvc.tokenize(lm, essay_text(evaluation_essays()[1]))
+    ctx, cont = ids[:512], ids[512:544]
+    data = kvc.encode_tokens(lm, ctx, levels=["lossless", "balanced"])
+    f = kvc.open(data)
+    ref_kv = f.read("lossless")
+    ref = continuation_logprobs(lm, ref_kv, cont)
+    kl = compare(ref, continuation_logprobs(lm, f.read("balanced"), cont), cont).kl
+    print(f"balanced KL {kl:.4g}")
+    assert kl < 0.05
+
+    balanced = build_codec(level_entry("balanced", profile), profile)
+    worst, rel = _bound_ratio(balanced, ref_kv, f.read("balanced"), 256)
+    assert worst <= 1.0 and rel <= balanced.relative_rmse_bound
+
+    coarse = build_codec({"codec": "kvq", "params": {"scale": 8.0}}, profile)
+    coarse_kv = _decode_all(coarse, ref_kv, 256)
+    kl_coarse = compare(ref, continuation_logprobs(lm, coarse_kv, cont), cont).kl
+    assert kl_coarse > 3 * kl and kl_coarse > 0.02
