@@ -53,6 +53,14 @@ def _progress(total: int, label: str, enabled: bool):
         yield lambda n=1: bar.advance(task, n if isinstance(n, int) else 1)
 
 
+def _encode_levels(lm) -> list[str]:
+    """What needle and QA runs encode when --level is not given: lossless, plus the default lossy level
+    when the model has a profile (what `kvc encode` would write)."""
+    from kvc.api import default_levels
+
+    return list(dict.fromkeys(["lossless", *default_levels(lm)]))
+
+
 def eval_command(
     files: Annotated[list[Path] | None, typer.Argument(
         help="Encoded .kvc files to replay (quality and time per level).", show_default=False)] = None,
@@ -142,14 +150,14 @@ def eval_command(
     if needle:
         d, n = _floats(depths, "--depths"), [int(v) for v in _floats(lengths, "--lengths")]
         with _progress(len(d) * len(n), "needle", show) as tick:
-            needle_result = needle_mod.evaluate_needle(lm, depths=d, lengths=n, levels=levels or ("lossless",),
+            needle_result = needle_mod.evaluate_needle(lm, depths=d, lengths=n, levels=levels or _encode_levels(lm),
                                                        haystack=haystack, max_new_tokens=max_new_tokens,
                                                        on_cell=tick)
     qa_result = None
     if qa is not None:
         examples = qa_mod.load_examples(qa, context_field, question_field, answers_field, limit)
         with _progress(len(examples), "qa", show) as tick:
-            qa_result = qa_mod.evaluate_qa(lm, examples, levels=levels or ("lossless",),
+            qa_result = qa_mod.evaluate_qa(lm, examples, levels=levels or _encode_levels(lm),
                                            max_new_tokens=max_new_tokens, dataset=qa.name, on_example=tick)
 
     if plot is not None:
