@@ -23,6 +23,16 @@ def _errors(reference: ContextKV, decoded: ContextKV) -> dict:
     return {"exact": exact, "max_abs_error": max_abs, "relative_rmse": (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0}
 
 
+def _elements_outside_bound(codec, reference: ContextKV, decoded: ContextKV) -> int:
+    outside = 0
+    for i, (a, b) in enumerate(zip(reference.layers, decoded.layers)):
+        for kind, x, y in (("key", a.key, b.key), ("value", a.value, b.value)):
+            if x.numel():
+                limit = codec.element_error_bound(i, kind, x, a.start)
+                outside += int(((y.double() - x.double()).abs() > limit.double()).sum().item())
+    return outside
+
+
 def verify(f, deep: bool = False, lm=None) -> dict:
     """A report dict; ``ok`` is False when anything failed. Raises only for unusable input."""
     report = {
@@ -70,7 +80,13 @@ def verify(f, deep: bool = False, lm=None) -> dict:
             codec = build_codec(entry, f._profile_for(entry))
             limit = getattr(codec, "relative_rmse_bound", None)
             passed = limit is None or err["relative_rmse"] <= limit
-            bound = f"relative RMSE ≤ {limit}" if limit is not None else "no stated bound"
+            bound = f"relative RMSE ≤ {limit:.3g}" if limit is not None else "no stated bound"
+            if hasattr(codec, "element_error_bound"):
+                # The strict bound: every element within what the quantiser can have moved it.
+                outside = _elements_outside_bound(codec, reference, kv)
+                err["elements_outside_bound"] = outside
+                passed = passed and outside == 0
+                bound += f"; every element within its quantiser bound ({outside} outside)"
         report["levels"][level] = {**err, "bound": bound, "ok": passed}
         check(
             f"deep {level}",
