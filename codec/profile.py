@@ -193,17 +193,7 @@ def find_profile(identity: dict, path: str | None = None) -> Profile | None:
         prof = Profile.load(path)
         prof.check_model(identity)
         return prof
-    for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
-        if folder is None or not folder.is_dir():
-            continue
-        for candidate in sorted(folder.glob("*.kvcp")):
-            try:
-                prof = Profile.load(candidate)
-            except (ProfileError, FormatError, OSError):
-                continue
-            if prof.matches(identity):
-                return prof
-    return None
+    return _search(lambda prof: prof.matches(identity))
 
 
 def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | None = None) -> Profile | None:
@@ -213,6 +203,12 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
         if prof.sha256 != sha256:
             raise ProfileError(f"profile {path} is {prof.sha256[:16]}…, but the file needs {sha256[:16]}…")
         return prof
+    return _search(lambda prof: prof.sha256 == sha256)
+
+
+def _search(wanted: Callable[[Profile], bool]) -> Profile | None:
+    """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts;
+    unreadable or corrupt files met on the way are skipped, not fatal."""
     for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
         if folder is None or not folder.is_dir():
             continue
@@ -221,7 +217,7 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
                 prof = Profile.load(candidate)
             except (ProfileError, FormatError, OSError):
                 continue
-            if prof.sha256 == sha256:
+            if wanted(prof):
                 return prof
     return None
 
