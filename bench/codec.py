@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 import zstandard
+
 from kvc.codec.base import Segment
 from kvc.codec.profile import find_profile
 from kvc.evaluation.quality import compare, continuation_logprobs
@@ -27,7 +28,6 @@ from kvc.runtime.identity import model_identity
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.loading import load_model
 from kvc.runtime.prefill import prefill, tokenize
-
 from kvc.samples import essay_text, evaluation_essays
 
 CHUNK = 256

@@ -18,9 +18,8 @@ from pathlib import Path
 
 
 def _levels(lm, wanted: str | None) -> list[str]:
-    from kvc.codec.registry import LOSSLESS, level_names
-
     import kvc
+    from kvc.codec.registry import LOSSLESS, level_names
 
     if wanted:
         return [v.strip() for v in wanted.split(",") if v.strip()]
@@ -51,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from rich.console import Console
+
+    import kvc
     from kvc.evaluation import report
     from kvc.evaluation.needle import evaluate_needle
     from kvc.evaluation.replay import evaluate_tokens
     from kvc.evaluation.timing import parse_bandwidths
-    from rich.console import Console
-
-    import kvc
     from kvc.samples import essay_text, evaluation_essays
 
     console = Console()

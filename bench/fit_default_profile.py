@@ -11,7 +11,6 @@ from pathlib import Path
 
 from kvc.codec.profile import default_progress, fit_profile
 from kvc.runtime.loading import load_model
-
 from kvc.samples import calibration_essays, essay_text
 
 OUT = Path(__file__).resolve().parents[1] / "codec" / "profiles" / "smollm2-135m.kvcp"

@@ -21,9 +21,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvc.runtime.identity import model_identity  # noqa: E402
-
 import kvc  # noqa: E402
+from kvc.runtime.identity import model_identity  # noqa: E402
 from kvc.samples import essay_text, evaluation_essays  # noqa: E402
 
 

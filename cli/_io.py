@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvc.formats.container import write_atomic
-
 from kvc.errors import InputError
+from kvc.formats.container import write_atomic
 
 
 def read_input_bytes(path: str) -> bytes:

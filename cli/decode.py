@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
+
 from kvc.cli._io import open_kvc_arg, parse_token_range, write_output
 from kvc.cli._output import Output, human_bytes
-
 from kvc.errors import InputError
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+
 from kvc.cli._io import read_input_bytes, write_output
 from kvc.cli._output import Output, human_bytes
-
 from kvc.errors import InputError
 
 

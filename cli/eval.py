@@ -103,12 +103,11 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate caches: quality (perplexity, KL, top-1, needle, QA) and time to first token, per level."""
+    import kvc
     from kvc.evaluation import needle as needle_mod
     from kvc.evaluation import qa as qa_mod
     from kvc.evaluation import replay, report
     from kvc.evaluation.timing import parse_bandwidths
-
-    import kvc
 
     files = list(files or [])
     if not files and not needle and qa is None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import typer
+from rich.table import Table
+
 from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output, human_bytes
-from rich.table import Table
 
 
 def inspect_command(

@@ -7,6 +7,7 @@ import os
 import sys
 
 import typer
+
 from kvc.cli.decode import decode_command
 from kvc.cli.encode import encode_command
 from kvc.cli.inspect import inspect_command

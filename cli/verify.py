@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
+
 from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output
-
 from kvc.errors import FormatError, VerifyError
 
 

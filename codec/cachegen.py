@@ -19,10 +19,10 @@ import struct
 import numpy as np
 import torch
 import zstandard
+
 from kvc.codec.base import Segment
 from kvc.codec.entropy import decode_with_chunk_tables, encode_with_chunk_tables
 from kvc.codec.quantizers import dequantize_per_token, quantize_per_token, read_u32
-
 from kvc.errors import FormatError
 
 VERSION = 1

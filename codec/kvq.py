@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 import torch
+
 from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, channel_radius
 from kvc.codec.profile import GRID, Profile
@@ -28,7 +29,6 @@ from kvc.codec.quantizers import (
     unpack_sinks,
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq, unrotate_keys
-
 from kvc.errors import FormatError, ProfileError
 
 CODEC_ID = "kvq"

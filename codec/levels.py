@@ -13,7 +13,6 @@ the rate–quality points below are measured by ``bench/codec.py`` on held-out e
 from __future__ import annotations
 
 from kvc.codec.registry import register_codec, register_level
-
 from kvc.errors import ProfileError
 
 DEFAULT_LEVEL = "balanced"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import zstandard
+
 from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, register_codec, register_level
-
 from kvc.errors import FormatError
 
 CODEC_ID = "lossless"

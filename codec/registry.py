@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvc.codec.base import SegmentCodec
-
 from kvc.errors import FormatError, ProfileError
 
 LOSSLESS = "lossless"

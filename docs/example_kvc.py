@@ -3,9 +3,9 @@
 import struct
 
 import torch
-from kvc.runtime.kv import ContextKV, LayerKV
 
 import kvc
+from kvc.runtime.kv import ContextKV, LayerKV
 
 key = torch.tensor([[[1.0, -2.0], [0.5, 0.25], [3.0, 0.0]]], dtype=torch.float16)
 value = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]]], dtype=torch.float16)

@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvc.errors import InputError
 from kvc.evaluation.qa import build_prompt, generate, mode_caches
 from kvc.runtime.kv import ContextKV
-
-from kvc.errors import InputError
 
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_LENGTHS = (1024, 2048)

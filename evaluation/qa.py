@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from kvc.errors import InputError
 from kvc.runtime.cache import to_transformers_cache
 from kvc.runtime.kv import ContextKV
 from kvc.runtime.prefill import prefill
-
-from kvc.errors import InputError
 
 _SENTINEL = "KVCCONTEXTSENTINEL"
 DEFAULT_MAX_NEW_TOKENS = 32

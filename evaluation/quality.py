@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from kvc.runtime.cache import to_transformers_cache
 from kvc.runtime.kv import ContextKV
 

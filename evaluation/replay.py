@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from kvc.errors import InputError
 from kvc.evaluation.quality import QualityScores, compare, continuation_logprobs, text_logprobs
 from kvc.evaluation.timing import TOKEN_ID_BYTES, Breakdown, Stopwatch, median_breakdown
 from kvc.runtime.cache import to_transformers_cache
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.prefill import DEFAULT_SLICE_TOKENS, new_cache, prefill, run_slices
-
-from kvc.errors import InputError
 
 DEFAULT_CONTINUATION_TOKENS = 256
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from kvc.errors import FormatError, InputError, VersionError
 from kvc.formats import header as header_schema
 from kvc.formats import layout
-
-from kvc.errors import FormatError, InputError, VersionError
 
 
 @dataclass

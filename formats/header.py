@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-from kvc.formats import layout
-
 from kvc.errors import FormatError
+from kvc.formats import layout
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from kvc.runtime.cache import from_transformers_cache
-from kvc.runtime.kv import ContextKV
 
 from kvc.errors import InputError
+from kvc.runtime.cache import from_transformers_cache
+from kvc.runtime.kv import ContextKV
 
 DEFAULT_SLICE_TOKENS = 512
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from kvc.runtime.loading import load_model
 from safetensors import safe_open
 
 import kvc
+from kvc.runtime.loading import load_model
 from tests.conftest import KVC
 from tests.tiny_models import build_tiny_model
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvc.codec.base import Segment
 from kvc.codec.levels import LEVEL_SCALES
 from kvc.codec.profile import Profile, find_profile, find_profile_by_sha, fit_profile
 from kvc.codec.registry import build_codec, level_entry, level_names
-
 from kvc.errors import FormatError, ProfileError
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
@@ -265,11 +265,10 @@ def test_error_bound_scales_with_level(tiny_profile):
 def test_smollm2_error_bound_and_kl(smollm2):
     """512 tokens of a held-out essay: the strict and statistical bounds hold, balanced KL is small
     and a much coarser step is clearly worse (so this test can fail)."""
+    import kvc
     from kvc.codec.profile import find_profile
     from kvc.evaluation.quality import compare, continuation_logprobs
     from kvc.runtime.identity import model_identity
-
-    import kvc
     from kvc.samples import essay_text, evaluation_essays
 
     lm = smollm2

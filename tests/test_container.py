@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvc.formats import layout
-from kvc.runtime.kv import ContextKV, LayerKV
 
 import kvc
 from kvc.errors import FormatError, InputError, VersionError
+from kvc.formats import layout
+from kvc.runtime.kv import ContextKV, LayerKV
 
 IDENTITY = {
     "name": "synthetic",

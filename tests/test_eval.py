@@ -6,11 +6,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+import kvc
 from kvc.evaluation.needle import evaluate_needle
 from kvc.evaluation.qa import build_prompt, evaluate_qa, load_examples
 from kvc.evaluation.replay import evaluate_context, evaluate_file, evaluate_tokens, zero_values
-
-import kvc
 from tests.conftest import KVC, essay
 
 DATA = Path(__file__).parent / "data"

@@ -4,6 +4,7 @@ the needle insertion, and the network model's arithmetic."""
 import math
 
 import pytest
+
 from kvc.evaluation.needle import Needle, answer_correct, insert_needle, make_needle
 from kvc.evaluation.qa import best_em, best_f1, exact_match, normalize_answer, token_f1
 from kvc.evaluation.timing import Breakdown, median_breakdown, parse_bandwidths, transfer_seconds

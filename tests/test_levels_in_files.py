@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from kvc.codec.profile import fit_profile
-from kvc.runtime.identity import model_identity
-from kvc.runtime.loading import load_model
 
 import kvc
+from kvc.codec.profile import fit_profile
 from kvc.errors import ProfileError
+from kvc.runtime.identity import model_identity
+from kvc.runtime.loading import load_model
 from tests.test_cli import one_line_error, run
 
 TEXT = "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 6

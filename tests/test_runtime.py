@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvc.runtime.loading import load_model
 
 import kvc
 from kvc.errors import InputError, ModelMismatchError
+from kvc.runtime.loading import load_model
 from tests.tiny_models import build_tiny_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. KV caches let a model skip re-reading. " * 6
