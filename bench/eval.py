@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvc.evaluation.timing import parse_bandwidths
     from kvc.samples import essay_text, evaluation_essays
 
-    console = Console()
+    console = Console(width=200)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bandwidths = parse_bandwidths(args.bandwidth)
