@@ -282,16 +282,10 @@ def evaluate_file(path: str | Path, lm=None, *, levels: Sequence[str] | None = N
                              "--continuation-tokens")
         context_ids, cont, source = stored_ids[:-continuation_tokens], stored_ids[-continuation_tokens:], "held-out"
     chosen = _select_levels(list(f.levels), levels)
-    stored = StoredLevels(path=path, levels=chosen, level_bytes={lv: prefix_bytes(f, lv, len(context_ids))
+    stored = StoredLevels(path=path, levels=chosen, level_bytes={lv: f.level_bytes(lv, (0, len(context_ids)))
                                                                  for lv in chosen}, stored_tokens=len(stored_ids))
     return evaluate_context(lm, context_ids, cont, stored=stored, transforms=transforms, repeat=repeat,
                             name=path.name, continuation_source=source, on_step=on_step)
-
-
-def prefix_bytes(f, level: str, tokens: int) -> int:
-    """Payload bytes a reader fetches for the first ``tokens`` tokens at ``level``: whole chunks."""
-    return sum(e["length"] for c in f.header["chunks"] if c["start"] < tokens
-               for e in c["encodings"] if e["level"] == level)
 
 
 def document_continuation(f, lm, tokens: int) -> list[int] | None:

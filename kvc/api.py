@@ -219,8 +219,16 @@ class KvcFile:
     def version(self) -> tuple[int, int]:
         return self._container.version
 
-    def level_bytes(self, level: str) -> int:
-        return sum(e["length"] for c in self.header["chunks"] for e in c["encodings"] if e["level"] == level)
+    def level_bytes(self, level: str, tokens: tuple[int, int] | None = None) -> int:
+        """Payload bytes stored for ``level``, or the bytes a reader fetches for tokens ``a:b`` (whole chunks)."""
+        a, b = tokens if tokens is not None else (0, self.num_tokens)
+        return sum(
+            e["length"]
+            for c in self.header["chunks"]
+            if c["start"] < b and c["end"] > a
+            for e in c["encodings"]
+            if e["level"] == level
+        )
 
     def fp16_bytes(self) -> int:
         """What the stored KV would take as raw fp16: the yardstick every ratio is quoted against."""

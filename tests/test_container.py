@@ -89,6 +89,8 @@ def test_random_access_reads_only_the_chunks_it_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(f._container, "payload", lambda i, level: read.append(i) or original(i, level))
     f.read(tokens=(9, 17))
     assert read == [1, 2]
+    chunks = f.header["chunks"]
+    assert f.level_bytes("lossless", (9, 17)) == sum(chunks[i]["encodings"][0]["length"] for i in (1, 2))
 
 
 @settings(max_examples=60, deadline=None)
