@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +102,34 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         source = str(path.resolve())
     dev = resolve_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=_DTYPES[dtype])
+        with _quiet_transformers(show_bars=False):  # a sub-second load needs no bar
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev)
+
+
+@contextmanager
+def _quiet_transformers(show_bars: bool):
+    """Silence transformers' warnings and, unless asked, its progress bars; restore the caller's settings.
+
+    Its GGUF loader draws a plain tqdm bar that no transformers switch reaches, so without bars stderr
+    itself is parked for the duration (failures still arrive as exceptions)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not show_bars:
+        hf_logging.disable_progress_bar()
+    try:
+        with redirect_stderr(io.StringIO()) if not show_bars else nullcontext():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _sha256_file(path: Path) -> str:
@@ -123,20 +148,14 @@ def _converted(gguf: Path) -> Path:
         return target
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
+        # The one-off dequantisation takes ~25 s: worth a bar on a terminal, never in a pipeline.
+        with _quiet_transformers(show_bars=sys.stderr.isatty()):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         # A GGUF-loaded model refuses save_pretrained (it still thinks it is quantised); its
         # dequantised weights are plain tensors, so write them ourselves.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -76,8 +76,10 @@ def test_inspect_and_verify_report_json(encoded, llama):
 
 
 def test_stdin_to_stdout_pipeline(llama, tmp_path):
-    encoded = run("encode", "-", "-o", "-", "--model", llama, "--level", "lossless", stdin=TEXT.encode()).stdout
+    proc = run("encode", "-", "-o", "-", "--model", llama, "--level", "lossless", stdin=TEXT.encode())
+    encoded = proc.stdout
     assert encoded.startswith(b"\x89KVC")
+    assert b"it/s" not in proc.stderr and b"Loading weights" not in proc.stderr  # no progress bars in a pipe
     tensors = run("decode", "-", "-o", "-", "--tokens", "4:20", stdin=encoded).stdout
     (tmp_path / "w.safetensors").write_bytes(tensors)
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
