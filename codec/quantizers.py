@@ -27,10 +27,6 @@ def quantize_uniform(coef: torch.Tensor, step: torch.Tensor) -> np.ndarray:
     return q.to(torch.int64).numpy()
 
 
-def dequantize_uniform(q: np.ndarray, step: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(q).to(torch.float32) * step[:, None, None].to(torch.float32)
-
-
 def quantize_per_token(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-token absmax over ``[H, D]`` of x ``[H, T, D]`` → (int symbols, float16 scales per token)."""
     levels = (1 << (bits - 1)) - 1

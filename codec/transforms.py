@@ -1,15 +1,15 @@
 """Invertible transforms applied before quantisation.
 
-Each one is a plain function pair on float tensors ``[heads, tokens, dim]`` so the codec can
-chain them and a second decoder can re-implement them from docs/CODEC.md:
+These are the encode directions, on float tensors ``[heads, tokens, dim]``; the decoder in kvq.py
+applies their inverses folded into one synthesis step (docs/CODEC.md says exactly how):
 
 * rotary un-rotation: cached keys are post-rotary (HF ``rotate_half`` layout); rotating them back
   to the pre-rotary frame removes the position-dependent spin that spreads every channel's
   energy, so a per-channel model fitted once fits every position;
 * per-(layer, kind, head) PCA: an orthogonal basis fitted on calibration text concentrates the
   energy in few channels, which a uniform quantiser then turns into many all-zero channels;
-* anchor/delta (CacheGen) and previous-token delta (DPCM) on integer symbols: lossless on the
-  symbols, so they never drift.
+* CacheGen's anchor/delta lives in codec/cachegen.py: it is closed-loop on the reconstructed
+  anchor, not a transform of its own.
 """
 
 from __future__ import annotations
@@ -47,48 +47,11 @@ def unrotate_keys(keys: torch.Tensor, start: int, inv_freq: np.ndarray) -> torch
     return keys * cos - _rotate_half(keys) * sin
 
 
-def rotate_keys(keys: torch.Tensor, start: int, inv_freq: np.ndarray) -> torch.Tensor:
-    """Inverse of :func:`unrotate_keys` (what the model's attention applies)."""
-    cos, sin = _cos_sin(start, keys.shape[1], inv_freq)
-    return keys * cos + _rotate_half(keys) * sin
-
-
 def pca_forward(x: torch.Tensor, mean: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
     """Coefficients ``(x - mean) @ analysis`` per head: x ``[H, T, D]``, mean ``[H, D]``, analysis ``[H, D, D]``."""
     return torch.bmm(x - mean[:, None, :], analysis)
 
 
-def pca_inverse(coef: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``coef @ basis.T + mean``: basis columns are the principal directions."""
-    return torch.bmm(coef, basis.transpose(1, 2)) + mean[:, None, :]
-
-
 def analysis_matrix(basis: np.ndarray) -> np.ndarray:
     """The exact inverse of ``basis.T`` (basis is stored in float16, so only nearly orthogonal)."""
     return np.linalg.inv(basis.astype(np.float64).transpose(0, 2, 1))
-
-
-def dpcm_forward(q: np.ndarray) -> np.ndarray:
-    """Previous-token delta on integer symbols ``[..., T]`` (the first token is kept)."""
-    out = q.copy()
-    out[..., 1:] = q[..., 1:] - q[..., :-1]
-    return out
-
-
-def dpcm_inverse(d: np.ndarray) -> np.ndarray:
-    return np.cumsum(d, axis=-1, dtype=np.int64).astype(d.dtype)
-
-
-def anchor_delta_forward(q: np.ndarray, group: int) -> np.ndarray:
-    """CacheGen's anchor/delta on tokens (axis -2 of ``[..., T, D]``): first token of each group is the anchor."""
-    out = q.copy()
-    for a in range(0, q.shape[-2], group):
-        out[..., a + 1 : a + group, :] = q[..., a + 1 : a + group, :] - q[..., a : a + 1, :]
-    return out
-
-
-def anchor_delta_inverse(d: np.ndarray, group: int) -> np.ndarray:
-    out = d.copy()
-    for a in range(0, d.shape[-2], group):
-        out[..., a + 1 : a + group, :] = d[..., a + 1 : a + group, :] + d[..., a : a + 1, :]
-    return out

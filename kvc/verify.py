@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvc.errors import KvcError, VerifyError
+from kvc.errors import KvcError
 from kvc.runtime.kv import ContextKV
 
 
@@ -94,9 +94,3 @@ def verify(f, deep: bool = False, lm=None) -> dict:
             f"max |error| {err['max_abs_error']:.3g}, relative RMSE {err['relative_rmse']:.3g} ({bound})",
         )
     return report
-
-
-def require_ok(report: dict) -> None:
-    if not report["ok"]:
-        failed = next(c for c in report["checks"] if not c["ok"])
-        raise VerifyError(f"verification failed: {failed['check']}: {failed['detail']}")
