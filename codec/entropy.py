@@ -44,12 +44,13 @@ def channel_probabilities(ratio: float, radius: int, grid: np.ndarray, cdf: np.n
     return p / p.sum()
 
 
-def bank_probabilities(ratio: np.ndarray, radius: np.ndarray, grid: np.ndarray, cdf: np.ndarray) -> list[np.ndarray]:
-    """:func:`channel_probabilities` for many channels at once, bit-identical to calling it per channel.
+def bank_weights(ratio: np.ndarray, radius: np.ndarray, grid: np.ndarray, cdf: np.ndarray) -> list[np.ndarray]:
+    """Unnormalised float64 weights ``max(diff(F), 0) + PROB_FLOOR`` per channel (step 6 of docs/CODEC.md).
 
-    Channels sharing a radius are evaluated as one ``[n, 2R]`` array: every step is elementwise
-    except the final normalising sum, which numpy reduces row by row with the same pairwise
-    summation it uses on a 1-D array (tests check the equality exactly)."""
+    Channels sharing a radius are evaluated as one ``[n, 2R+1]`` array; every step is elementwise,
+    so the result is bit-identical to evaluating each channel alone. Version-2 segments quantise
+    these weights with kvc's own rule (kvc.codec.rans.tables); version 1 normalised them for
+    constriction (:func:`bank_probabilities`)."""
     ratio = np.asarray(ratio, dtype=np.float64)
     radius = np.asarray(radius, dtype=np.int64)
     out: list[np.ndarray | None] = [None] * len(ratio)
@@ -60,12 +61,16 @@ def bank_probabilities(ratio: np.ndarray, radius: np.ndarray, grid: np.ndarray, 
         edges = k[None, :] / np.maximum(ratio[idx], 1e-12)[:, None]
         F = np.interp(edges.ravel(), grid, cdf, left=0.0, right=1.0).reshape(len(idx), 2 * R)
         F = np.concatenate([np.zeros((len(idx), 1)), F, np.ones((len(idx), 1))], axis=1)
-        p = np.diff(F, axis=1)
-        p = np.maximum(p, 0.0) + PROB_FLOOR
-        p = p / p.sum(axis=1, keepdims=True)
+        w = np.maximum(np.diff(F, axis=1), 0.0) + PROB_FLOOR
         for row, c in enumerate(idx):
-            out[c] = p[row]
+            out[c] = w[row]
     return out  # type: ignore[return-value]
+
+
+def bank_probabilities(ratio: np.ndarray, radius: np.ndarray, grid: np.ndarray, cdf: np.ndarray) -> list[np.ndarray]:
+    """:func:`channel_probabilities` for many channels at once, bit-identical to calling it per channel
+    (the normalising sum is numpy's pairwise sum of each row, as on a 1-D array; tests check it)."""
+    return [w / w.sum() for w in bank_weights(ratio, radius, grid, cdf)]
 
 
 class ChannelBank:

@@ -6,7 +6,10 @@ Per segment (one layer's keys or values for one chunk, ``[H, T, D]``):
 2. the rest go to a float64 working frame: keys are rotated back to pre-rotary positions;
 3. per head, PCA coefficients ``(x - mean) @ inv(basis.T)`` with the profile's float16 basis;
 4. uniform quantisation with step ``scale * base_step[layer, kind, head]`` (sensitivity-derived);
-5. per-channel categorical models from the profile, escape lists, stack ANS (entropy.ChannelBank).
+5. per-channel categorical models from the profile, quantised to integer tables by kvc's own rule
+   (kvc.codec.rans.tables) and coded in independent rANS lanes (kvc.codec.rans, segment version 2;
+   kvc.codec.kvq_segment is the byte layout). Version-1 segments (one constriction stack-ANS stream
+   and an escape list, entropy.ChannelBank) still decode.
 
 Byte layout and the exact arithmetic are in docs/CODEC.md.
 """
@@ -14,12 +17,14 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from kvc.codec import kvq_segment
 from kvc.codec.base import Segment
-from kvc.codec.entropy import ChannelBank, bank_probabilities, channel_radius
+from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
 from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
     pack_sinks,
@@ -29,10 +34,10 @@ from kvc.codec.quantizers import (
     unpack_sinks,
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq, unrotate_keys
-from kvc.errors import FormatError, ProfileError
+from kvc.errors import FormatError, ProfileError, VersionError
 
 CODEC_ID = "kvq"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes; 1 and 2 both decode
 _KINDS = {"key": 0, "value": 1}
 
 
@@ -52,6 +57,13 @@ def _shared_state(profile: Profile, scale: float) -> dict:
             _BANK_CACHE.pop(next(iter(_BANK_CACHE)))
     _BANK_CACHE[key] = banks  # most recently used last
     return banks
+
+
+class _ParsedV2(NamedTuple):
+    segment: Segment
+    sinks: torch.Tensor | None  # [H, n_sink, D] float32
+    lanes: kvq_segment.SegmentLanes | None  # None when no channel is flagged (or no body)
+    body: int  # tokens past the sinks
 
 
 def _finite_range(dtype: torch.dtype) -> float:
@@ -116,6 +128,28 @@ class KvqCodec:
             cdf = self.profile.arrays["cdf"][layer, k].astype(np.float64)
             bank = self._banks[key] = ChannelBank(bank_probabilities(ratio, radius, self._grid, cdf), radius)
         return bank
+
+    def channel_models(self, layer: int, k: int) -> tuple[object, int]:
+        """(the version-2 table bank of every (layer, kind, channel), the model id of this (layer, kind)'s
+        channel 0). Built once per (profile, scale) for all layers, in one vectorised pass."""
+        built = self._banks.get("v2")
+        if built is None:
+            from kvc.codec.rans.tables import build_bank, quantize_many
+
+            p = self.profile
+            weights, base, n = [], {}, 0
+            for lay in range(p.layers):
+                for kk, dim in ((0, p.key_dim), (1, p.value_dim)):
+                    sigma = p.arrays["sigma"][lay, kk, :, :dim].astype(np.float64)
+                    step = self.steps(lay, kk).numpy()
+                    ratio = (sigma / step[:, None]).reshape(-1)
+                    cdf = p.arrays["cdf"][lay, kk].astype(np.float64)
+                    weights += bank_weights(ratio, channel_radius(ratio), self._grid, cdf)
+                    base[(lay, kk)] = n
+                    n += len(ratio)
+            built = self._banks["v2"] = (build_bank(quantize_many(weights)), base)
+        bank, base = built
+        return bank, base[(layer, k)]
 
     def _cos_sin(self, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (cos a, signed sin a) for re-rotation, cached: every layer of a chunk shares them."""
@@ -217,12 +251,10 @@ class KvqCodec:
         if tuple(tensor.shape) != (H, T, D):
             raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
         n_sink = sink_count(segment.start, T, self.sinks)
-        out = bytearray(struct.pack("<BBH", SEGMENT_VERSION, 1 if n_sink else 0, 0))
-        if n_sink:
-            out += pack_sinks(tensor[:, :n_sink])
+        sinks = pack_sinks(tensor[:, :n_sink]) if n_sink else None
         body = T - n_sink
         if body == 0:
-            return bytes(out)
+            return kvq_segment.write(sinks, 0, np.zeros(0, np.int64), [])
         x = torch.nan_to_num(tensor[:, n_sink:].double(), nan=0.0)
         big = _finite_range(tensor.dtype)
         x = x.clamp(-big, big)
@@ -231,21 +263,162 @@ class KvqCodec:
         mean, analysis, *_ = self._matrices(layer, k, dim)
         coef = torch.bmm(x - mean[:, None, :], analysis)
         q = quantize_uniform(coef, self.steps(layer, k))  # [H, body, D]
-        sym = q.transpose(0, 2, 1).reshape(H * D, body)  # channel-major: (head, coefficient)
-        flags, excess, words = self.bank(layer, k, dim).encode(sym)
-        out += np.packbits(flags, bitorder="little").tobytes()
-        out += struct.pack("<I", len(excess)) + excess.astype("<u4").tobytes()
-        out += struct.pack("<I", len(words)) + words.astype("<u4").tobytes()
-        return bytes(out)
+        sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, body))  # channel-major: (head, coefficient)
+        flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
+        lanes = self._encode_lanes(layer, k, sym, flagged)
+        return kvq_segment.write(sinks, H * D, flagged, lanes)
+
+    def _encode_lanes(self, layer: int, k: int, sym: np.ndarray, flagged: np.ndarray) -> list[np.ndarray]:
+        from kvc.codec.rans import cpu
+
+        body = sym.shape[1]
+        n = kvq_segment.choose_lanes(len(flagged), body)
+        if n == 0:
+            return []
+        bank, model0 = self.channel_models(layer, k)
+        bounds = kvq_segment.lane_bounds(len(flagged), n)
+        job = {
+            "ch_lo": bounds[:-1].copy(), "ch_hi": bounds[1:].copy(), "ch_model": model0 + flagged,
+            "ch_out": flagged * body, "ch_tokens": np.full(len(flagged), body, np.int64),
+            "ch_stride": np.ones(len(flagged), np.int64),
+        }  # fmt: skip
+        lanes, status = cpu.encode(job, bank, sym.reshape(-1), threads=1)
+        if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
+            raise RuntimeError("kvq lane encoder refused its own symbols")
+        return lanes
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
+        out = torch.empty(segment.shape, dtype=segment.dtype)
+        self.decode_many([([(data, segment)], out)], threads=1)
+        return out
+
+    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
+        """Decode many segments straight into their output tensors, every lane of every segment at once.
+
+        Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
+        segments' dtype) they tile in order. Version-2 bodies go through one parallel lane decode into
+        float32 coefficients, then one synthesis per group; version-1 groups decode segment by segment."""
+        from kvc.codec.rans import OK, cpu
+
+        plans = []  # (output, layer, k, parsed segments, offset of the group's coefficients)
+        offset = 0
+        for parts, out in groups:
+            if sum(seg.shape[1] for _, seg in parts) != out.shape[1]:
+                raise ValueError("segments do not tile their output")
+            versions = {kvq_segment.read_head(data)[0] for data, _ in parts}
+            if len(versions) > 1:
+                raise FormatError("a layer's kvq segments mix bitstream versions")
+            if versions == {1}:
+                at = 0
+                for data, seg in parts:
+                    out[:, at : at + seg.shape[1]] = self._decode_v1(bytes(data), seg)
+                    at += seg.shape[1]
+                continue
+            parsed = [self._parse_v2(data, seg) for data, seg in parts]
+            layer, k, _ = self._dims(parts[0][1])
+            plans.append((out, layer, k, parsed, offset))
+            offset += out.shape[0] * sum(p.body for p in parsed) * out.shape[2]
+        coef = np.zeros(offset, dtype=np.float32)
+        jobs = []
+        for out, layer, k, parsed, off in plans:
+            bodies = sum(p.body for p in parsed)
+            t0 = 0
+            for p in parsed:
+                if p.lanes is not None:
+                    jobs.append((p.lanes, layer, k, off, bodies, out.shape[2], t0, p.body))
+                t0 += p.body
+        if jobs:
+            job, bank, owners = self._lane_job(jobs)
+            status = cpu.decode(job, bank, coef, threads)
+            bad = np.flatnonzero(status != OK)
+            if len(bad):
+                layer, k = owners[bad[0]]
+                raise FormatError(f"corrupt entropy-coded payload (layer {layer} {('key', 'value')[k]}, "
+                                  f"lane error {int(status[bad[0]])})")  # fmt: skip
+        for out, layer, k, parsed, off in plans:
+            # sinks are the positions < profile.sinks: they lead the layer, and every body follows them
+            at = 0
+            for p in parsed:
+                if p.sinks is not None:
+                    out[:, at : at + p.sinks.shape[1]] = p.sinks
+                at += p.segment.shape[1]
+            lead = sum(p.sinks.shape[1] for p in parsed if p.sinks is not None)
+            H, T, D = out.shape
+            if T > lead:
+                c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+                out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+
+    def _parse_v2(self, data: bytes, segment: Segment) -> _ParsedV2:
+        """A version-2 segment's sinks and lanes, every length checked against its bytes."""
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
-        data = bytes(data)
+        version, flags_byte, n_lanes = kvq_segment.read_head(data)
+        if version != kvq_segment.VERSION:
+            raise VersionError(f"kvq segment version {version} needs a newer kvc")
+        n_sink = sink_count(segment.start, T, self.sinks)
+        if flags_byte != (1 if n_sink else 0):
+            raise FormatError("kvq segment flags do not match its position")
+        pos, sinks = 4, None
+        if n_sink:
+            sinks, pos = unpack_sinks(data, pos, (H, n_sink, D))
+        body = T - n_sink
+        if body == 0:
+            if pos != len(data) or n_lanes:
+                raise FormatError("kvq segment holds bytes past its sinks")
+            return _ParsedV2(segment, sinks, None, 0)
+        lanes = kvq_segment.parse_body(data, pos, H * D, body, n_lanes)
+        return _ParsedV2(segment, sinks, lanes if n_lanes else None, body)
+
+    def _lane_job(self, jobs):
+        """Flat lane arrays for kvc.codec.rans.cpu over every segment's lanes."""
+        words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok = [], [], [], [], [], [], [], []
+        owners, w_at, c_at, bank = [], 0, 0, None
+        for lanes, layer, k, off, body_total, D, t0, body in jobs:
+            bank, model0 = self.channel_models(layer, k)
+            n = len(lanes.lane_words)
+            ends = w_at + np.cumsum(lanes.lane_words)
+            word_lo.append(ends - lanes.lane_words)
+            word_hi.append(ends)
+            w_at = int(ends[-1])
+            words.append(lanes.words)
+            ch_lo.append(c_at + lanes.lane_bounds[:-1])
+            ch_hi.append(c_at + lanes.lane_bounds[1:])
+            c_at += len(lanes.flagged)
+            h, d = np.divmod(lanes.flagged, D)
+            ch_model.append(model0 + lanes.flagged)
+            ch_out.append(off + (h * body_total + t0) * D + d)
+            ch_tok.append(np.full(len(lanes.flagged), body, np.int64))
+            owners += [(layer, k)] * n
+        flagged = np.concatenate(ch_model)
+        job = {
+            "words": np.concatenate(words).astype(np.uint16), "word_lo": np.concatenate(word_lo),
+            "word_hi": np.concatenate(word_hi), "ch_lo": np.concatenate(ch_lo), "ch_hi": np.concatenate(ch_hi),
+            "ch_model": flagged, "ch_out": np.concatenate(ch_out), "ch_tokens": np.concatenate(ch_tok),
+        }  # fmt: skip
+        job["ch_stride"] = np.concatenate([np.full(len(j[0].flagged), j[5], np.int64) for j in jobs])
+        return job, bank, owners
+
+    def _synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, dtype: torch.dtype) -> torch.Tensor:
+        """Coefficients ``[H, T, D]`` (float32) → keys/values at absolute positions ``first..``, in ``dtype``."""
+        _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
+        x = torch.baddbmm(mean32[:, None, :], coef, synth)
+        if k == 0 and self._inv_freq is not None:
+            cos, sin = self._cos_sin(first, coef.shape[1])
+            half = coef.shape[2] // 2
+            rot = x * cos
+            rot[..., :half].addcmul_(x[..., half:], sin[:, :half])
+            rot[..., half:].addcmul_(x[..., :half], sin[:, half:])
+            x = rot
+        big = _finite_range(dtype)
+        return torch.nan_to_num_(x, nan=0.0, posinf=big, neginf=-big).clamp_(-big, big).to(dtype)
+
+    def _decode_v1(self, data: bytes, segment: Segment) -> torch.Tensor:
+        layer, k, dim = self._dims(segment)
+        H, T, D = segment.shape
         if len(data) < 4:
             raise FormatError("truncated kvq segment")
         version, flags_byte, _ = struct.unpack_from("<BBH", data, 0)
-        if version != SEGMENT_VERSION:
+        if version != 1:
             raise FormatError(f"unknown kvq segment version {version}")
         n_sink = sink_count(segment.start, T, self.sinks)
         if flags_byte != (1 if n_sink else 0):
@@ -291,7 +464,8 @@ class KvqCodec:
         return out.to(segment.dtype)
 
     def model_bits(self, tensor: torch.Tensor, segment: Segment) -> tuple[float, int]:
-        """(information content under the models, ANS bits actually written) for the coder-efficiency check."""
+        """(information content under the float models, rANS bits actually written) for the coder-efficiency
+        check; each escape's excess counts 32 bits on both sides (it is stored raw)."""
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
         n_sink = sink_count(segment.start, T, self.sinks)
@@ -300,7 +474,8 @@ class KvqCodec:
             x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
         mean, analysis, *_ = self._matrices(layer, k, dim)
         q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))
-        sym = q.transpose(0, 2, 1).reshape(H * D, T - n_sink)
+        sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, T - n_sink))
         bank = self.bank(layer, k, dim)
-        _, _, words = bank.encode(sym)
-        return bank.cross_entropy_bits(sym), 32 * len(words)
+        escapes = int(np.count_nonzero(np.abs(sym) >= bank.radius[:, None]))
+        lanes = self._encode_lanes(layer, k, sym, np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64))
+        return bank.cross_entropy_bits(sym) + 32 * escapes, 16 * sum(len(w) for w in lanes)

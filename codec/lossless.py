@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import zstandard
 
+from kvc.codec import byteplanes
 from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, register_codec, register_level
 from kvc.errors import FormatError
@@ -36,10 +37,40 @@ class LosslessCodec:
     def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
         raw = tensor.contiguous().view(torch.uint8).numpy()
         if self.transform == "byteplanes":
-            raw = np.ascontiguousarray(raw.reshape(-1, tensor.element_size()).T)
+            raw = byteplanes.split(raw, tensor.element_size())
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(raw.tobytes())
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
+        out = torch.empty(segment.shape, dtype=segment.dtype)
+        self.decode_many([([(data, segment)], out)], threads=1)
+        return out
+
+    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
+        """Decode segments straight into the ``[H, T, D]`` tensors they tile (one group per (layer, kind)),
+        one segment per task on a thread pool: zstd and the plane join both release the GIL."""
+        from kvc.codec.rans.cpu import default_threads, run_tasks
+
+        tasks = []
+        for parts, out in groups:
+            at = 0
+            for data, segment in parts:
+                tasks.append((data, segment, out, at))
+                at += segment.shape[1]
+            if at != out.shape[1]:
+                raise ValueError("segments do not tile their output")
+        run_tasks(self._decode_into, tasks, threads or default_threads())
+
+    def _decode_into(self, data, segment: Segment, out: torch.Tensor, at: int) -> None:
+        if out.dtype != segment.dtype or not out.is_contiguous():
+            raise ValueError("lossless decodes into contiguous tensors of the segment's dtype")
+        raw = self._planes(data, segment)
+        H, T, D = segment.shape
+        if self.transform == "byteplanes":
+            byteplanes.join_into(raw, byteplanes.uint_view(out), (H, T, D), out.shape[1] * D, D, at * D)
+        else:
+            out[:, at : at + T] = torch.frombuffer(bytearray(raw), dtype=out.dtype).view(H, T, D)
+
+    def _planes(self, data, segment: Segment) -> np.ndarray:
         itemsize = torch.empty(0, dtype=segment.dtype).element_size()
         count = segment.shape[0] * segment.shape[1] * segment.shape[2]
         expected = count * itemsize
@@ -57,11 +88,7 @@ class LosslessCodec:
             raise FormatError(f"layer {segment.layer} {segment.kind}: corrupt zstd data ({exc})") from exc
         if len(raw) != expected:
             raise FormatError(f"layer {segment.layer} {segment.kind}: decoded {len(raw)} bytes, expected {expected}")
-        planes = np.frombuffer(raw, dtype=np.uint8)
-        if self.transform == "byteplanes":
-            planes = np.ascontiguousarray(planes.reshape(itemsize, count).T)
-        flat = torch.from_numpy(planes.copy()).view(segment.dtype)
-        return flat.reshape(segment.shape)
+        return np.frombuffer(raw, dtype=np.uint8)
 
 
 register_codec(CODEC_ID, lambda params, profile: LosslessCodec(params))

@@ -86,20 +86,21 @@ class _Source:
     """Random-access bytes from a file or a buffer, never read past their end."""
 
     def __init__(self, handle: BinaryIO | None = None, buffer: bytes | None = None):
-        self._handle, self._buffer = handle, buffer
+        self._handle = handle
+        self._buffer = memoryview(buffer) if buffer is not None else None
         if buffer is not None:
             self.size = len(buffer)
         else:
             handle.seek(0, os.SEEK_END)
             self.size = handle.tell()
 
-    def read(self, offset: int, length: int, what: str) -> bytes:
+    def read(self, offset: int, length: int, what: str) -> bytes | memoryview:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise FormatError(
                 f"truncated file: {what} needs bytes {offset}..{offset + length}, the file has {self.size}"
             )
         if self._buffer is not None:
-            return bytes(self._buffer[offset : offset + length])
+            return self._buffer[offset : offset + length]  # a view: in-memory files are read without copies
         self._handle.seek(offset)
         out = self._handle.read(length)
         if len(out) != length:
@@ -173,7 +174,7 @@ class Container:
     def attachment(self, name: str) -> bytes | None:
         for att in self.header.get("attachments", []):
             if att["name"] == name:
-                data = self._source.read(self.data_start + att["offset"], att["length"], f"attachment {name}")
+                data = bytes(self._source.read(self.data_start + att["offset"], att["length"], f"attachment {name}"))
                 if hashlib.sha256(data).hexdigest() != att["sha256"]:
                     raise FormatError(f"{self.name}: attachment {name} checksum mismatch (the file is corrupt)")
                 return data

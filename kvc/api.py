@@ -292,39 +292,42 @@ class KvcFile:
             raise InputError(f"token range {a}:{b} is outside the context's 0:{self.num_tokens}")
         codec = self._codec(level)
         layout_layers = self.header["layout"]["layers"]
-        pieces: list[list[list[torch.Tensor]]] = [[[], []] for _ in layout_layers]
-        for index, chunk in enumerate(self.header["chunks"]):
-            if chunk["end"] <= a or chunk["start"] >= b:
-                continue
+        chunks = [i for i, c in enumerate(self.header["chunks"]) if c["start"] < b and c["end"] > a]
+        span_lo, span_hi = self.header["chunks"][chunks[0]]["start"], self.header["chunks"][chunks[-1]]["end"]
+        # every (layer, kind) decodes into one tensor spanning the chunks read: [H, kept tokens, dim]
+        outs, groups = [], []
+        for spec in layout_layers:
+            lo = max(span_lo, spec["start"])
+            kept = max(0, span_hi - lo)
+            pair = []
+            for kind in (0, 1):
+                dim = spec["value_dim"] if kind else spec["key_dim"]
+                pair.append(torch.empty((spec["kv_heads"], kept, dim), dtype=self.dtype))
+                groups.append(([], pair[-1]))
+            outs.append((lo, pair))
+        for index in chunks:
+            chunk = self.header["chunks"][index]
             enc, payload = self._container.payload(index, level)
-            offset = 0
+            view, offset = memoryview(payload), 0
             for s, length in enumerate(enc["segments"]):
                 layer, kind = divmod(s, 2)
                 spec = layout_layers[layer]
                 lo = max(chunk["start"], spec["start"])
                 count = max(0, chunk["end"] - lo)
-                shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
-                data = payload[offset : offset + length]
+                data = view[offset : offset + length]
                 offset += length
                 if count == 0:
                     if length:
                         raise FormatError(f"{self.name}: chunk {index} stores bytes for a layer with no tokens there")
                     continue
-                seg = Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape, dtype=self.dtype)
-                tensor = codec.decode(data, seg)
-                if tuple(tensor.shape) != shape or tensor.dtype != self.dtype:
-                    raise FormatError(f"{self.name}: chunk {index} layer {layer} decoded to the wrong shape")
-                pieces[layer][kind].append((lo, tensor))
+                shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
+                groups[s][0].append((data, Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape,
+                                                   dtype=self.dtype)))
+        _decode_groups(codec, [g for g in groups if g[0]], self.name)
         layers = []
-        for spec, (keys, values) in zip(layout_layers, pieces):
+        for spec, (lo, (key, value)) in zip(layout_layers, outs):
             start = max(a, spec["start"])
-            layers.append(
-                LayerKV(
-                    key=_window(keys, spec, "key_dim", start, b, self.dtype),
-                    value=_window(values, spec, "value_dim", start, b, self.dtype),
-                    start=start,
-                )
-            )
+            layers.append(LayerKV(key=_window(key, lo, start, b), value=_window(value, lo, start, b), start=start))
         return ContextKV(token_ids=self.token_ids[a:b], layers=layers, first_token=a)
 
     def to_cache(self, lm, level: str | None = None):
@@ -335,14 +338,29 @@ class KvcFile:
         return to_transformers_cache(self.read(level), lm.model.config, device=lm.device)
 
 
-def _window(
-    parts: list[tuple[int, torch.Tensor]], spec: dict, dim_key: str, start: int, end: int, dtype: torch.dtype
-) -> torch.Tensor:
-    if not parts or start >= end:
-        return torch.empty((spec["kv_heads"], 0, spec[dim_key]), dtype=dtype)
-    first = parts[0][0]
-    joined = torch.cat([t for _, t in parts], dim=1)
-    return joined[:, start - first : end - first].contiguous()
+def _decode_groups(codec, groups: list, name: str) -> None:
+    """Decode each (layer, kind)'s segments into its output tensor: in one parallel call when the codec
+    can (kvq), else segment by segment."""
+    if hasattr(codec, "decode_many"):
+        codec.decode_many(groups)
+        return
+    for parts, out in groups:
+        at = 0
+        for data, seg in parts:
+            tensor = codec.decode(bytes(data), seg)
+            if tuple(tensor.shape) != seg.shape or tensor.dtype != seg.dtype:
+                raise FormatError(f"{name}: layer {seg.layer} {seg.kind} decoded to the wrong shape")
+            out[:, at : at + seg.shape[1]] = tensor
+            at += seg.shape[1]
+
+
+def _window(t: torch.Tensor, lo: int, start: int, end: int) -> torch.Tensor:
+    """Tokens ``start..end`` of a tensor holding tokens from ``lo``; whole tensors are returned as they are."""
+    if start >= end:
+        return t[:, :0]
+    if start == lo and end - lo == t.shape[1]:
+        return t
+    return t[:, start - lo : end - lo].contiguous()
 
 
 def open(source, profile=None) -> KvcFile:  # noqa: A001 - mirrors the builtin on purpose, as kvc.open

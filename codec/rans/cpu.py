@@ -1,0 +1,377 @@
+"""numba kernels for lanes: compiled once (cached on disk), GIL released, one lane per loop turn.
+
+A *job* describes many lanes at once in flat arrays, so one call decodes every lane of every
+segment of a read. Lane i codes channels ``ch_lo[i]..ch_hi[i]``; channel j has model
+``ch_model[j]`` and ``ch_tokens[j]`` values living at ``out[ch_out[j] + t * ch_stride[j]]``.
+``decode`` splits the lanes over threads (balanced by symbol count); each thread runs the serial
+kernel on its share, so there is no threading layer to configure and callers may be threads too.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+from kvc.codec.rans import (
+    BAD_EXCESS,
+    BAD_FINAL_STATE,
+    BAD_START_STATE,
+    EXHAUSTED,
+    LUT_SHIFT,
+    LUT_SIZE,
+    MAX_EXCESS,
+    OK,
+    STATE_LOWER,
+)
+
+# The decode step is written out in place (and four times in _lanes4) on purpose: numba does not
+# inline a tuple-returning helper into a hot loop, and a call per symbol doubles the time.
+# Step, as in reference.decode_lane: slot = x mod 2**16; s = the symbol whose cumulative range holds
+# slot (from the coarse table, then forward); x = freq·(x >> 16) + slot − cum; one word in when x < L;
+# an end symbol is followed by two raw 16-bit pieces of the escape excess. A lane that runs out of
+# words reads zeros and keeps counting, so the final ``p == end`` check catches it.
+
+
+@njit(nogil=True, cache=True)
+def _lane_tail(x, p, end, c_lo, c_hi, words, ch_model, ch_out, ch_tokens, ch_stride, cum, start, alphabet, lut,
+               out):  # fmt: skip
+    """Channels c_lo..c_hi of one lane from state (x, p): returns (x, p, excess too large)."""
+    bad = False
+    for ch in range(c_lo, c_hi):
+        m = ch_model[ch]
+        base = start[m]
+        A = np.int64(alphabet[m])
+        R = (A - 1) // 2
+        lb = m * LUT_SIZE
+        o = ch_out[ch]
+        st = ch_stride[ch]
+        for t in range(ch_tokens[ch]):
+            slot = x & 0xFFFF
+            s = np.int64(lut[lb + (slot >> LUT_SHIFT)])
+            while np.int64(cum[base + s + 1]) <= slot:
+                s += 1
+            c = np.int64(cum[base + s])
+            x = (np.int64(cum[base + s + 1]) - c) * (x >> 16) + slot - c
+            if x < STATE_LOWER:
+                x = (x << 16) | (np.int64(words[p]) if p < end else 0)
+                p += 1
+            v = s - R
+            if s == 0 or s == A - 1:
+                hi = x & 0xFFFF
+                x = ((x >> 16) << 16) | (np.int64(words[p]) if p < end else 0)
+                lo = x & 0xFFFF
+                x = ((x >> 16) << 16) | (np.int64(words[p + 1]) if p + 1 < end else 0)
+                p += 2
+                e = (hi << 16) | lo
+                bad |= e > MAX_EXCESS
+                v = R + e if s else -(R + e)
+            out[o + t * st] = v
+    return x, p, bad
+
+
+@njit(nogil=True, cache=True)
+def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_stride, cum, start,
+            alphabet, lut, out):  # fmt: skip
+    """Four lanes whose channels share one token count, in lockstep over the channels all four have:
+    their state chains are independent, so the core overlaps their table loads. Updates xs/ps and
+    returns (channels done per lane, excess flags as a 4-bit mask)."""
+    common = ch_hi[lane] - ch_lo[lane]
+    for j in range(1, 4):
+        common = min(common, ch_hi[lane + j] - ch_lo[lane + j])
+    T = ch_tokens[ch_lo[lane]]
+    x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
+    p0, p1, p2, p3 = ps[0], ps[1], ps[2], ps[3]
+    e0, e1, e2, e3 = word_hi[lane], word_hi[lane + 1], word_hi[lane + 2], word_hi[lane + 3]
+    bad = 0
+    for i in range(common):
+        c = ch_lo[lane] + i
+        m0, o0, t0 = ch_model[c], ch_out[c], ch_stride[c]
+        c = ch_lo[lane + 1] + i
+        m1, o1, t1 = ch_model[c], ch_out[c], ch_stride[c]
+        c = ch_lo[lane + 2] + i
+        m2, o2, t2 = ch_model[c], ch_out[c], ch_stride[c]
+        c = ch_lo[lane + 3] + i
+        m3, o3, t3 = ch_model[c], ch_out[c], ch_stride[c]
+        b0, b1, b2, b3 = start[m0], start[m1], start[m2], start[m3]
+        l0, l1, l2, l3 = m0 * LUT_SIZE, m1 * LUT_SIZE, m2 * LUT_SIZE, m3 * LUT_SIZE
+        A0, A1, A2, A3 = np.int64(alphabet[m0]), np.int64(alphabet[m1]), np.int64(alphabet[m2]), np.int64(alphabet[m3])
+        R0, R1, R2, R3 = (A0 - 1) // 2, (A1 - 1) // 2, (A2 - 1) // 2, (A3 - 1) // 2
+        for t in range(T):
+            # lane 0
+            slot = x0 & 0xFFFF
+            s = np.int64(lut[l0 + (slot >> LUT_SHIFT)])
+            while np.int64(cum[b0 + s + 1]) <= slot:
+                s += 1
+            c = np.int64(cum[b0 + s])
+            x0 = (np.int64(cum[b0 + s + 1]) - c) * (x0 >> 16) + slot - c
+            if x0 < STATE_LOWER:
+                x0 = (x0 << 16) | (np.int64(words[p0]) if p0 < e0 else 0)
+                p0 += 1
+            v = s - R0
+            if s == 0 or s == A0 - 1:
+                hi = x0 & 0xFFFF
+                x0 = ((x0 >> 16) << 16) | (np.int64(words[p0]) if p0 < e0 else 0)
+                lo = x0 & 0xFFFF
+                x0 = ((x0 >> 16) << 16) | (np.int64(words[p0 + 1]) if p0 + 1 < e0 else 0)
+                p0 += 2
+                e = (hi << 16) | lo
+                if e > MAX_EXCESS:
+                    bad |= 1
+                v = R0 + e if s else -(R0 + e)
+            out[o0 + t * t0] = v
+            # lane 1
+            slot = x1 & 0xFFFF
+            s = np.int64(lut[l1 + (slot >> LUT_SHIFT)])
+            while np.int64(cum[b1 + s + 1]) <= slot:
+                s += 1
+            c = np.int64(cum[b1 + s])
+            x1 = (np.int64(cum[b1 + s + 1]) - c) * (x1 >> 16) + slot - c
+            if x1 < STATE_LOWER:
+                x1 = (x1 << 16) | (np.int64(words[p1]) if p1 < e1 else 0)
+                p1 += 1
+            v = s - R1
+            if s == 0 or s == A1 - 1:
+                hi = x1 & 0xFFFF
+                x1 = ((x1 >> 16) << 16) | (np.int64(words[p1]) if p1 < e1 else 0)
+                lo = x1 & 0xFFFF
+                x1 = ((x1 >> 16) << 16) | (np.int64(words[p1 + 1]) if p1 + 1 < e1 else 0)
+                p1 += 2
+                e = (hi << 16) | lo
+                if e > MAX_EXCESS:
+                    bad |= 2
+                v = R1 + e if s else -(R1 + e)
+            out[o1 + t * t1] = v
+            # lane 2
+            slot = x2 & 0xFFFF
+            s = np.int64(lut[l2 + (slot >> LUT_SHIFT)])
+            while np.int64(cum[b2 + s + 1]) <= slot:
+                s += 1
+            c = np.int64(cum[b2 + s])
+            x2 = (np.int64(cum[b2 + s + 1]) - c) * (x2 >> 16) + slot - c
+            if x2 < STATE_LOWER:
+                x2 = (x2 << 16) | (np.int64(words[p2]) if p2 < e2 else 0)
+                p2 += 1
+            v = s - R2
+            if s == 0 or s == A2 - 1:
+                hi = x2 & 0xFFFF
+                x2 = ((x2 >> 16) << 16) | (np.int64(words[p2]) if p2 < e2 else 0)
+                lo = x2 & 0xFFFF
+                x2 = ((x2 >> 16) << 16) | (np.int64(words[p2 + 1]) if p2 + 1 < e2 else 0)
+                p2 += 2
+                e = (hi << 16) | lo
+                if e > MAX_EXCESS:
+                    bad |= 4
+                v = R2 + e if s else -(R2 + e)
+            out[o2 + t * t2] = v
+            # lane 3
+            slot = x3 & 0xFFFF
+            s = np.int64(lut[l3 + (slot >> LUT_SHIFT)])
+            while np.int64(cum[b3 + s + 1]) <= slot:
+                s += 1
+            c = np.int64(cum[b3 + s])
+            x3 = (np.int64(cum[b3 + s + 1]) - c) * (x3 >> 16) + slot - c
+            if x3 < STATE_LOWER:
+                x3 = (x3 << 16) | (np.int64(words[p3]) if p3 < e3 else 0)
+                p3 += 1
+            v = s - R3
+            if s == 0 or s == A3 - 1:
+                hi = x3 & 0xFFFF
+                x3 = ((x3 >> 16) << 16) | (np.int64(words[p3]) if p3 < e3 else 0)
+                lo = x3 & 0xFFFF
+                x3 = ((x3 >> 16) << 16) | (np.int64(words[p3 + 1]) if p3 + 1 < e3 else 0)
+                p3 += 2
+                e = (hi << 16) | lo
+                if e > MAX_EXCESS:
+                    bad |= 8
+                v = R3 + e if s else -(R3 + e)
+            out[o3 + t * t3] = v
+    xs[0], xs[1], xs[2], xs[3] = x0, x1, x2, x3
+    ps[0], ps[1], ps[2], ps[3] = p0, p1, p2, p3
+    return common, bad
+
+
+@njit(nogil=True, cache=True)
+def _decode_lanes(a, b, words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_stride,
+                  cum, start, alphabet, lut, out, status):  # fmt: skip
+    """Lanes a..b: four at a time where four neighbours share a token count, else one by one."""
+    xs = np.zeros(4, np.int64)
+    ps = np.zeros(4, np.int64)
+    lane = a
+    while lane < b:
+        group = 1
+        if lane + 4 <= b:
+            group = 4
+            for j in range(4):
+                if ch_hi[lane + j] <= ch_lo[lane + j] or ch_tokens[ch_lo[lane + j]] != ch_tokens[ch_lo[lane]]:
+                    group = 1
+                elif word_hi[lane + j] - word_lo[lane + j] < 2:
+                    group = 1
+        for j in range(group):
+            p = word_lo[lane + j]
+            if word_hi[lane + j] - p < 2:
+                xs[j], ps[j] = 0, p
+            else:
+                xs[j] = (np.int64(words[p]) << 16) | np.int64(words[p + 1])
+                ps[j] = p + 2
+        done, bad = 0, 0
+        if group == 4 and xs.min() >= STATE_LOWER:
+            done, bad = _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_stride,
+                                cum, start, alphabet, lut, out)  # fmt: skip
+        for j in range(group):
+            end = word_hi[lane + j]
+            if end - word_lo[lane + j] < 2:
+                status[lane + j] = EXHAUSTED
+                continue
+            if xs[j] < STATE_LOWER:
+                status[lane + j] = BAD_START_STATE
+                continue
+            x, p, tail_bad = _lane_tail(xs[j], ps[j], end, ch_lo[lane + j] + done, ch_hi[lane + j], words, ch_model,
+                                        ch_out, ch_tokens, ch_stride, cum, start, alphabet, lut, out)  # fmt: skip
+            if tail_bad or (bad >> j) & 1:
+                status[lane + j] = BAD_EXCESS
+            elif p > end:
+                status[lane + j] = EXHAUSTED
+            elif p != end or x != STATE_LOWER:
+                status[lane + j] = BAD_FINAL_STATE
+            else:
+                status[lane + j] = OK
+        lane += group
+
+
+@njit(nogil=True, cache=True)
+def _encode_lanes(a, b, values, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_stride,
+                  cum, start, alphabet, scratch, cap_hi, count, status):  # fmt: skip
+    """Codes lanes backwards into ``scratch[.. cap_hi[lane])``, words ending at cap_hi in decode order."""
+    for lane in range(a, b):
+        x = np.int64(STATE_LOWER)
+        q = cap_hi[lane]
+        err = OK
+        for ch in range(ch_hi[lane] - 1, ch_lo[lane] - 1, -1):
+            m = ch_model[ch]
+            base = start[m]
+            A = np.int64(alphabet[m])
+            R = (A - 1) // 2
+            o = ch_out[ch]
+            stride = ch_stride[ch]
+            for t in range(ch_tokens[ch] - 1, -1, -1):
+                v = np.int64(values[o + t * stride])
+                mag = v if v >= 0 else -v
+                if mag >= R:
+                    excess = mag - R
+                    if excess > MAX_EXCESS:
+                        err = BAD_EXCESS
+                        break
+                    s = np.int64(0) if v < 0 else A - 1
+                    # pieces in reverse decode order: low piece, then high piece
+                    for piece in (excess & 0xFFFF, excess >> 16):
+                        if x >= (np.int64(1) << 16):
+                            q -= 1
+                            scratch[q] = x & 0xFFFF
+                            x >>= 16
+                        x = (x << 16) + piece
+                else:
+                    s = v + R
+                c = np.int64(cum[base + s])
+                f = np.int64(cum[base + s + 1]) - c
+                if x >= (f << 16):
+                    q -= 1
+                    scratch[q] = x & 0xFFFF
+                    x >>= 16
+                x = ((x // f) << 16) + (x % f) + c
+            if err != OK:
+                break
+        q -= 1
+        scratch[q] = x >> 16
+        q -= 1
+        scratch[q] = x & 0xFFFF
+        # the flush went low then high: swap so the decoder reads high first
+        scratch[q], scratch[q + 1] = scratch[q + 1], scratch[q]
+        count[lane] = cap_hi[lane] - q
+        status[lane] = err
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvc-rans")
+    return pool
+
+
+def _shares(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Split lanes 0..n into ≤ parts contiguous ranges of about equal total work."""
+    n = len(work)
+    if n == 0:
+        return []
+    parts = max(1, min(parts, n))
+    if parts == 1:
+        return [(0, n)]
+    edges = np.searchsorted(np.cumsum(work), np.linspace(0, float(work.sum()), parts + 1)[1:-1], side="left")
+    bounds = [0, *sorted(set(int(e) + 1 for e in edges if 0 <= e < n - 1)), n]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _run(kernel, lanes_work: np.ndarray, threads: int, args: tuple) -> None:
+    shares = _shares(lanes_work, threads)
+    if len(shares) <= 1:
+        for lo, hi in shares:
+            kernel(lo, hi, *args)
+        return
+    futures = [_pool(threads).submit(kernel, lo, hi, *args) for lo, hi in shares]
+    for f in futures:
+        f.result()
+
+
+def run_tasks(fn, tasks: list[tuple], threads: int) -> None:
+    """``fn(*task)`` for every task, on ``threads`` pool threads (in order on the caller when 1)."""
+    if threads <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            fn(*task)
+        return
+    for f in [_pool(threads).submit(fn, *task) for task in tasks]:
+        f.result()
+
+
+def lane_work(ch_lo, ch_hi, ch_tokens) -> np.ndarray:
+    """Symbols per lane (what a share is balanced by)."""
+    csum = np.concatenate([[0], np.cumsum(ch_tokens, dtype=np.int64)])
+    return csum[ch_hi] - csum[ch_lo]
+
+
+def decode(job: dict, bank, out: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Decode every lane of ``job`` into ``out``; returns the per-lane status codes."""
+    status = np.zeros(len(job["word_lo"]), dtype=np.int32)
+    work = lane_work(job["ch_lo"], job["ch_hi"], job["ch_tokens"])
+    args = (job["words"], job["word_lo"], job["word_hi"], job["ch_lo"], job["ch_hi"], job["ch_model"],
+            job["ch_out"], job["ch_tokens"], job["ch_stride"], bank.cum, bank.start, bank.alphabet, bank.lut,
+            out, status)  # fmt: skip
+    _run(_decode_lanes, work, threads or default_threads(), args)
+    return status
+
+
+def encode(job: dict, bank, values: np.ndarray, threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """(uint16 words per lane in decode order, per-lane status) for the values ``job`` points into."""
+    work = lane_work(job["ch_lo"], job["ch_hi"], job["ch_tokens"])
+    n = len(work)
+    cap = 3 * work + 2  # a symbol emits ≤ 1 word, an escape ≤ 2 more; the flush 2
+    cap_hi = np.cumsum(cap).astype(np.int64)
+    scratch = np.empty(int(cap_hi[-1]) if n else 0, dtype=np.uint16)
+    count = np.zeros(n, dtype=np.int64)
+    status = np.zeros(n, dtype=np.int32)
+    args = (values, job["ch_lo"], job["ch_hi"], job["ch_model"], job["ch_out"], job["ch_tokens"], job["ch_stride"],
+            bank.cum, bank.start, bank.alphabet, scratch, cap_hi, count, status)  # fmt: skip
+    _run(_encode_lanes, work, threads or default_threads(), args)
+    lanes = [scratch[cap_hi[i] - count[i] : cap_hi[i]] for i in range(n)]
+    return lanes, status

@@ -1,0 +1,43 @@
+"""Committed reference files of every format version still decode, bit for bit.
+
+Each ``tests/data/fixtures/NAME.kvc`` was written by the kvc of its day
+(``tests/data/fixtures/make_fixture.py``); ``NAME.json`` holds the SHA-256 of what each of its
+levels decoded to then. A change that makes an old file decode differently fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import kvc
+from tests.data.fixtures.make_fixture import digest
+
+FIXTURES = Path(__file__).parent / "data" / "fixtures"
+NAMES = sorted(p.stem for p in FIXTURES.glob("*.kvc"))
+
+
+def test_there_is_a_fixture_per_kvq_segment_version():
+    assert {"v1-tiny-llama", "v2-tiny-llama"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_decodes_bit_exactly(name):
+    expected = json.loads((FIXTURES / f"{name}.json").read_text())
+    with kvc.open(FIXTURES / f"{name}.kvc") as f:
+        for level in f.levels:
+            kv = f.read(level)
+            for i, layer in enumerate(kv.layers):
+                assert digest(layer.key) == expected[f"{level}.{i}.key"], (level, i)
+                assert digest(layer.value) == expected[f"{level}.{i}.value"], (level, i)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_window_reads_match_whole_reads(name):
+    with kvc.open(FIXTURES / f"{name}.kvc") as f:
+        for level in f.levels:
+            whole = f.read(level)
+            part = f.read(level, tokens=(100, 260))
+            for a, b in zip(whole.layers, part.layers):
+                assert (a.key[:, 100 - a.start : 260 - a.start] == b.key).all()
