@@ -72,6 +72,7 @@ def _finite_range(dtype: torch.dtype) -> float:
 
 class KvqCodec:
     codec_id = CODEC_ID
+    decodes_on_gpu = True  # decode_many writes into CUDA tensors through kvc.codec.rans.gpu
 
     def __init__(self, params: dict, profile: Profile | None):
         if profile is None:
@@ -300,6 +301,7 @@ class KvqCodec:
         float32 coefficients, then one synthesis per group; version-1 groups decode segment by segment."""
         from kvc.codec.rans import OK, cpu
 
+        device = groups[0][1].device if groups else torch.device("cpu")
         plans = []  # (output, layer, k, parsed segments, offset of the group's coefficients)
         offset = 0
         for parts, out in groups:
@@ -318,7 +320,7 @@ class KvqCodec:
             layer, k, _ = self._dims(parts[0][1])
             plans.append((out, layer, k, parsed, offset))
             offset += out.shape[0] * sum(p.body for p in parsed) * out.shape[2]
-        coef = np.zeros(offset, dtype=np.float32)
+        coef = torch.zeros(offset, dtype=torch.float32, device=device)
         jobs = []
         for out, layer, k, parsed, off in plans:
             bodies = sum(p.body for p in parsed)
@@ -329,7 +331,12 @@ class KvqCodec:
                 t0 += p.body
         if jobs:
             job, bank, owners = self._lane_job(jobs)
-            status = cpu.decode(job, bank, coef, threads)
+            if device.type == "cuda":  # same lanes, same arithmetic, one GPU thread per lane
+                from kvc.codec.rans import gpu
+
+                status = gpu.decode(job, bank, coef)
+            else:
+                status = cpu.decode(job, bank, coef.numpy(), threads)
             bad = np.flatnonzero(status != OK)
             if len(bad):
                 layer, k = owners[bad[0]]
@@ -340,12 +347,12 @@ class KvqCodec:
             at = 0
             for p in parsed:
                 if p.sinks is not None:
-                    out[:, at : at + p.sinks.shape[1]] = p.sinks
+                    out[:, at : at + p.sinks.shape[1]] = p.sinks.to(device)
                 at += p.segment.shape[1]
             lead = sum(p.sinks.shape[1] for p in parsed if p.sinks is not None)
             H, T, D = out.shape
             if T > lead:
-                c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+                c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
                 out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
 
     def _parse_v2(self, data: bytes, segment: Segment) -> _ParsedV2:
@@ -401,9 +408,13 @@ class KvqCodec:
     def _synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, dtype: torch.dtype) -> torch.Tensor:
         """Coefficients ``[H, T, D]`` (float32) → keys/values at absolute positions ``first..``, in ``dtype``."""
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
+        if coef.device.type != "cpu":
+            mean32, synth = self._on_device(("m", layer, k), (mean32, synth), coef.device)
         x = torch.baddbmm(mean32[:, None, :], coef, synth)
         if k == 0 and self._inv_freq is not None:
             cos, sin = self._cos_sin(first, coef.shape[1])
+            if coef.device.type != "cpu":
+                cos, sin = cos.to(coef.device), sin.to(coef.device)
             half = coef.shape[2] // 2
             rot = x * cos
             rot[..., :half].addcmul_(x[..., half:], sin[:, :half])
@@ -411,6 +422,13 @@ class KvqCodec:
             x = rot
         big = _finite_range(dtype)
         return torch.nan_to_num_(x, nan=0.0, posinf=big, neginf=-big).clamp_(-big, big).to(dtype)
+
+    def _on_device(self, key, tensors: tuple, device: torch.device) -> tuple:
+        """Copies of per-(layer, kind) matrices on ``device``, made once."""
+        cache = self._mats.setdefault(("device", str(device)), {})
+        if key not in cache:
+            cache[key] = tuple(t.to(device) for t in tensors)
+        return cache[key]
 
     def _decode_v1(self, data: bytes, segment: Segment) -> torch.Tensor:
         layer, k, dim = self._dims(segment)

@@ -280,10 +280,13 @@ class KvcFile:
             self._profiles[wanted] = candidate
         return self._profiles[wanted]
 
-    def read(self, level: str | None = None, tokens: tuple[int, int] | None = None) -> ContextKV:
-        """Decoded KV for tokens ``a:b`` (default: all) at ``level`` (default: the first stored level).
+    def read(self, level: str | None = None, tokens: tuple[int, int] | None = None, device=None) -> ContextKV:
+        """Decoded KV for tokens ``a:b`` (default: all) at ``level`` (default: the first stored level), on
+        ``device`` (default: the CPU).
 
-        Only the chunks covering ``a:b`` are read; each is checked against its SHA-256 first."""
+        Only the chunks covering ``a:b`` are read; each is checked against its SHA-256 first. Codecs that
+        decode on a GPU (kvq) write straight into tensors on a CUDA ``device``; the others decode on the
+        CPU and are copied over."""
         level = level or self.levels[0]
         if level not in self.header["levels"]:
             raise InputError(f"{self.name} holds no level {level!r} (it has: {', '.join(self.levels)})")
@@ -291,6 +294,8 @@ class KvcFile:
         if not 0 <= a < b <= self.num_tokens:
             raise InputError(f"token range {a}:{b} is outside the context's 0:{self.num_tokens}")
         codec = self._codec(level)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        target = device if device.type == "cpu" or getattr(codec, "decodes_on_gpu", False) else torch.device("cpu")
         layout_layers = self.header["layout"]["layers"]
         chunks = [i for i, c in enumerate(self.header["chunks"]) if c["start"] < b and c["end"] > a]
         span_lo, span_hi = self.header["chunks"][chunks[0]]["start"], self.header["chunks"][chunks[-1]]["end"]
@@ -302,7 +307,7 @@ class KvcFile:
             pair = []
             for kind in (0, 1):
                 dim = spec["value_dim"] if kind else spec["key_dim"]
-                pair.append(torch.empty((spec["kv_heads"], kept, dim), dtype=self.dtype))
+                pair.append(torch.empty((spec["kv_heads"], kept, dim), dtype=self.dtype, device=target))
                 groups.append(([], pair[-1]))
             outs.append((lo, pair))
         for index in chunks:
@@ -325,6 +330,8 @@ class KvcFile:
                                                    dtype=self.dtype)))
         _decode_groups(codec, [g for g in groups if g[0]], self.name)
         layers = []
+        if target != device:
+            outs = [(lo, [t.to(device) for t in pair]) for lo, pair in outs]
         for spec, (lo, (key, value)) in zip(layout_layers, outs):
             start = max(a, spec["start"])
             layers.append(LayerKV(key=_window(key, lo, start, b), value=_window(value, lo, start, b), start=start))
@@ -335,7 +342,7 @@ class KvcFile:
         from kvc.runtime.cache import to_transformers_cache
 
         self.check_model(lm)
-        return to_transformers_cache(self.read(level), lm.model.config, device=lm.device)
+        return to_transformers_cache(self.read(level, device=lm.device), lm.model.config, device=lm.device)
 
 
 def _decode_groups(codec, groups: list, name: str) -> None:
