@@ -90,6 +90,7 @@ def _decode_lanes(words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_to
         status[lane] = OK
 
 
+_JOB_FIELDS = ("words", "word_lo", "word_hi", "ch_lo", "ch_hi", "ch_model", "ch_out", "ch_tokens", "ch_stride")
 _TABLES: dict[int, tuple] = {}  # id(bank) -> (bank, device arrays): a bank lives as long as its profile level
 
 
@@ -108,8 +109,7 @@ def decode(job: dict, bank, out) -> np.ndarray:
     ``__cuda_array_interface__``, or a numpy array under the simulator); returns per-lane status."""
     n = len(job["word_lo"])
     status = cuda.to_device(np.zeros(n, dtype=np.int32))
-    arrays = [cuda.to_device(np.ascontiguousarray(job[k])) for k in ("words", "word_lo", "word_hi", "ch_lo", "ch_hi",
-                                                                      "ch_model", "ch_out", "ch_tokens", "ch_stride")]  # fmt: skip
+    arrays = [cuda.to_device(np.ascontiguousarray(job[k])) for k in _JOB_FIELDS]
     target = cuda.as_cuda_array(out) if hasattr(out, "__cuda_array_interface__") else out
     blocks = max(1, -(-n // THREADS_PER_BLOCK))
     _decode_lanes[blocks, THREADS_PER_BLOCK](*arrays, *_device_tables(bank), target, status)
