@@ -11,11 +11,26 @@ with kvc.open("doc.kvc") as f:
 
 __version__ = "0.1.0"
 
-from kvc.api import KvcFile, encode_kv, encode_text, encode_tokens, open, save  # noqa: E402,A004
-from kvc.runtime.cache import to_transformers_cache  # noqa: E402
-from kvc.runtime.kv import ContextKV, LayerKV  # noqa: E402
-from kvc.runtime.loading import load_model  # noqa: E402
-from kvc.runtime.prefill import prefill, tokenize  # noqa: E402
+# Names resolve on first use (PEP 562): `import kvc` stays cheap, and commands that only read a
+# header (inspect, verify) never pay for torch, numba or transformers.
+_LAZY = {
+    "KvcFile": "kvc.api", "encode_kv": "kvc.api", "encode_text": "kvc.api", "encode_tokens": "kvc.api",
+    "open": "kvc.api", "save": "kvc.api", "to_transformers_cache": "kvc.runtime.cache",
+    "ContextKV": "kvc.runtime.kv", "LayerKV": "kvc.runtime.kv", "load_model": "kvc.runtime.loading",
+    "prefill": "kvc.runtime.prefill", "tokenize": "kvc.runtime.prefill",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvc' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ContextKV",

@@ -280,13 +280,15 @@ class KvcFile:
             self._profiles[wanted] = candidate
         return self._profiles[wanted]
 
-    def read(self, level: str | None = None, tokens: tuple[int, int] | None = None, device=None) -> ContextKV:
+    def read(self, level: str | None = None, tokens: tuple[int, int] | None = None, device=None,
+             threads: int | None = None) -> ContextKV:
         """Decoded KV for tokens ``a:b`` (default: all) at ``level`` (default: the first stored level), on
         ``device`` (default: the CPU).
 
         Only the chunks covering ``a:b`` are read; each is checked against its SHA-256 first. Codecs that
         decode on a GPU (kvq) write straight into tensors on a CUDA ``device``; the others decode on the
-        CPU and are copied over."""
+        CPU and are copied over. ``threads`` caps the CPU decoder's threads (default: every core this
+        process may use)."""
         level = level or self.levels[0]
         if level not in self.header["levels"]:
             raise InputError(f"{self.name} holds no level {level!r} (it has: {', '.join(self.levels)})")
@@ -328,7 +330,7 @@ class KvcFile:
                 shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
                 groups[s][0].append((data, Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape,
                                                    dtype=self.dtype)))
-        _decode_groups(codec, [g for g in groups if g[0]], self.name)
+        _decode_groups(codec, [g for g in groups if g[0]], self.name, threads)
         layers = []
         if target != device:
             outs = [(lo, [t.to(device) for t in pair]) for lo, pair in outs]
@@ -345,11 +347,11 @@ class KvcFile:
         return to_transformers_cache(self.read(level, device=lm.device), lm.model.config, device=lm.device)
 
 
-def _decode_groups(codec, groups: list, name: str) -> None:
+def _decode_groups(codec, groups: list, name: str, threads: int | None = None) -> None:
     """Decode each (layer, kind)'s segments into its output tensor: in one parallel call when the codec
     can (kvq), else segment by segment."""
     if hasattr(codec, "decode_many"):
-        codec.decode_many(groups)
+        codec.decode_many(groups, threads=threads)
         return
     for parts, out in groups:
         at = 0
