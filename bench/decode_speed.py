@@ -36,7 +36,6 @@ def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0):
     """(cache, profile, model identity) of the given shape: identity PCA, no rotary, σ_d = 4·0.9^d."""
     from kvc.codec.profile import GRID, SINKS, Profile
 
-    rng = np.random.default_rng(seed)
     sigma = (4.0 * 0.9 ** np.arange(dim)).astype(np.float32)
     grid = np.linspace(*GRID[:2], GRID[2])
     from math import erf
@@ -64,7 +63,6 @@ def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0):
 
 def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
     """What a version-1 kvq file's payload would hold for the same symbols (constriction stack ANS)."""
-    from kvc.codec.base import Segment
     from kvc.codec.quantizers import pack_sinks, quantize_uniform, sink_count
     from kvc.codec.transforms import unrotate_keys
 
@@ -74,7 +72,6 @@ def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
             for a in range(0, kv.num_tokens, chunk_tokens):
                 piece = t[:, a : a + chunk_tokens]
                 H, T, D = piece.shape
-                seg = Segment(i, ("key", "value")[k], a, (H, T, D), piece.dtype)
                 n_sink = sink_count(a, T, codec.sinks)
                 total += 4 + (len(pack_sinks(piece[:, :n_sink])) if n_sink else 0)
                 if T == n_sink:

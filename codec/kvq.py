@@ -320,15 +320,28 @@ class KvqCodec:
             layer, k, _ = self._dims(parts[0][1])
             plans.append((out, layer, k, parsed, offset))
             offset += out.shape[0] * sum(p.body for p in parsed) * out.shape[2]
-        coef = torch.zeros(offset, dtype=torch.float32, device=device)
-        jobs = []
+        # unflagged channels are all zero: on the CPU only they are cleared, not the whole buffer
+        cpu_side = device.type == "cpu"
+        coef = (torch.empty if cpu_side else torch.zeros)(offset, dtype=torch.float32, device=device)
+        jobs, zero_at, zero_tokens = [], [], []
         for out, layer, k, parsed, off in plans:
+            H, _, D = out.shape
             bodies = sum(p.body for p in parsed)
             t0 = 0
             for p in parsed:
                 if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, off, bodies, out.shape[2], t0, p.body))
+                    jobs.append((p.lanes, layer, k, off, bodies, D, t0, p.body))
+                if p.body and cpu_side:
+                    idle = np.ones(H * D, dtype=bool)
+                    if p.lanes is not None:
+                        idle[p.lanes.flagged] = False
+                    h, d = np.divmod(np.flatnonzero(idle), D)
+                    zero_at.append(off + (h * bodies + t0) * D + d)
+                    zero_tokens.append(np.full(len(h), p.body, np.int64))
                 t0 += p.body
+            if zero_at and cpu_side:
+                cpu.zero_channels(coef.numpy(), np.concatenate(zero_at), np.concatenate(zero_tokens), D)
+                zero_at, zero_tokens = [], []
         if jobs:
             job, bank, owners = self._lane_job(jobs)
             if device.type == "cuda":  # same lanes, same arithmetic, one GPU thread per lane

@@ -293,6 +293,19 @@ def _encode_lanes(a, b, values, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_st
         status[lane] = err
 
 
+@njit(nogil=True, cache=True)
+def _zero_channels(out, at, tokens, stride):
+    for i in range(len(at)):
+        for t in range(tokens[i]):
+            out[at[i] + t * stride] = 0
+
+
+def zero_channels(out: np.ndarray, at: np.ndarray, tokens: np.ndarray, stride: int) -> None:
+    """Clear ``tokens[i]`` values from ``out[at[i]]`` every ``stride`` (the channels no lane writes)."""
+    if len(at):
+        _zero_channels(out, at.astype(np.int64), tokens.astype(np.int64), stride)
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
