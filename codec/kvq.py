@@ -294,79 +294,131 @@ class KvqCodec:
         return out
 
     def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
-        """Decode many segments straight into their output tensors, every lane of every segment at once.
+        """Decode many segments straight into their output tensors.
 
         Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
-        segments' dtype) they tile in order. Version-2 bodies go through one parallel lane decode into
-        float32 coefficients, then one synthesis per group; version-1 groups decode segment by segment."""
-        from kvc.codec.rans import OK, cpu
+        segments' dtype) they tile in order. On the CPU every group is one task on a pool of
+        ``threads`` (default: every core): its lanes are decoded by the numba kernel (GIL released)
+        into float32 coefficients, then synthesised by torch (GIL released), so the Python glue of
+        one group overlaps the compiled work of another. On a CUDA device all lanes of all groups go
+        to the GPU in one launch. Version-1 groups decode segment by segment."""
+        from kvc.codec.rans import cpu
 
-        device = groups[0][1].device if groups else torch.device("cpu")
-        plans = []  # (output, layer, k, parsed segments, offset of the group's coefficients)
-        offset = 0
+        if not groups:
+            return
+        device = groups[0][1].device
         for parts, out in groups:
-            if sum(seg.shape[1] for _, seg in parts) != out.shape[1]:
+            if sum(seg.shape[1] for _, seg in parts) != out.shape[1] or out.device != device:
                 raise ValueError("segments do not tile their output")
-            versions = {kvq_segment.read_head(data)[0] for data, _ in parts}
-            if len(versions) > 1:
-                raise FormatError("a layer's kvq segments mix bitstream versions")
-            if versions == {1}:
-                at = 0
-                for data, seg in parts:
-                    out[:, at : at + seg.shape[1]] = self._decode_v1(bytes(data), seg)
-                    at += seg.shape[1]
+        if device.type != "cpu":
+            self._decode_on_gpu(groups)
+            return
+        n = threads or cpu.default_threads()
+        if n == 1:
+            for parts, out in groups:
+                self._decode_group(parts, out)
+            return
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # parallel over groups instead: one torch thread per pool thread
+        try:
+            cpu.run_tasks(self._decode_group, list(groups), n)
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    def _decode_group(self, parts: list[tuple[bytes, Segment]], out: torch.Tensor) -> None:
+        """One (layer, kind)'s segments into ``out`` on the CPU."""
+        from kvc.codec.rans import cpu
+
+        parsed = self._parse_group(parts, out)
+        if parsed is None:
+            return
+        layer, k, _ = self._dims(parts[0][1])
+        H, T, D = out.shape
+        lead = self._place_sinks(parsed, out)
+        if T == lead:
+            return
+        coef = np.empty(H * (T - lead) * D, dtype=np.float32)
+        jobs, t0 = [], 0
+        for p in parsed:
+            if p.body:
+                idle = np.ones(H * D, dtype=bool)
+                if p.lanes is not None:
+                    jobs.append((p.lanes, layer, k, 0, T - lead, D, t0, p.body))
+                    idle[p.lanes.flagged] = False
+                h, d = np.divmod(np.flatnonzero(idle), D)
+                if len(h):  # unflagged channels are all zero: only they are cleared
+                    cpu.zero_channels(coef, (h * (T - lead) + t0) * D + d, np.full(len(h), p.body), D)
+            t0 += p.body
+        if jobs:
+            job, bank, _ = self._lane_job(jobs)
+            self._check_lanes(cpu.decode(job, bank, coef, threads=1), layer, k)
+        c = torch.from_numpy(coef).view(H, T - lead, D)
+        out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+
+    def _decode_on_gpu(self, groups) -> None:
+        """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
+        from kvc.codec.rans import gpu
+
+        plans, offset, jobs = [], 0, []
+        for parts, out in groups:
+            parsed = self._parse_group(parts, out)
+            if parsed is None:
                 continue
-            parsed = [self._parse_v2(data, seg) for data, seg in parts]
             layer, k, _ = self._dims(parts[0][1])
-            plans.append((out, layer, k, parsed, offset))
-            offset += out.shape[0] * sum(p.body for p in parsed) * out.shape[2]
-        # unflagged channels are all zero: on the CPU only they are cleared, not the whole buffer
-        cpu_side = device.type == "cpu"
-        coef = (torch.empty if cpu_side else torch.zeros)(offset, dtype=torch.float32, device=device)
-        jobs, zero_at, zero_tokens = [], [], []
-        for out, layer, k, parsed, off in plans:
-            H, _, D = out.shape
-            bodies = sum(p.body for p in parsed)
+            H, T, D = out.shape
+            lead = self._place_sinks(parsed, out)
             t0 = 0
             for p in parsed:
                 if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, off, bodies, D, t0, p.body))
-                if p.body and cpu_side:
-                    idle = np.ones(H * D, dtype=bool)
-                    if p.lanes is not None:
-                        idle[p.lanes.flagged] = False
-                    h, d = np.divmod(np.flatnonzero(idle), D)
-                    zero_at.append(off + (h * bodies + t0) * D + d)
-                    zero_tokens.append(np.full(len(h), p.body, np.int64))
+                    jobs.append((p.lanes, layer, k, offset, T - lead, D, t0, p.body))
                 t0 += p.body
-            if zero_at and cpu_side:
-                cpu.zero_channels(coef.numpy(), np.concatenate(zero_at), np.concatenate(zero_tokens), D)
-                zero_at, zero_tokens = [], []
+            plans.append((out, layer, k, parsed, offset, lead))
+            offset += H * (T - lead) * D
+        coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)
         if jobs:
             job, bank, owners = self._lane_job(jobs)
-            if device.type == "cuda":  # same lanes, same arithmetic, one GPU thread per lane
-                from kvc.codec.rans import gpu
-
-                status = gpu.decode(job, bank, coef)
-            else:
-                status = cpu.decode(job, bank, coef.numpy(), threads)
-            bad = np.flatnonzero(status != OK)
-            if len(bad):
-                layer, k = owners[bad[0]]
-                raise FormatError(f"corrupt entropy-coded payload (layer {layer} {('key', 'value')[k]}, "
-                                  f"lane error {int(status[bad[0]])})")  # fmt: skip
-        for out, layer, k, parsed, off in plans:
-            # sinks are the positions < profile.sinks: they lead the layer, and every body follows them
-            at = 0
-            for p in parsed:
-                if p.sinks is not None:
-                    out[:, at : at + p.sinks.shape[1]] = p.sinks.to(device)
-                at += p.segment.shape[1]
-            lead = sum(p.sinks.shape[1] for p in parsed if p.sinks is not None)
+            status = gpu.decode(job, bank, coef)
+            for lane_status, (layer, k) in zip(status, owners):
+                self._check_lanes(np.array([lane_status]), layer, k)
+        for out, layer, k, parsed, off, lead in plans:
             H, T, D = out.shape
             if T > lead:
                 c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
                 out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+
+    def _parse_group(self, parts, out: torch.Tensor) -> list[_ParsedV2] | None:
+        """The group's version-2 segments, parsed and checked; a version-1 group is decoded right here
+        (returns None)."""
+        versions = {kvq_segment.read_head(data)[0] for data, _ in parts}
+        if len(versions) > 1:
+            raise FormatError("a layer's kvq segments mix bitstream versions")
+        if versions == {1}:
+            at = 0
+            for data, seg in parts:
+                out[:, at : at + seg.shape[1]] = self._decode_v1(bytes(data), seg)
+                at += seg.shape[1]
+            return None
+        return [self._parse_v2(data, seg) for data, seg in parts]
+
+    @staticmethod
+    def _place_sinks(parsed: list[_ParsedV2], out: torch.Tensor) -> int:
+        """Writes the sink tokens; returns how many lead the layer (sinks are the positions
+        < profile.sinks, so they come first and every body follows them)."""
+        at = 0
+        for p in parsed:
+            if p.sinks is not None:
+                out[:, at : at + p.sinks.shape[1]] = p.sinks.to(out.device)
+            at += p.segment.shape[1]
+        return sum(p.sinks.shape[1] for p in parsed if p.sinks is not None)
+
+    @staticmethod
+    def _check_lanes(status: np.ndarray, layer: int, k: int) -> None:
+        from kvc.codec.rans import OK
+
+        bad = np.flatnonzero(status != OK)
+        if len(bad):
+            raise FormatError(f"corrupt entropy-coded payload (layer {layer} {('key', 'value')[k]}, "
+                              f"lane error {int(status[bad[0]])})")  # fmt: skip
 
     def _parse_v2(self, data: bytes, segment: Segment) -> _ParsedV2:
         """A version-2 segment's sinks and lanes, every length checked against its bytes."""
