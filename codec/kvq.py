@@ -247,46 +247,100 @@ class KvqCodec:
 
     # ---- the contract ----
     def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
-        layer, k, dim = self._dims(segment)
-        H, T, D = segment.shape
-        if tuple(tensor.shape) != (H, T, D):
+        if tuple(tensor.shape) != tuple(segment.shape):
             raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
-        n_sink = sink_count(segment.start, T, self.sinks)
-        sinks = pack_sinks(tensor[:, :n_sink]) if n_sink else None
-        body = T - n_sink
-        if body == 0:
-            return kvq_segment.write(sinks, 0, np.zeros(0, np.int64), [])
-        x = torch.nan_to_num(tensor[:, n_sink:].double(), nan=0.0)
-        big = _finite_range(tensor.dtype)
-        x = x.clamp(-big, big)
-        if k == 0 and self._inv_freq is not None:
-            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
-        mean, analysis, *_ = self._matrices(layer, k, dim)
-        coef = torch.bmm(x - mean[:, None, :], analysis)
-        q = quantize_uniform(coef, self.steps(layer, k))  # [H, body, D]
-        sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, body))  # channel-major: (head, coefficient)
-        flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
-        lanes = self._encode_lanes(layer, k, sym, flagged)
-        return kvq_segment.write(sinks, H * D, flagged, lanes)
+        return self._encode_group(tensor, [segment])[0]
 
-    def _encode_lanes(self, layer: int, k: int, sym: np.ndarray, flagged: np.ndarray) -> list[np.ndarray]:
+    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
+        """Encode each (layer, kind)'s whole tensor ``[H, T, D]`` at once: the transforms run over all its
+        tokens in one pass, then its segments (which tile it in order) are cut and coded, every lane of
+        the layer in one kernel call. Groups run on a thread pool as in :meth:`decode_many`. The bytes
+        are exactly what :meth:`encode` writes segment by segment."""
         from kvc.codec.rans import cpu
 
-        body = sym.shape[1]
-        n = kvq_segment.choose_lanes(len(flagged), body)
-        if n == 0:
-            return []
+        n = threads or cpu.default_threads()
+        if n == 1 or len(groups) == 1:
+            return [self._encode_group(t, segs) for t, segs in groups]
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results: list[list[bytes] | None] = [None] * len(groups)
+
+            def task(i: int) -> None:
+                results[i] = self._encode_group(*groups[i])
+
+            cpu.run_tasks(task, [(i,) for i in range(len(groups))], n)
+        finally:
+            torch.set_num_threads(torch_threads)
+        return results  # type: ignore[return-value]
+
+    def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
+        from kvc.codec.rans import cpu
+
+        if sum(s.shape[1] for s in segments) != tensor.shape[1]:
+            raise ValueError("segments do not tile the tensor")
+        layer, k, dim = self._dims(segments[0])
+        H, T, D = tensor.shape
+        lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
+        q = None
+        if T > lead:
+            x = torch.nan_to_num(tensor[:, lead:].double(), nan=0.0)
+            big = _finite_range(tensor.dtype)
+            x = x.clamp(-big, big)
+            if k == 0 and self._inv_freq is not None:
+                x = unrotate_keys(x, segments[0].start + lead, self._inv_freq)
+            mean, analysis, *_ = self._matrices(layer, k, dim)
+            q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))  # [H, T-lead, D]
+        pieces, at, body_at = [], 0, 0
+        for seg in segments:
+            t = seg.shape[1]
+            n_sink = sink_count(seg.start, t, self.sinks)
+            sinks = pack_sinks(tensor[:, at : at + n_sink]) if n_sink else None
+            body = t - n_sink
+            sym = None
+            if body:
+                sym = np.ascontiguousarray(q[:, body_at : body_at + body].transpose(0, 2, 1).reshape(H * D, body))
+            pieces.append((sinks, sym))
+            at += t
+            body_at += body
+        # every lane of the layer in one call
         bank, model0 = self.channel_models(layer, k)
-        bounds = kvq_segment.lane_bounds(len(flagged), n)
-        job = {
-            "ch_lo": bounds[:-1].copy(), "ch_hi": bounds[1:].copy(), "ch_model": model0 + flagged,
-            "ch_out": flagged * body, "ch_tokens": np.full(len(flagged), body, np.int64),
-            "ch_stride": np.ones(len(flagged), np.int64),
-        }  # fmt: skip
-        lanes, status = cpu.encode(job, bank, sym.reshape(-1), threads=1)
-        if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
-            raise RuntimeError("kvq lane encoder refused its own symbols")
-        return lanes
+        lo, hi, models, outs, tokens, values, owners, offset = [], [], [], [], [], [], [], 0
+        flagged_per = []
+        for i, (_, sym) in enumerate(pieces):
+            if sym is None:
+                flagged_per.append(None)
+                continue
+            flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
+            flagged_per.append(flagged)
+            n_lanes = kvq_segment.choose_lanes(len(flagged), sym.shape[1])
+            if n_lanes == 0:
+                continue
+            bounds = kvq_segment.lane_bounds(len(flagged), n_lanes)
+            base = sum(len(m) for m in models)
+            lo.append(base + bounds[:-1])
+            hi.append(base + bounds[1:])
+            models.append(model0 + flagged)
+            outs.append(offset + flagged * sym.shape[1])
+            tokens.append(np.full(len(flagged), sym.shape[1], np.int64))
+            values.append(sym.reshape(-1))
+            owners += [i] * n_lanes
+            offset += sym.size
+        lanes_of: dict[int, list[np.ndarray]] = {}
+        if lo:
+            job = {"ch_lo": np.concatenate(lo), "ch_hi": np.concatenate(hi), "ch_model": np.concatenate(models),
+                   "ch_out": np.concatenate(outs), "ch_tokens": np.concatenate(tokens)}  # fmt: skip
+            job["ch_stride"] = np.ones(len(job["ch_model"]), np.int64)
+            words, status = cpu.encode(job, bank, np.concatenate(values), threads=1)
+            if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
+                raise RuntimeError("kvq lane encoder refused its own symbols")
+            for owner, w in zip(owners, words):
+                lanes_of.setdefault(owner, []).append(w)
+        return [
+            kvq_segment.write(sinks, H * D if sym is not None else 0,
+                              flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []))
+            for i, ((sinks, sym), flagged) in enumerate(zip(pieces, flagged_per))
+        ]  # fmt: skip
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
         out = torch.empty(segment.shape, dtype=segment.dtype)
@@ -560,5 +614,8 @@ class KvqCodec:
         sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, T - n_sink))
         bank = self.bank(layer, k, dim)
         escapes = int(np.count_nonzero(np.abs(sym) >= bank.radius[:, None]))
-        lanes = self._encode_lanes(layer, k, sym, np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64))
-        return bank.cross_entropy_bits(sym) + 32 * escapes, 16 * sum(len(w) for w in lanes)
+        blob = self.encode(tensor, segment)
+        _, _, n_lanes = kvq_segment.read_head(blob)
+        head = 4 + (len(pack_sinks(tensor[:, :n_sink])) if n_sink else 0)
+        lanes = kvq_segment.parse_body(blob, head, H * D, T - n_sink, n_lanes)
+        return bank.cross_entropy_bits(sym) + 32 * escapes, 16 * len(lanes.words)

@@ -40,6 +40,24 @@ class LosslessCodec:
             raw = byteplanes.split(raw, tensor.element_size())
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(raw.tobytes())
 
+    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
+        """Each group's segments (which tile its tensor in order), one group per task on a thread pool:
+        zstd releases the GIL."""
+        from kvc.codec.rans.cpu import default_threads, run_tasks
+
+        results: list[list[bytes] | None] = [None] * len(groups)
+
+        def task(i: int) -> None:
+            tensor, segments = groups[i]
+            out, at = [], 0
+            for seg in segments:
+                out.append(self.encode(tensor[:, at : at + seg.shape[1]], seg))
+                at += seg.shape[1]
+            results[i] = out
+
+        run_tasks(task, [(i,) for i in range(len(groups))], threads or default_threads())
+        return results
+
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
         out = torch.empty(segment.shape, dtype=segment.dtype)
         self.decode_many([([(data, segment)], out)], threads=1)

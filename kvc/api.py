@@ -88,20 +88,11 @@ def encode_kv(
     entries = {name: level_entry(name, profile) for name in levels}
     codecs = {name: build_codec(entry, profile) for name, entry in entries.items()}
     dtype = kv.layers[0].key.dtype
+    bounds = [(a, min(a + chunk_tokens, kv.num_tokens)) for a in range(0, kv.num_tokens, chunk_tokens)]
+    encoded = {name: _encode_level(codec, kv, bounds, dtype) for name, codec in codecs.items()}
     chunks = []
-    for start in range(0, kv.num_tokens, chunk_tokens):
-        end = min(start + chunk_tokens, kv.num_tokens)
-        encodings = {}
-        for name, codec in codecs.items():
-            segments = []
-            for i, layer in enumerate(kv.layers):
-                lo = max(start, layer.start)
-                for kind, tensor in zip(KINDS, (layer.key, layer.value)):
-                    piece = tensor[:, max(0, lo - layer.start) : max(0, end - layer.start)]
-                    seg = Segment(layer=i, kind=kind, start=lo, shape=tuple(piece.shape), dtype=dtype)
-                    segments.append(codec.encode(piece, seg) if piece.shape[1] else b"")
-            encodings[name] = segments
-        chunks.append(EncodedChunk(start=start, end=end, encodings=encodings))
+    for c, (start, end) in enumerate(bounds):
+        chunks.append(EncodedChunk(start=start, end=end, encodings={name: encoded[name][c] for name in codecs}))
         if on_chunk is not None:
             on_chunk(end - start)
     header = {
@@ -126,6 +117,44 @@ def encode_kv(
     }
     attachments = {"profile": profile.to_bytes()} if embed_profile and profile is not None else None
     return build(header, chunks, attachments)
+
+
+def _encode_level(codec, kv: ContextKV, bounds: list[tuple[int, int]], dtype) -> list[list[bytes]]:
+    """One level's segment bytes, ``[chunk][2 × layer + kind]``: through the codec's encode_many (one
+    pass per layer, in parallel) where it has one, else segment by segment."""
+    per_chunk: list[list[bytes]] = [[b""] * (2 * len(kv.layers)) for _ in bounds]
+    groups, where = [], []
+    for i, layer in enumerate(kv.layers):
+        for kind, tensor in zip((0, 1), (layer.key, layer.value)):
+            segs, cs = [], []
+            for c, (start, end) in enumerate(bounds):
+                lo = max(start, layer.start)
+                count = max(0, end - lo)
+                if count:
+                    segs.append(Segment(layer=i, kind=KINDS[kind], start=lo, shape=(tensor.shape[0], count,
+                                        tensor.shape[2]), dtype=dtype))  # fmt: skip
+                    cs.append(c)
+            if segs:
+                first = segs[0].start - layer.start
+                groups.append((tensor[:, first : first + sum(s.shape[1] for s in segs)], segs))
+                where.append((2 * i + kind, cs))
+    if hasattr(codec, "encode_many"):
+        results = codec.encode_many(groups)
+    else:
+        results = [[codec.encode(t[:, a : a + s.shape[1]], s) for s, a in zip(segs, _offsets(segs))]
+                   for t, segs in groups]  # fmt: skip
+    for (slot, cs), blobs in zip(where, results):
+        for c, blob in zip(cs, blobs):
+            per_chunk[c][slot] = blob
+    return per_chunk
+
+
+def _offsets(segs: list[Segment]) -> list[int]:
+    out, at = [], 0
+    for s in segs:
+        out.append(at)
+        at += s.shape[1]
+    return out
 
 
 def encode_tokens(
