@@ -432,8 +432,9 @@ class KvqCodec:
         if jobs:
             job, bank, owners = self._lane_job(jobs)
             status = gpu.decode(job, bank, coef)
-            for lane_status, (layer, k) in zip(status, owners):
-                self._check_lanes(np.array([lane_status]), layer, k)
+            bad = np.flatnonzero(status)
+            if len(bad):
+                self._check_lanes(status[bad[:1]], *owners[bad[0]])
         for out, layer, k, parsed, off, lead in plans:
             H, T, D = out.shape
             if T > lead:

@@ -110,7 +110,10 @@ def decode(job: dict, bank, out) -> np.ndarray:
     n = len(job["word_lo"])
     status = cuda.to_device(np.zeros(n, dtype=np.int32))
     arrays = [cuda.to_device(np.ascontiguousarray(job[k])) for k in _JOB_FIELDS]
-    target = cuda.as_cuda_array(out) if hasattr(out, "__cuda_array_interface__") else out
+    if hasattr(out, "__cuda_array_interface__"):
+        target = cuda.as_cuda_array(out)
+    else:  # a host array: only meaningful under the simulator (tests), where "device" memory is host memory
+        target = out.numpy() if hasattr(out, "numpy") else out
     blocks = max(1, -(-n // THREADS_PER_BLOCK))
     _decode_lanes[blocks, THREADS_PER_BLOCK](*arrays, *_device_tables(bank), target, status)
     return status.copy_to_host()
