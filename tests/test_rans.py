@@ -162,7 +162,6 @@ def test_gpu_read_path_matches_cpu_in_the_cuda_simulator():
     v2 fixture to exactly what the CPU path gives; run on host tensors under numba's simulator."""
     script = textwrap.dedent("""
         import torch, kvc
-        from kvc.api import _decode_groups
         f = kvc.open("tests/data/fixtures/v2-tiny-llama.kvc")
         codec = f._codec("balanced")
         expected = f.read("balanced")
@@ -178,7 +177,8 @@ def test_gpu_read_path_matches_cpu_in_the_cuda_simulator():
                 off = sum(enc["segments"][:s])
                 lo = max(chunk["start"], spec["start"])
                 shape = (spec["kv_heads"], chunk["end"] - lo, spec["value_dim" if kind else "key_dim"])
-                parts.append((data[off : off + enc["segments"][s]], Segment(layer, ("key", "value")[kind], lo, shape, f.dtype)))
+                seg = Segment(layer, ("key", "value")[kind], lo, shape, f.dtype)
+                parts.append((data[off : off + enc["segments"][s]], seg))
             out = torch.empty((shape[0], f.num_tokens, shape[2]), dtype=f.dtype)
             groups.append((parts, out))
         codec._decode_on_gpu(groups)
