@@ -35,6 +35,7 @@ from kvc.codec.quantizers import (
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq, unrotate_keys
 from kvc.errors import FormatError, ProfileError, VersionError
+from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes; 1 and 2 both decode
@@ -256,22 +257,13 @@ class KvqCodec:
         tokens in one pass, then its segments (which tile it in order) are cut and coded, every lane of
         the layer in one kernel call. Groups run on a thread pool as in :meth:`decode_many`. The bytes
         are exactly what :meth:`encode` writes segment by segment."""
-        from kvc.codec.rans import cpu
 
-        n = threads or cpu.default_threads()
-        if n == 1 or len(groups) == 1:
-            return [self._encode_group(t, segs) for t, segs in groups]
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            results: list[list[bytes] | None] = [None] * len(groups)
+        results: list[list[bytes] | None] = [None] * len(groups)
 
-            def task(i: int) -> None:
-                results[i] = self._encode_group(*groups[i])
+        def task(i: int) -> None:
+            results[i] = self._encode_group(*groups[i])
 
-            cpu.run_tasks(task, [(i,) for i in range(len(groups))], n)
-        finally:
-            torch.set_num_threads(torch_threads)
+        run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
     def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
@@ -356,7 +348,6 @@ class KvqCodec:
         into float32 coefficients, then synthesised by torch (GIL released), so the Python glue of
         one group overlaps the compiled work of another. On a CUDA device all lanes of all groups go
         to the GPU in one launch. Version-1 groups decode segment by segment."""
-        from kvc.codec.rans import cpu
 
         if not groups:
             return
@@ -367,17 +358,7 @@ class KvqCodec:
         if device.type != "cpu":
             self._decode_on_gpu(groups)
             return
-        n = threads or cpu.default_threads()
-        if n == 1:
-            for parts, out in groups:
-                self._decode_group(parts, out)
-            return
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # parallel over groups instead: one torch thread per pool thread
-        try:
-            cpu.run_tasks(self._decode_group, list(groups), n)
-        finally:
-            torch.set_num_threads(torch_threads)
+        run_tasks(self._decode_group, list(groups), threads, torch_single=True)
 
     def _decode_group(self, parts: list[tuple[bytes, Segment]], out: torch.Tensor) -> None:
         """One (layer, kind)'s segments into ``out`` on the CPU."""

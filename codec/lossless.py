@@ -16,6 +16,7 @@ from kvc.codec import byteplanes
 from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, register_codec, register_level
 from kvc.errors import FormatError
+from kvc.workers import run_tasks
 
 CODEC_ID = "lossless"
 DEFAULT_PARAMS = {"transform": "byteplanes", "zstd_level": 3}
@@ -43,7 +44,6 @@ class LosslessCodec:
     def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
         """Each group's segments (which tile its tensor in order), one group per task on a thread pool:
         zstd releases the GIL."""
-        from kvc.codec.rans.cpu import default_threads, run_tasks
 
         results: list[list[bytes] | None] = [None] * len(groups)
 
@@ -55,7 +55,7 @@ class LosslessCodec:
                 at += seg.shape[1]
             results[i] = out
 
-        run_tasks(task, [(i,) for i in range(len(groups))], threads or default_threads())
+        run_tasks(task, [(i,) for i in range(len(groups))], threads)
         return results
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
@@ -66,7 +66,6 @@ class LosslessCodec:
     def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
         """Decode segments straight into the ``[H, T, D]`` tensors they tile (one group per (layer, kind)),
         one segment per task on a thread pool: zstd and the plane join both release the GIL."""
-        from kvc.codec.rans.cpu import default_threads, run_tasks
 
         tasks = []
         for parts, out in groups:
@@ -76,7 +75,7 @@ class LosslessCodec:
                 at += segment.shape[1]
             if at != out.shape[1]:
                 raise ValueError("segments do not tile their output")
-        run_tasks(self._decode_into, tasks, threads or default_threads())
+        run_tasks(self._decode_into, tasks, threads)
 
     def _decode_into(self, data, segment: Segment, out: torch.Tensor, at: int) -> None:
         if out.dtype != segment.dtype or not out.is_contiguous():

@@ -341,9 +341,8 @@ class KvcFile:
                 pair.append(torch.empty((spec["kv_heads"], kept, dim), dtype=self.dtype, device=target))
                 groups.append(([], pair[-1]))
             outs.append((lo, pair))
-        for index in chunks:
+        for index, (enc, payload) in zip(chunks, self._container.payloads(chunks, level, threads)):
             chunk = self.header["chunks"][index]
-            enc, payload = self._container.payload(index, level)
             view, offset = memoryview(payload), 0
             for s, length in enumerate(enc["segments"]):
                 layer, kind = divmod(s, 2)

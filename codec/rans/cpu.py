@@ -3,14 +3,12 @@
 A *job* describes many lanes at once in flat arrays, so one call decodes every lane of every
 segment of a read. Lane i codes channels ``ch_lo[i]..ch_hi[i]``; channel j has model
 ``ch_model[j]`` and ``ch_tokens[j]`` values living at ``out[ch_out[j] + t * ch_stride[j]]``.
-``decode`` splits the lanes over threads (balanced by symbol count); each thread runs the serial
-kernel on its share, so there is no threading layer to configure and callers may be threads too.
+``decode`` splits the lanes over threads (balanced by symbol count, on kvc.workers' pool); each
+thread runs the serial kernel on its share, so there is no threading layer to configure and callers
+may be threads too.
 """
 
 from __future__ import annotations
-
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
@@ -26,6 +24,7 @@ from kvc.codec.rans import (
     OK,
     STATE_LOWER,
 )
+from kvc.workers import default_threads, run_tasks
 
 # The decode step is written out in place (and four times in _lanes4) on purpose: numba does not
 # inline a tuple-returning helper into a hot loop, and a call per symbol doubles the time.
@@ -306,23 +305,6 @@ def zero_channels(out: np.ndarray, at: np.ndarray, tokens: np.ndarray, stride: i
         _zero_channels(out, at.astype(np.int64), tokens.astype(np.int64), stride)
 
 
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvc-rans")
-    return pool
-
-
 def _shares(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
     """Split lanes 0..n into ≤ parts contiguous ranges of about equal total work."""
     n = len(work)
@@ -337,24 +319,7 @@ def _shares(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
 
 
 def _run(kernel, lanes_work: np.ndarray, threads: int, args: tuple) -> None:
-    shares = _shares(lanes_work, threads)
-    if len(shares) <= 1:
-        for lo, hi in shares:
-            kernel(lo, hi, *args)
-        return
-    futures = [_pool(threads).submit(kernel, lo, hi, *args) for lo, hi in shares]
-    for f in futures:
-        f.result()
-
-
-def run_tasks(fn, tasks: list[tuple], threads: int) -> None:
-    """``fn(*task)`` for every task, on ``threads`` pool threads (in order on the caller when 1)."""
-    if threads <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            fn(*task)
-        return
-    for f in [_pool(threads).submit(fn, *task) for task in tasks]:
-        f.result()
+    run_tasks(kernel, [(lo, hi, *args) for lo, hi in _shares(lanes_work, threads)], threads)
 
 
 def lane_work(ch_lo, ch_hi, ch_tokens) -> np.ndarray:
