@@ -127,8 +127,9 @@ class NeedleResult:
 def evaluate_needle(lm, *, depths: Sequence[float] = DEFAULT_DEPTHS, lengths: Sequence[int] = DEFAULT_LENGTHS,
                     levels: Sequence[str] = ("lossless",), haystack: str | Path | None = None,
                     transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None, max_new_tokens: int = 24,
-                    seed: int = 0, on_cell: Callable[[int], None] | None = None) -> NeedleResult:
-    """Retrieve a needle at every (length, depth) in every mode: text, exact, each level, each transform."""
+                    seed: int = 0, on_cell: Callable[[int], None] | None = None, profile=None) -> NeedleResult:
+    """Retrieve a needle at every (length, depth) in every mode: text, exact, each level, each transform.
+    ``profile`` (a Profile or a path) serves lossy levels whose profile is not found on its own."""
     source = haystack_text(haystack)
     result = NeedleResult()
     for length in lengths:
@@ -137,7 +138,7 @@ def evaluate_needle(lm, *, depths: Sequence[float] = DEFAULT_DEPTHS, lengths: Se
             context_ids, question_ids = build_haystack(lm, source, length, depth, needle)
             cell = NeedleCell(length=length, tokens=len(context_ids), depth=depth, code=needle.code)
             cell.answers["text"] = generate(lm, context_ids, question_ids, None, max_new_tokens)
-            for mode, kv in mode_caches(lm, context_ids, levels, None, transforms):
+            for mode, kv in mode_caches(lm, context_ids, levels, None, transforms, profile):
                 cell.answers[mode] = generate(lm, context_ids, question_ids, kv, max_new_tokens)
             result.cells.append(cell)
             if on_cell is not None:

@@ -229,15 +229,16 @@ class QAResult:
 
 
 def mode_caches(lm, context_ids: list[int], levels: Sequence[str], file=None,
-                transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None):
+                transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None, profile=None):
     """(mode, kv) for every mode but text: exact, each level decoded from .kvc bytes, each transform.
-    Levels come from ``file`` (an opened KvcFile) or from encoding ``context_ids`` now."""
+    Levels come from ``file`` (an opened KvcFile) or from encoding ``context_ids`` now (lossy levels
+    with ``profile``, a Profile or a path, when given)."""
     import kvc
 
     exact = prefill(lm, context_ids)
     yield "exact", exact
     if file is None and levels:
-        file = kvc.open(kvc.encode_tokens(lm, context_ids, levels=tuple(levels)))
+        file = kvc.open(kvc.encode_tokens(lm, context_ids, levels=tuple(levels), profile=profile), profile=profile)
     if file is not None:
         for level in file.levels:
             if not levels or level in levels:
@@ -249,15 +250,16 @@ def mode_caches(lm, context_ids: list[int], levels: Sequence[str], file=None,
 def evaluate_qa(lm, examples: Sequence[Example], *, levels: Sequence[str] = ("lossless",),
                 transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dataset: str = "qa",
-                on_example: Callable[[int], None] | None = None) -> QAResult:
-    """Answer every example in every mode (text, exact, each level, each transform) and score it."""
+                on_example: Callable[[int], None] | None = None, profile=None) -> QAResult:
+    """Answer every example in every mode (text, exact, each level, each transform) and score it.
+    ``profile`` (a Profile or a path) serves lossy levels whose profile is not found on its own."""
     import kvc
 
     result = QAResult(dataset=dataset)
     for ex in examples:
         file = None
         if ex.context.endswith(".kvc") and Path(ex.context).is_file():
-            file = kvc.open(ex.context)
+            file = kvc.open(ex.context, profile=profile)
             file.check_model(lm)
             context_ids = list(file.token_ids)
             question_ids = question_after(lm, context_ids, ex.question)
@@ -266,7 +268,7 @@ def evaluate_qa(lm, examples: Sequence[Example], *, levels: Sequence[str] = ("lo
         row = ExampleResult(id=ex.id, question=ex.question, answers=ex.answers, context_tokens=len(context_ids))
         text = generate(lm, context_ids, question_ids, None, max_new_tokens)
         row.predictions.append(Answer("text", text, best_f1(text, ex.answers), best_em(text, ex.answers)))
-        for mode, kv in mode_caches(lm, context_ids, levels, file, transforms):
+        for mode, kv in mode_caches(lm, context_ids, levels, file, transforms, profile):
             text = generate(lm, context_ids, question_ids, kv, max_new_tokens)
             row.predictions.append(Answer(mode, text, best_f1(text, ex.answers), best_em(text, ex.answers)))
         result.examples.append(row)

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from kvc.defaults import DEFAULT_CONTINUATION_TOKENS
 from kvc.errors import InputError
 from kvc.evaluation.quality import QualityScores, compare, continuation_logprobs, text_logprobs
 from kvc.evaluation.timing import TOKEN_ID_BYTES, Breakdown, Stopwatch, median_breakdown
 from kvc.runtime.cache import to_transformers_cache
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.prefill import DEFAULT_SLICE_TOKENS, new_cache, prefill, run_slices
-
-DEFAULT_CONTINUATION_TOKENS = 256
 
 Transform = Callable[[ContextKV], ContextKV]
 
@@ -135,6 +134,7 @@ class StoredLevels:
     levels: list[str]
     level_bytes: dict[str, int]
     stored_tokens: int  # tokens the file holds; the evaluated context may be a prefix of them
+    profile: object = None  # a Profile or a path, for lossy levels whose profile is not found on its own
 
 
 def _timed_text(lm, ids: list[int], next_id: int) -> dict:
@@ -152,10 +152,10 @@ def _timed_memory(lm, kv: ContextKV, next_id: int) -> dict:
     return watch.laps
 
 
-def _decode_level(data: bytes, level: str, tokens: int) -> ContextKV:
+def _decode_level(data: bytes, level: str, tokens: int, profile=None) -> ContextKV:
     import kvc
 
-    with kvc.open(data) as f:
+    with kvc.open(data, profile=profile) as f:
         if tokens == f.num_tokens:
             return f.read(level)
         # Only the chunks covering the context are decoded, as an application reading a prefix would;
@@ -173,7 +173,7 @@ def _whole_prefix(kv: ContextKV, tokens: int) -> ContextKV:
 def _timed_level(lm, stored: StoredLevels, level: str, tokens: int, next_id: int) -> dict:
     watch = Stopwatch(lm.device)
     data = watch.step("read", stored.path.read_bytes)
-    kv = watch.step("decode", _decode_level, data, level, tokens)
+    kv = watch.step("decode", _decode_level, data, level, tokens, stored.profile)
     cache = watch.step("build", to_transformers_cache, kv, lm.model.config, device=lm.device)
     watch.step("first", first_token, lm, cache, next_id, kv.num_tokens)
     return watch.laps
@@ -208,7 +208,7 @@ def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *,
     if stored is not None:
         data = stored.path.read_bytes()
         for level in stored.levels:
-            kv = _decode_level(data, level, len(context_ids))
+            kv = _decode_level(data, level, len(context_ids), stored.profile)
             level_kvs[level] = kv
             entries.append((level, "level", stored.level_bytes[level],
                             compare(reference, continuation_logprobs(lm, kv, continuation_ids), continuation_ids)))
@@ -257,15 +257,16 @@ def continuation_from_text(lm, text: str, tokens: int | None = None) -> list[int
 def evaluate_file(path: str | Path, lm=None, *, levels: Sequence[str] | None = None,
                   continuation_ids: list[int] | None = None, continuation_tokens: int = DEFAULT_CONTINUATION_TOKENS,
                   transforms: dict[str, Transform] | None = None, repeat: int = 3, device: str = "auto",
-                  on_step: Callable[[str], None] | None = None) -> ContextResult:
+                  on_step: Callable[[str], None] | None = None, profile=None) -> ContextResult:
     """Replay a .kvc file in every mode. Without ``continuation_ids`` the last ``continuation_tokens``
-    of the stored context are held out as the continuation and the rest is the context."""
+    of the stored context are held out as the continuation and the rest is the context. ``profile``
+    (a Profile or a path) serves lossy levels whose profile is neither embedded nor installed."""
     import kvc
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such file: {path}")
-    f = kvc.open(path.read_bytes())
+    f = kvc.open(path.read_bytes(), profile=profile)
     if lm is None:
         lm = load_for_file(f, None, device)
     f.check_model(lm)
@@ -283,7 +284,8 @@ def evaluate_file(path: str | Path, lm=None, *, levels: Sequence[str] | None = N
         context_ids, cont, source = stored_ids[:-continuation_tokens], stored_ids[-continuation_tokens:], "held-out"
     chosen = _select_levels(list(f.levels), levels)
     stored = StoredLevels(path=path, levels=chosen, level_bytes={lv: f.level_bytes(lv, (0, len(context_ids)))
-                                                                 for lv in chosen}, stored_tokens=len(stored_ids))
+                                                                 for lv in chosen}, stored_tokens=len(stored_ids),
+                          profile=profile)
     return evaluate_context(lm, context_ids, cont, stored=stored, transforms=transforms, repeat=repeat,
                             name=path.name, continuation_source=source, on_step=on_step)
 
@@ -326,11 +328,9 @@ def evaluate_tokens(lm, context_ids: list[int], continuation_ids: list[int], *, 
                                 repeat=repeat, name=name, continuation_source="document", on_step=on_step)
 
 
-def load_for_file(f, model: str | None, device: str = "auto"):
-    """The model a file names (``f.model["source"]``) or ``model``; refused if it is not the file's."""
-    import kvc
+def load_for_file(f, model: str | None, device: str = "auto", dtype: str | None = None):
+    """The model a file names (``f.model["source"]``) or ``model``, in the dtype the file was prefilled in
+    unless ``dtype`` says otherwise; refused if it is not the file's."""
+    from kvc.runtime.loading import load_for_file as load
 
-    spec = model if model else (f.model or {}).get("source")
-    lm = kvc.load_model(spec, device=device)
-    f.check_model(lm)
-    return lm
+    return load(f, model, device=device, dtype=dtype)
