@@ -126,10 +126,11 @@ def exit_code(exc: BaseException) -> int | None:
         return EXIT_INTERNAL
     kind = _click_kind(exc)
     if kind == "NoArgsIsHelpError":  # bare `kvc` (or a group without a command): a request for help
+        from kvc.cli._output import write_all
+
         try:
-            sys.stdout.write(exc.ctx.get_help() + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
+            write_all(sys.stdout, (exc.ctx.get_help() + "\n").encode())
+        except StdoutClosed:
             silence_stdout()
             return EXIT_STDOUT_CLOSED
         return 0

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from kvc.cli._errors import StdoutClosed
+from kvc.cli._output import write_all
 from kvc.errors import InputError
 from kvc.formats.container import write_atomic
 
@@ -42,11 +42,7 @@ def write_output(path: str, data: bytes) -> None:
     if path == "-":
         if sys.stdout.isatty():
             raise InputError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
-        try:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise StdoutClosed() from None
+        write_all(sys.stdout, data)
         return
     p = Path(path)
     if p.is_dir():

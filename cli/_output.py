@@ -8,6 +8,7 @@ quietly with exit 141 (cli/_errors.py), never with a claim of output that was no
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,17 +28,16 @@ class Output:
 
     def result(self, data, render: Callable[[Console], None] | None = None) -> None:
         """Report a command's result: JSON in --json mode, else ``render`` (or a plain dump)."""
-        try:
-            if self.json_mode:
-                self.stream.write(json.dumps(data, indent=2, default=str) + "\n")
-                self.stream.flush()
-            elif render is not None:
-                render(self.console)
-            else:
-                self.console.print(data)
-            self.stream.flush()
-        except BrokenPipeError:
-            raise StdoutClosed() from None
+        if self.json_mode:
+            text = json.dumps(data, indent=2, default=str) + "\n"
+        else:
+            with self.console.capture() as captured:
+                if render is not None:
+                    render(self.console)
+                else:
+                    self.console.print(data)
+            text = captured.get()
+        write_all(self.stream, text.encode(getattr(self.stream, "encoding", None) or "utf-8", "replace"))
 
     def note(self, message: str) -> None:
         """A line for people on stderr (not in --json mode)."""
@@ -91,6 +91,28 @@ class Bar:
         if self._progress is not None:
             self._current = self._task(description, total)
             self._progress.update(self._current, completed=done, total=total)
+
+
+def write_all(stream, data: bytes) -> None:
+    """Every byte of ``data`` to ``stream``, or StdoutClosed. Python's buffered write of a large block to
+    a pipe whose reader has gone can return a short count without raising, so the bytes go out with
+    os.write until all are taken: the sink never reports output it did not deliver."""
+    try:
+        stream.flush()
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test harness's buffer)
+        fd = None
+    try:
+        if fd is None:
+            target = getattr(stream, "buffer", None)
+            target.write(data) if target is not None else stream.write(data.decode())
+            stream.flush()
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        raise StdoutClosed() from None
 
 
 def human_console(stream) -> Console:

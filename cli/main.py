@@ -11,10 +11,12 @@ from kvc.cli import _errors
 _errors.install_signal_handlers()  # first: Ctrl-C at any moment of start-up ends in one line, not a traceback
 
 import os  # noqa: E402
+import sys  # noqa: E402
 
 import typer  # noqa: E402
 
 import kvc  # noqa: E402
+from kvc.cli._output import write_all  # noqa: E402
 from kvc.cli.decode import decode_command  # noqa: E402
 from kvc.cli.encode import encode_command  # noqa: E402
 from kvc.cli.eval import eval_command  # noqa: E402
@@ -37,7 +39,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        print(f"kvc {kvc.__version__}")
+        write_all(sys.stdout, f"kvc {kvc.__version__}\n".encode())
         raise typer.Exit()
 
 
