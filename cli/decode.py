@@ -52,6 +52,8 @@ def decode_command(
         report,
         lambda c: c.print(
             f"{report['file']} [{chosen}] tokens {report['tokens'][0]}:{report['tokens'][1]} → "
-            f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})"
+            f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})",
+            markup=False,
+            soft_wrap=True,
         ),
     )

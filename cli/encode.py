@@ -165,6 +165,7 @@ def encode_command(
         raise InputError("give -o FILE for one document or --out-dir FOLDER for several, not both")
     dtype = parse_dtype(dtype)
     out = Output(json_out, data_on_stdout=output == "-")
+    labels: dict[str, str] = {}  # how an input is named to people, when its path says too much
     if dataset is not None:
         if inputs or essay:
             raise InputError("give either input files or --dataset, not both")
@@ -178,6 +179,7 @@ def encode_command(
                 if name not in installed:
                     raise InputError(f"no sample essay named {name!r}; the installed ones are: {', '.join(installed)}")
             inputs = [*(inputs or []), *(str(essays_dir() / name) for name in essay)]
+            labels.update({str(essays_dir() / name): f"{name} (sample essay)" for name in essay})
         if not inputs:
             raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
         docs = _documents_from_paths(inputs, output, out_dir, glob)
@@ -231,9 +233,10 @@ def encode_command(
             where = "stdout" if r["output"] == "-" else r["output"]
             sizes = "; ".join(f"{s['level']} {human_bytes(s['bytes'])}, {s['vs_fp16']}" for s in r["sizes"])
             console.print(
-                f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
+                f"{labels.get(r['input'], r['input'])} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
                 f"({r['dtype']} cache; {sizes}), {r['seconds']:.1f} s",
                 markup=False,
+                soft_wrap=True,  # one line per document, for grep; the terminal wraps it
             )
 
     out.result(reports if len(reports) != 1 or dataset else reports[0], render)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvc.cli._io import open_kvc_arg
@@ -35,16 +36,19 @@ def inspect_command(
 
     def render(console):
         m = info["model"]
-        console.print(f"[bold]{info['file']}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
+        console.print(f"[bold]{escape(info['file'])}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
         console.print("checked   the header and its checksum only, not the payloads: `kvc verify` reads them all")
-        console.print(f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}")
+        console.print(
+            f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}", markup=False
+        )
         console.print(
             f"layout    {info['layers']} layers · {info['kv_heads']} KV heads · head dim {info['head_dim']}"
             + (f" · sliding layers {info['sliding_layers']}" if info["sliding_layers"] else "")
         )
         console.print(
             f"context   {info['tokens']} tokens · {info['chunks']} chunks of {info['chunk_tokens']}"
-            + (f" · from {info['source']}" if info["source"] else "")
+            + (f" · from {info['source']}" if info["source"] else ""),
+            markup=False,
         )
         console.print(
             f"cache     stored in {info['dtype']} · {human_bytes(info['fp16_bytes'])} as raw fp16 (the yardstick below)"

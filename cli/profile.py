@@ -78,5 +78,6 @@ def profile_command(
             f"wrote {output}: {human_bytes(len(data))}, sha256 {prof.sha256[:16]}… "
             f"({lm.name}, {result['dtype']}; {result['texts']} texts, {result['seconds']} s)",
             markup=False,
+            soft_wrap=True,
         ),
     )
