@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     bandwidths = parse_bandwidths(args.bandwidth)
     lm = kvc.load_model(None, device=args.device)
     levels = _levels(lm, args.level)
-    console.print(f"model {lm.name} on {lm.device}, levels {', '.join(levels)}, torch threads "
-                  f"{__import__('torch').get_num_threads()}")
+    console.print(
+        f"model {lm.name} on {lm.device}, levels {', '.join(levels)}, torch threads "
+        f"{__import__('torch').get_num_threads()}"
+    )
     started = time.perf_counter()
     results = []
     need = args.context_tokens + args.continuation_tokens
@@ -77,16 +79,25 @@ def main(argv: list[str] | None = None) -> int:
         if len(ids) < need:
             continue
         console.print(f"  replay {name} ({args.context_tokens} + {args.continuation_tokens} tokens)")
-        results.append(evaluate_tokens(lm, ids[: args.context_tokens], ids[args.context_tokens : need],
-                                       levels=levels, repeat=args.repeat, name=name))
+        results.append(
+            evaluate_tokens(
+                lm,
+                ids[: args.context_tokens],
+                ids[args.context_tokens : need],
+                levels=levels,
+                repeat=args.repeat,
+                name=name,
+            )
+        )
     depths = [float(v) for v in args.depths.split(",")]
     lengths = [int(v) for v in args.lengths.split(",")]
     console.print(f"  needle sweep: depths {depths} x lengths {lengths}")
     needle = evaluate_needle(lm, depths=depths, lengths=lengths, levels=levels)
     console.print(report.replay_table(results, bandwidths))
     console.print(report.needle_table(needle))
-    doc = report.to_json(results, bandwidths, needle, model={"name": lm.name, "source": lm.source,
-                                                              "device": str(lm.device)})
+    doc = report.to_json(
+        results, bandwidths, needle, model={"name": lm.name, "source": lm.source, "device": str(lm.device)}
+    )
     doc["wall_seconds"] = time.perf_counter() - started
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
     report.plot(out / "eval.png", results, bandwidths)

@@ -15,6 +15,7 @@ from kvc.samples import calibration_essays, essay_text
 
 OUT = Path(__file__).resolve().parents[1] / "codec" / "profiles" / "smollm2-135m.kvcp"
 
+
 def _plain(stage: str, done: int, total: int) -> None:
     if done == total or done % max(1, total // 10) == 0:
         print(f"{stage} {done}/{total} {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)

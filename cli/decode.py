@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from kvc.cli._io import open_kvc_arg, parse_token_range, write_output
 from kvc.cli._output import Output, human_bytes
 from kvc.errors import InputError
-
-
-def to_safetensors(f, kv, level: str) -> bytes:
-    """Tensors ``layers.{i}.key`` / ``layers.{i}.value`` ``[kv_heads, tokens, head_dim]``; metadata
-    (all strings, as safetensors requires) carries token ids, positions and the model identity."""
-    from safetensors.torch import save
-
-    tensors = {}
-    for i, layer in enumerate(kv.layers):
-        tensors[f"layers.{i}.key"] = layer.key.contiguous()
-        tensors[f"layers.{i}.value"] = layer.value.contiguous()
-    metadata = {
-        "format": "kvc-kv",
-        "level": level,
-        "first_token": str(kv.first_token),
-        "token_ids": json.dumps(kv.token_ids),
-        "layer_starts": json.dumps([layer.start for layer in kv.layers]),
-        "model": json.dumps(f.model, sort_keys=True),
-    }
-    return save(tensors, metadata=metadata)
 
 
 def decode_command(
@@ -41,6 +19,8 @@ def decode_command(
 ) -> None:
     """Decode a .kvc file into safetensors: layers.{i}.key / layers.{i}.value, [kv_heads, tokens, head_dim].
 
+    The layout (tensor names, metadata) is documented in kvc.safetensors_io, which also writes it from Python.
+
     Examples:
 
       kvc decode essay.kvc -o essay.safetensors
@@ -51,6 +31,8 @@ def decode_command(
     """
     if output is None:
         raise InputError("say where the tensors go: -o FILE.safetensors (or -o - for stdout)")
+    from kvc.safetensors_io import to_safetensors
+
     out = Output(json_out, data_on_stdout=output == "-")
     with open_kvc_arg(file, profile) as f:
         window = parse_token_range(tokens, f.num_tokens)
@@ -70,6 +52,8 @@ def decode_command(
         report,
         lambda c: c.print(
             f"{report['file']} [{chosen}] tokens {report['tokens'][0]}:{report['tokens'][1]} → "
-            f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})"
+            f"{'stdout' if output == '-' else output} ({human_bytes(len(data))})",
+            markup=False,
+            soft_wrap=True,
         ),
     )

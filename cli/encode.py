@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,13 @@ from pathlib import Path
 import typer
 
 from kvc.cli._io import read_input_bytes, write_output
-from kvc.cli._output import Output, human_bytes
+from kvc.cli._output import Output, human_bytes, vs_fp16
+from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SLICE_TOKENS
 from kvc.errors import InputError
+
+# Named here for --help (the installed package has no docs/); tests hold them to kvc.codec.levels.
+DEFAULT_LEVEL_HELP = "balanced"
+LEVELS_HELP = "lossless, high, balanced, compact, tiny, cachegen"
 
 
 @dataclass
@@ -93,15 +97,25 @@ def encode_command(
     out_dir: str = typer.Option(None, "--out-dir", help="Folder for one .kvc per document (default: current folder)."),
     model: str = typer.Option(None, "--model", "-m", help="smollm2 (default), a local HF folder, or a .gguf file."),
     level: list[str] = typer.Option(
-        None, "--level", "-l", help="Quality level; repeat to store several per chunk. Default: see docs/CODEC.md."
+        None,
+        "--level",
+        "-l",
+        help=f"Quality level ({LEVELS_HELP}); repeat to store several per chunk. "
+        f"Default: {DEFAULT_LEVEL_HELP} when the model has a profile (the embedded SmolLM2 does), else lossless.",
     ),
     profile: str = typer.Option(
         None, "--profile", help="Profile file for lossy levels (default: the model's shipped one)."
     ),
     embed_profile: bool = typer.Option(False, "--embed-profile", help="Store the profile inside the file."),
-    chunk_tokens: int = typer.Option(256, "--chunk-tokens", help="Tokens per chunk (the unit of random access)."),
-    slice_tokens: int = typer.Option(512, "--slice-tokens", help="Tokens per prefill step (bounds memory)."),
-    max_tokens: int = typer.Option(131072, "--max-tokens", help="Refuse documents longer than this many tokens."),
+    chunk_tokens: int = typer.Option(
+        DEFAULT_CHUNK_TOKENS, "--chunk-tokens", help="Tokens per chunk (the unit of random access)."
+    ),
+    slice_tokens: int = typer.Option(
+        DEFAULT_SLICE_TOKENS, "--slice-tokens", help="Tokens per prefill step (bounds memory)."
+    ),
+    max_tokens: int = typer.Option(
+        DEFAULT_MAX_TOKENS, "--max-tokens", help="Refuse documents longer than this many tokens."
+    ),
     truncate: bool = typer.Option(
         False, "--truncate", help="Keep the first --max-tokens tokens of longer documents instead of refusing them."
     ),
@@ -118,7 +132,13 @@ def encode_command(
     split: str = typer.Option("train", "--split", help="The dataset split."),
     limit: int = typer.Option(None, "--limit", help="Encode at most this many dataset rows."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16."),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="Prefill dtype: auto (a folder's checkpoint dtype; float32 for a GGUF such as the embedded "
+        "SmolLM2), float32/fp32, bfloat16/bf16 or float16/fp16. Recorded in the file; lossless stores the "
+        "cache in it.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON report."),
 ) -> None:
     """Prefill documents with a model and store their KV caches as .kvc files.
@@ -139,25 +159,30 @@ def encode_command(
     """
     import kvc
     from kvc.api import default_levels
+    from kvc.runtime.loading import parse_dtype
 
+    if output is not None and out_dir is not None:
+        raise InputError("give -o FILE for one document or --out-dir FOLDER for several, not both")
+    dtype = parse_dtype(dtype)
     out = Output(json_out, data_on_stdout=output == "-")
+    labels: dict[str, str] = {}  # how an input is named to people, when its path says too much
     if dataset is not None:
-        if inputs:
+        if inputs or essay:
             raise InputError("give either input files or --dataset, not both")
         docs = _documents_from_dataset(dataset, text_field, split, out_dir, output, limit)
     else:
         if essay:
-            from kvc.samples import essays_dir
+            from kvc.samples import essay_names, essays_dir
 
+            installed = essay_names()
+            for name in essay:
+                if name not in installed:
+                    raise InputError(f"no sample essay named {name!r}; the installed ones are: {', '.join(installed)}")
             inputs = [*(inputs or []), *(str(essays_dir() / name) for name in essay)]
+            labels.update({str(essays_dir() / name): f"{name} (sample essay)" for name in essay})
         if not inputs:
             raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
         docs = _documents_from_paths(inputs, output, out_dir, glob)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for doc in docs:
-        if doc.output != "-" and not Path(doc.output).parent.exists():
-            Path(doc.output).parent.mkdir(parents=True, exist_ok=True)
     lm = kvc.load_model(model, device=device, dtype=dtype)
     levels = level or default_levels(lm, profile)
     token_lists = [kvc.tokenize(lm, d.text, max_tokens=None if truncate else max_tokens)[:max_tokens] for d in docs]
@@ -176,6 +201,8 @@ def encode_command(
                 context={"add_special_tokens": True, "source": _source_name(doc.name)},
                 on_progress=advance,
             )
+            if doc.output != "-":  # folders are made only when there is a file to put in them
+                Path(doc.output).parent.mkdir(parents=True, exist_ok=True)
             write_output(doc.output, data)
             f = kvc.open(data)
             fp16 = f.fp16_bytes()
@@ -185,8 +212,18 @@ def encode_command(
                     "output": doc.output,
                     "tokens": len(ids),
                     "bytes": len(data),
-                    "ratio_vs_fp16": round(fp16 / len(data), 3),
+                    "dtype": f.header["dtype"],
                     "levels": levels,
+                    "fp16_bytes": fp16,
+                    "sizes": [
+                        {
+                            "level": name,
+                            "bytes": f.level_bytes(name),
+                            "ratio_vs_fp16": round(fp16 / max(f.level_bytes(name), 1), 3),
+                            "vs_fp16": vs_fp16(f.level_bytes(name), fp16),
+                        }
+                        for name in levels
+                    ],
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
@@ -194,11 +231,12 @@ def encode_command(
     def render(console):
         for r in reports:
             where = "stdout" if r["output"] == "-" else r["output"]
+            sizes = "; ".join(f"{s['level']} {human_bytes(s['bytes'])}, {s['vs_fp16']}" for s in r["sizes"])
             console.print(
-                f"{r['input']} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
-                f"({r['ratio_vs_fp16']}× vs fp16), levels {', '.join(r['levels'])}, "
-                f"{r['seconds']:.1f} s"
+                f"{labels.get(r['input'], r['input'])} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
+                f"({r['dtype']} cache; {sizes}), {r['seconds']:.1f} s",
+                markup=False,
+                soft_wrap=True,  # one line per document, for grep; the terminal wraps it
             )
 
     out.result(reports if len(reports) != 1 or dataset else reports[0], render)
-    sys.stdout.flush()

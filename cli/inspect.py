@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvc.cli._io import open_kvc_arg
-from kvc.cli._output import Output, human_bytes
+from kvc.cli._output import Output, human_bytes, vs_fp16
 
 
 def inspect_command(
@@ -16,6 +17,8 @@ def inspect_command(
     json_out: bool = typer.Option(False, "--json", help="Print JSON (always includes per-layer bytes)."),
 ) -> None:
     """Show the model, context, chunks, levels and sizes inside a .kvc file.
+
+    Reads the header only (its checksum included): payload checksums are checked by kvc verify.
 
     Examples:
 
@@ -29,27 +32,36 @@ def inspect_command(
 
     with open_kvc_arg(file) as f:
         info = describe(f, with_chunks=chunks)
+    info["payloads_checked"] = False  # inspect reads the header; `kvc verify` reads and checks every payload
 
     def render(console):
         m = info["model"]
-        console.print(f"[bold]{info['file']}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
-        console.print(f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}")
+        console.print(f"[bold]{escape(info['file'])}[/bold]  (.kvc {info['format_version']}, {info['created_by']})")
+        console.print("checked   the header and its checksum only, not the payloads: `kvc verify` reads them all")
+        console.print(
+            f"model     {m['name']} · {m['architecture']} · {m['dtype']} · source {m['source']}", markup=False
+        )
         console.print(
             f"layout    {info['layers']} layers · {info['kv_heads']} KV heads · head dim {info['head_dim']}"
             + (f" · sliding layers {info['sliding_layers']}" if info["sliding_layers"] else "")
         )
         console.print(
             f"context   {info['tokens']} tokens · {info['chunks']} chunks of {info['chunk_tokens']}"
-            + (f" · from {info['source']}" if info["source"] else "")
+            + (f" · from {info['source']}" if info["source"] else ""),
+            markup=False,
         )
-        console.print(f"fp16 size {human_bytes(info['fp16_bytes'])}")
-        table = Table("level", "codec", "bytes", "× vs fp16", "bits/elem")
+        console.print(
+            f"cache     stored in {info['dtype']} · {human_bytes(info['fp16_bytes'])} as raw fp16 (the yardstick below)"
+        )
+        table = Table("level", "codec")
+        for header in ("bytes", "vs fp16", "bits/elem"):
+            table.add_column(header, justify="right")
         for lv in info["levels"]:
             table.add_row(
                 lv["name"],
                 lv["codec"],
                 human_bytes(lv["bytes"]),
-                f"{lv['ratio_vs_fp16']:.2f}",
+                vs_fp16(lv["bytes"], info["fp16_bytes"], short=True),
                 f"{lv['bits_per_element']:.2f}",
             )
         console.print(table)

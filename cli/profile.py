@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 import typer
 
+from kvc.cli._io import write_output
+from kvc.cli._output import Output, human_bytes
 from kvc.errors import InputError
 
 
 def profile_command(
-    texts: list[str] = typer.Argument(..., help="Calibration text files (plain UTF-8)."),  # noqa: B008
+    texts: list[str] = typer.Argument(..., help="Calibration text files (plain UTF-8)."),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the profile (.kvcp)."),
-    model: str = typer.Option(None, "--model", help="Model: a local folder or .gguf (default: embedded SmolLM2)."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model: a local folder or .gguf (default: embedded SmolLM2)."
+    ),
     tokens: int = typer.Option(2048, "--tokens", help="Tokens of each text used for fitting."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="Model dtype: auto (the checkpoint's; float32 for a GGUF), float32/fp32, bfloat16/bf16 or "
+        "float16/fp16. A profile serves files prefilled in the same dtype.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fit a profile (PCA bases, coefficient statistics, per-head sensitivity) for the lossy levels.
@@ -26,13 +34,17 @@ def profile_command(
 
       kvc profile --model ./my-model essays/*.txt -o my-model.kvcp
 
-    Put the result in $KVC_CACHE_DIR/profiles/ to have it found automatically, or pass --profile.
+    Put the result in $KVC_CACHE_DIR/profiles/ to have it found automatically, or pass --profile
+    to encode, decode, verify and eval.
     """
-    from kvc.codec.profile import default_progress, fit_profile
-    from kvc.runtime.loading import load_model
+    from kvc.codec.profile import fit_profile
+    from kvc.runtime.loading import load_model, parse_dtype
 
     if tokens < 8:
         raise InputError("--tokens must be at least 8")
+    if output == "-":
+        raise InputError("-o needs a file name: a profile is not written to stdout")
+    dtype = parse_dtype(dtype)
     bodies = []
     for name in texts:
         path = Path(name)
@@ -44,17 +56,28 @@ def profile_command(
             raise InputError(f"cannot read {name} as UTF-8 text: {exc}") from None
     if not any(b.strip() for b in bodies):
         raise InputError("the calibration texts are empty")
+    out = Output(json_out)
     started = time.perf_counter()
-    lm = load_model(model, device=device)
-    prof = fit_profile(lm, [b for b in bodies if b.strip()], tokens=tokens, on_progress=default_progress())
-    try:
-        prof.save(output)
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc}") from None
-    result = {"profile": output, "sha256": prof.sha256, "bytes": len(prof.to_bytes()), "model": lm.name,
-              "texts": len(bodies), "seconds": round(time.perf_counter() - started, 1)}
-    if json_out:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    else:
-        sys.stdout.write(f"wrote {output}: {result['bytes']} bytes, sha256 {prof.sha256[:16]}… "
-                         f"({result['texts']} texts, {result['seconds']} s)\n")
+    lm = load_model(model, device=device, dtype=dtype)
+    with out.progress("fitting") as bar:
+        prof = fit_profile(lm, [b for b in bodies if b.strip()], tokens=tokens, on_progress=bar.stage)
+    data = prof.to_bytes()
+    write_output(output, data)  # atomic: an interrupted run leaves no half-written profile
+    result = {
+        "profile": output,
+        "sha256": prof.sha256,
+        "bytes": len(data),
+        "model": lm.name,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "texts": len(bodies),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.result(
+        result,
+        lambda c: c.print(
+            f"wrote {output}: {human_bytes(len(data))}, sha256 {prof.sha256[:16]}… "
+            f"({lm.name}, {result['dtype']}; {result['texts']} texts, {result['seconds']} s)",
+            markup=False,
+            soft_wrap=True,
+        ),
+    )

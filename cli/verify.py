@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import typer
 
+from kvc import errors
 from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output
-from kvc.errors import FormatError, VerifyError
+
+# the exit code a failed check carries (kvc.verify records it) -> the error that reports it
+_FAILURES = {
+    cls.exit_code: cls
+    for cls in (
+        errors.InputError,
+        errors.FormatError,
+        errors.ModelMismatchError,
+        errors.VerifyError,
+        errors.ProfileError,
+    )
+}
 
 
 def verify_command(
@@ -15,12 +27,19 @@ def verify_command(
     model: str = typer.Option(None, "--model", "-m", help="Model for --deep (default: the one the file names)."),
     profile: str = typer.Option(None, "--profile", help="Profile file, if a level's profile is not found."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for --deep)."),
+    dtype: str = typer.Option(
+        None,
+        "--dtype",
+        help="Model dtype for --deep (float32/fp32, bfloat16/bf16, float16/fp16, auto). "
+        "Default: the dtype the file was prefilled in.",
+        show_default=False,
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON report."),
 ) -> None:
     """Check every checksum and structural invariant; --deep also re-prefills and compares.
 
     Exit codes: 0 verified, 3 corrupt or invalid file, 4 newer format, 5 model mismatch,
-    6 deep comparison failed, 7 profile missing.
+    6 deep comparison failed, 7 a level's profile missing or wrong (pass --profile).
 
     Examples:
 
@@ -28,12 +47,14 @@ def verify_command(
 
       kvc verify --deep essay.kvc
     """
-    import kvc
+    from kvc.runtime.loading import load_for_file, parse_dtype
     from kvc.verify import verify
 
     out = Output(json_out)
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
     with open_kvc_arg(file, profile) as f:
-        lm = kvc.load_model(model or f.model.get("source"), device=device) if deep else None
+        lm = load_for_file(f, model, device=device, dtype=dtype) if deep else None
         report = verify(f, deep=deep, lm=lm)
 
     def render(console):
@@ -45,5 +66,5 @@ def verify_command(
     out.result(report, render)
     if not report["ok"]:
         failed = next(c for c in report["checks"] if not c["ok"])
-        error = VerifyError if failed["check"].startswith("deep") else FormatError
+        error = _FAILURES.get(failed.get("exit_code"), errors.FormatError)
         raise error(f"{f.name}: {failed['check']}: {failed['detail']}")

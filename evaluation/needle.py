@@ -21,8 +21,16 @@ from kvc.runtime.kv import ContextKV
 
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_LENGTHS = (1024, 2048)
-_THINGS = ("the blue door", "the north gate", "the old library", "the red boat", "the glass tower",
-           "the night train", "the copper vault", "the river house")
+_THINGS = (
+    "the blue door",
+    "the north gate",
+    "the old library",
+    "the red boat",
+    "the glass tower",
+    "the night train",
+    "the copper vault",
+    "the river house",
+)
 
 
 def haystack_text(folder: str | Path | None = None) -> str:
@@ -110,25 +118,51 @@ class NeedleResult:
                 out[mode] = {"accuracy": sum(hits) / max(len(hits), 1), "correct": sum(hits), "total": len(hits)}
             return out
 
-        return {"modes": acc(self.cells),
-                "cells": {f"{c.length}@{c.depth:g}": acc([c]) for c in self.cells},
-                "by_length": {str(n): acc([c for c in self.cells if c.length == n])
-                              for n in dict.fromkeys(c.length for c in self.cells)},
-                "by_depth": {f"{d:g}": acc([c for c in self.cells if c.depth == d])
-                             for d in dict.fromkeys(c.depth for c in self.cells)}}
+        return {
+            "modes": acc(self.cells),
+            "cells": {f"{c.length}@{c.depth:g}": acc([c]) for c in self.cells},
+            "by_length": {
+                str(n): acc([c for c in self.cells if c.length == n])
+                for n in dict.fromkeys(c.length for c in self.cells)
+            },
+            "by_depth": {
+                f"{d:g}": acc([c for c in self.cells if c.depth == d])
+                for d in dict.fromkeys(c.depth for c in self.cells)
+            },
+        }
 
     def as_dict(self) -> dict:
-        return {"summary": self.summary(),
-                "cells": [{"length": c.length, "tokens": c.tokens, "depth": c.depth, "code": c.code,
-                           "answers": c.answers, "correct": {m: c.correct(m) for m in c.answers}}
-                          for c in self.cells]}
+        return {
+            "summary": self.summary(),
+            "cells": [
+                {
+                    "length": c.length,
+                    "tokens": c.tokens,
+                    "depth": c.depth,
+                    "code": c.code,
+                    "answers": c.answers,
+                    "correct": {m: c.correct(m) for m in c.answers},
+                }
+                for c in self.cells
+            ],
+        }
 
 
-def evaluate_needle(lm, *, depths: Sequence[float] = DEFAULT_DEPTHS, lengths: Sequence[int] = DEFAULT_LENGTHS,
-                    levels: Sequence[str] = ("lossless",), haystack: str | Path | None = None,
-                    transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None, max_new_tokens: int = 24,
-                    seed: int = 0, on_cell: Callable[[int], None] | None = None) -> NeedleResult:
-    """Retrieve a needle at every (length, depth) in every mode: text, exact, each level, each transform."""
+def evaluate_needle(
+    lm,
+    *,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    levels: Sequence[str] = ("lossless",),
+    haystack: str | Path | None = None,
+    transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    on_cell: Callable[[int], None] | None = None,
+    profile=None,
+) -> NeedleResult:
+    """Retrieve a needle at every (length, depth) in every mode: text, exact, each level, each transform.
+    ``profile`` (a Profile or a path) serves lossy levels whose profile is not found on its own."""
     source = haystack_text(haystack)
     result = NeedleResult()
     for length in lengths:
@@ -137,7 +171,7 @@ def evaluate_needle(lm, *, depths: Sequence[float] = DEFAULT_DEPTHS, lengths: Se
             context_ids, question_ids = build_haystack(lm, source, length, depth, needle)
             cell = NeedleCell(length=length, tokens=len(context_ids), depth=depth, code=needle.code)
             cell.answers["text"] = generate(lm, context_ids, question_ids, None, max_new_tokens)
-            for mode, kv in mode_caches(lm, context_ids, levels, None, transforms):
+            for mode, kv in mode_caches(lm, context_ids, levels, None, transforms, profile):
                 cell.answers[mode] = generate(lm, context_ids, question_ids, kv, max_new_tokens)
             result.cells.append(cell)
             if on_cell is not None:

@@ -33,6 +33,7 @@ DEFAULT_MAX_NEW_TOKENS = 32
 
 # --- scoring (LongBench qa_f1 / SQuAD normalisation) -----------------------------------------------
 
+
 def normalize_answer(text: str) -> str:
     """Lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace."""
     text = text.lower()
@@ -65,6 +66,7 @@ def best_em(prediction: str, answers: Sequence[str]) -> float:
 
 # --- prompts ------------------------------------------------------------------------------------------
 
+
 def _has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -77,8 +79,9 @@ def template_parts(tokenizer, question: str) -> tuple[str, str] | None:
     """``(head, tail)`` of the chat prompt around the context, or None when there is no usable template."""
     if not _has_template(tokenizer):
         return None
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": f"{_SENTINEL}\n\n{question}"}],
-                                             tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{_SENTINEL}\n\n{question}"}], tokenize=False, add_generation_prompt=True
+    )
     if rendered.count(_SENTINEL) != 1:
         return None
     head, tail = rendered.split(_SENTINEL)
@@ -103,16 +106,23 @@ def question_after(lm, context_ids: list[int], question: str) -> list[int]:
     head_ids = _ids(lm.tokenizer, head)
     if head_ids and context_ids[: len(head_ids)] == head_ids:
         return _ids(lm.tokenizer, tail)
-    turn = lm.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                            add_generation_prompt=True)
+    turn = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     return _ids(lm.tokenizer, "\n\n" + turn)
 
 
 # --- generation ---------------------------------------------------------------------------------------
 
+
 @torch.inference_mode()
-def generate(lm, context_ids: list[int], question_ids: list[int], kv: ContextKV | None,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
+def generate(
+    lm,
+    context_ids: list[int],
+    question_ids: list[int],
+    kv: ContextKV | None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> str:
     """Greedy answer. With ``kv`` the context comes from that cache and only the question is run;
     without, the model reads everything from the token ids (text mode)."""
     ids = torch.tensor([list(context_ids) + list(question_ids)], device=lm.device)
@@ -122,13 +132,23 @@ def generate(lm, context_ids: list[int], question_ids: list[int], kv: ContextKV 
             raise ValueError("the cache does not hold exactly the context")
         kwargs["past_key_values"] = to_transformers_cache(kv, lm.model.config, device=lm.device)
     eos = lm.tokenizer.eos_token_id
-    out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
-                            pad_token_id=eos if eos is not None else 0, **kwargs)
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = lm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        num_beams=1,
+        pad_token_id=eos if eos is not None else 0,
+        **kwargs,
+    )
+    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 # --- datasets -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Example:
@@ -141,8 +161,13 @@ class Example:
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_examples(path: str | Path, context_field: str = "context", question_field: str = "question",
-                  answers_field: str = "answers", limit: int | None = None) -> list[Example]:
+def load_examples(
+    path: str | Path,
+    context_field: str = "context",
+    question_field: str = "question",
+    answers_field: str = "answers",
+    limit: int | None = None,
+) -> list[Example]:
     """Examples from a local jsonl/json/parquet/csv file through ``datasets`` (never a hub). An answers
     field may be a string, a list of strings, or a SQuAD-style ``{"text": [...]}``."""
     path = Path(path)
@@ -174,8 +199,9 @@ def load_examples(path: str | Path, context_field: str = "context", question_fie
         context = row[context_field]
         if isinstance(context, str) and context.endswith(".kvc") and not Path(context).is_absolute():
             context = str((path.parent / context).resolve())  # relative to the data file
-        examples.append(Example(context=context, question=str(row[question_field]), answers=answers,
-                                id=str(row.get("id", i))))
+        examples.append(
+            Example(context=context, question=str(row[question_field]), answers=answers, id=str(row.get("id", i)))
+        )
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -184,6 +210,7 @@ def load_examples(path: str | Path, context_field: str = "context", question_fie
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Answer:
@@ -221,23 +248,39 @@ class QAResult:
         return out
 
     def as_dict(self) -> dict:
-        return {"dataset": self.dataset, "summary": self.summary(),
-                "examples": [{"id": e.id, "question": e.question, "answers": e.answers,
-                              "context_tokens": e.context_tokens,
-                              "predictions": [{"mode": a.mode, "text": a.text, "f1": a.f1, "em": a.em}
-                                              for a in e.predictions]} for e in self.examples]}
+        return {
+            "dataset": self.dataset,
+            "summary": self.summary(),
+            "examples": [
+                {
+                    "id": e.id,
+                    "question": e.question,
+                    "answers": e.answers,
+                    "context_tokens": e.context_tokens,
+                    "predictions": [{"mode": a.mode, "text": a.text, "f1": a.f1, "em": a.em} for a in e.predictions],
+                }
+                for e in self.examples
+            ],
+        }
 
 
-def mode_caches(lm, context_ids: list[int], levels: Sequence[str], file=None,
-                transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None):
+def mode_caches(
+    lm,
+    context_ids: list[int],
+    levels: Sequence[str],
+    file=None,
+    transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None,
+    profile=None,
+):
     """(mode, kv) for every mode but text: exact, each level decoded from .kvc bytes, each transform.
-    Levels come from ``file`` (an opened KvcFile) or from encoding ``context_ids`` now."""
+    Levels come from ``file`` (an opened KvcFile) or from encoding ``context_ids`` now (lossy levels
+    with ``profile``, a Profile or a path, when given)."""
     import kvc
 
     exact = prefill(lm, context_ids)
     yield "exact", exact
     if file is None and levels:
-        file = kvc.open(kvc.encode_tokens(lm, context_ids, levels=tuple(levels)))
+        file = kvc.open(kvc.encode_tokens(lm, context_ids, levels=tuple(levels), profile=profile), profile=profile)
     if file is not None:
         for level in file.levels:
             if not levels or level in levels:
@@ -246,18 +289,26 @@ def mode_caches(lm, context_ids: list[int], levels: Sequence[str], file=None,
         yield name, fn(exact)
 
 
-def evaluate_qa(lm, examples: Sequence[Example], *, levels: Sequence[str] = ("lossless",),
-                transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None,
-                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dataset: str = "qa",
-                on_example: Callable[[int], None] | None = None) -> QAResult:
-    """Answer every example in every mode (text, exact, each level, each transform) and score it."""
+def evaluate_qa(
+    lm,
+    examples: Sequence[Example],
+    *,
+    levels: Sequence[str] = ("lossless",),
+    transforms: dict[str, Callable[[ContextKV], ContextKV]] | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    dataset: str = "qa",
+    on_example: Callable[[int], None] | None = None,
+    profile=None,
+) -> QAResult:
+    """Answer every example in every mode (text, exact, each level, each transform) and score it.
+    ``profile`` (a Profile or a path) serves lossy levels whose profile is not found on its own."""
     import kvc
 
     result = QAResult(dataset=dataset)
     for ex in examples:
         file = None
         if ex.context.endswith(".kvc") and Path(ex.context).is_file():
-            file = kvc.open(ex.context)
+            file = kvc.open(ex.context, profile=profile)
             file.check_model(lm)
             context_ids = list(file.token_ids)
             question_ids = question_after(lm, context_ids, ex.question)
@@ -266,7 +317,7 @@ def evaluate_qa(lm, examples: Sequence[Example], *, levels: Sequence[str] = ("lo
         row = ExampleResult(id=ex.id, question=ex.question, answers=ex.answers, context_tokens=len(context_ids))
         text = generate(lm, context_ids, question_ids, None, max_new_tokens)
         row.predictions.append(Answer("text", text, best_f1(text, ex.answers), best_em(text, ex.answers)))
-        for mode, kv in mode_caches(lm, context_ids, levels, file, transforms):
+        for mode, kv in mode_caches(lm, context_ids, levels, file, transforms, profile):
             text = generate(lm, context_ids, question_ids, kv, max_new_tokens)
             row.predictions.append(Answer(mode, text, best_f1(text, ex.answers), best_em(text, ex.answers)))
         result.examples.append(row)

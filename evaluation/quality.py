@@ -57,5 +57,5 @@ def text_logprobs(lm, context_ids: list[int], continuation_ids: list[int]) -> to
     """The same rows as :func:`continuation_logprobs`, from one cache-free forward over context and
     continuation together: what an application that re-reads the text computes."""
     ids = torch.tensor([list(context_ids) + list(continuation_ids)], device=lm.device)
-    logits = lm.model(input_ids=ids, use_cache=False).logits[0, len(context_ids):]
+    logits = lm.model(input_ids=ids, use_cache=False).logits[0, len(context_ids) :]
     return torch.log_softmax(logits.float(), dim=-1).cpu()

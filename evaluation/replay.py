@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from kvc.defaults import DEFAULT_CONTINUATION_TOKENS
 from kvc.errors import InputError
 from kvc.evaluation.quality import QualityScores, compare, continuation_logprobs, text_logprobs
 from kvc.evaluation.timing import TOKEN_ID_BYTES, Breakdown, Stopwatch, median_breakdown
 from kvc.runtime.cache import to_transformers_cache
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.prefill import DEFAULT_SLICE_TOKENS, new_cache, prefill, run_slices
-
-DEFAULT_CONTINUATION_TOKENS = 256
 
 Transform = Callable[[ContextKV], ContextKV]
 
@@ -49,10 +48,15 @@ class ModeResult:
     def as_dict(self, bandwidths: Sequence[float] = ()) -> dict:
         s = self.scores
         return {
-            "mode": self.mode, "kind": self.kind, "bytes": self.transfer_bytes,
+            "mode": self.mode,
+            "kind": self.kind,
+            "bytes": self.transfer_bytes,
             "bits_per_element": self.bits_per_element,
-            "perplexity_ratio": s.perplexity_ratio, "kl": s.kl, "top1_agreement": s.top1_agreement,
-            "nll": s.nll, "perplexity": _exp(s.nll),
+            "perplexity_ratio": s.perplexity_ratio,
+            "kl": s.kl,
+            "top1_agreement": s.top1_agreement,
+            "nll": s.nll,
+            "perplexity": _exp(s.nll),
             "ttft": self.timing.as_dict(),
             "ttft_at_bandwidth": {f"{b:g}": self.ttft_at(b) for b in bandwidths},
         }
@@ -74,9 +78,14 @@ class ContextResult:
         raise KeyError(name)
 
     def as_dict(self, bandwidths: Sequence[float] = ()) -> dict:
-        return {"context": self.name, "tokens": self.tokens, "continuation_tokens": self.continuation_tokens,
-                "continuation_source": self.continuation_source, "elements": self.elements,
-                "modes": [m.as_dict(bandwidths) for m in self.modes]}
+        return {
+            "context": self.name,
+            "tokens": self.tokens,
+            "continuation_tokens": self.continuation_tokens,
+            "continuation_source": self.continuation_source,
+            "elements": self.elements,
+            "modes": [m.as_dict(bandwidths) for m in self.modes],
+        }
 
 
 def _exp(x: float) -> float:
@@ -92,8 +101,10 @@ def prefix_kv(kv: ContextKV, tokens: int) -> ContextKV:
     if tokens == kv.num_tokens:
         return kv
     if any(layer.start != 0 for layer in kv.layers):
-        raise InputError("this model has sliding-window layers, so the continuation cannot be held out "
-                         "of the stored tokens: pass --continuation FILE")
+        raise InputError(
+            "this model has sliding-window layers, so the continuation cannot be held out "
+            "of the stored tokens: pass --continuation FILE"
+        )
     layers = [LayerKV(key=layer.key[:, :tokens], value=layer.value[:, :tokens], start=0) for layer in kv.layers]
     return ContextKV(token_ids=kv.token_ids[:tokens], layers=layers)
 
@@ -121,8 +132,7 @@ def first_token(lm, cache, next_id: int, position: int) -> int:
     """One forward of ``next_id`` at ``position`` over ``cache``: the argmax is the first generated token."""
     ids = torch.tensor([[next_id]], device=lm.device)
     pos = torch.tensor([position], device=lm.device)
-    logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos,
-                      logits_to_keep=1).logits
+    logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1).logits
     return int(logits[0, -1].argmax())
 
 
@@ -135,6 +145,7 @@ class StoredLevels:
     levels: list[str]
     level_bytes: dict[str, int]
     stored_tokens: int  # tokens the file holds; the evaluated context may be a prefix of them
+    profile: object = None  # a Profile or a path, for lossy levels whose profile is not found on its own
 
 
 def _timed_text(lm, ids: list[int], next_id: int) -> dict:
@@ -152,10 +163,10 @@ def _timed_memory(lm, kv: ContextKV, next_id: int) -> dict:
     return watch.laps
 
 
-def _decode_level(data: bytes, level: str, tokens: int) -> ContextKV:
+def _decode_level(data: bytes, level: str, tokens: int, profile=None) -> ContextKV:
     import kvc
 
-    with kvc.open(data) as f:
+    with kvc.open(data, profile=profile) as f:
         if tokens == f.num_tokens:
             return f.read(level)
         # Only the chunks covering the context are decoded, as an application reading a prefix would;
@@ -165,24 +176,34 @@ def _decode_level(data: bytes, level: str, tokens: int) -> ContextKV:
 
 def _whole_prefix(kv: ContextKV, tokens: int) -> ContextKV:
     if any(layer.start != 0 for layer in kv.layers):
-        raise InputError("this model has sliding-window layers, so the continuation cannot be held out "
-                         "of the stored tokens: pass --continuation FILE")
+        raise InputError(
+            "this model has sliding-window layers, so the continuation cannot be held out "
+            "of the stored tokens: pass --continuation FILE"
+        )
     return kv
 
 
 def _timed_level(lm, stored: StoredLevels, level: str, tokens: int, next_id: int) -> dict:
     watch = Stopwatch(lm.device)
     data = watch.step("read", stored.path.read_bytes)
-    kv = watch.step("decode", _decode_level, data, level, tokens)
+    kv = watch.step("decode", _decode_level, data, level, tokens, stored.profile)
     cache = watch.step("build", to_transformers_cache, kv, lm.model.config, device=lm.device)
     watch.step("first", first_token, lm, cache, next_id, kv.num_tokens)
     return watch.laps
 
 
-def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *, stored: StoredLevels | None = None,
-                     transforms: dict[str, Transform] | None = None, repeat: int = 3, name: str = "context",
-                     continuation_source: str = "given", on_step: Callable[[str], None] | None = None,
-                     ) -> ContextResult:
+def evaluate_context(
+    lm,
+    context_ids: list[int],
+    continuation_ids: list[int],
+    *,
+    stored: StoredLevels | None = None,
+    transforms: dict[str, Transform] | None = None,
+    repeat: int = 3,
+    name: str = "context",
+    continuation_source: str = "given",
+    on_step: Callable[[str], None] | None = None,
+) -> ContextResult:
     """Score and time every mode for one context. ``continuation_ids`` must have at least 2 tokens
     (row i of the scores predicts token i + 1)."""
     if len(continuation_ids) < 2:
@@ -199,8 +220,12 @@ def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *,
 
     # Quality first (deterministic, once), then timing (repeated, interleaved so drift hits all modes alike).
     entries: list[tuple[str, str, int, QualityScores]] = [
-        ("text", "text", len(context_ids) * TOKEN_ID_BYTES,
-         compare(reference, text_logprobs(lm, context_ids, continuation_ids), continuation_ids)),
+        (
+            "text",
+            "text",
+            len(context_ids) * TOKEN_ID_BYTES,
+            compare(reference, text_logprobs(lm, context_ids, continuation_ids), continuation_ids),
+        ),
         ("exact", "exact", exact_kv.nbytes(), compare(reference, reference, continuation_ids)),
     ]
     tick("text")
@@ -208,16 +233,28 @@ def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *,
     if stored is not None:
         data = stored.path.read_bytes()
         for level in stored.levels:
-            kv = _decode_level(data, level, len(context_ids))
+            kv = _decode_level(data, level, len(context_ids), stored.profile)
             level_kvs[level] = kv
-            entries.append((level, "level", stored.level_bytes[level],
-                            compare(reference, continuation_logprobs(lm, kv, continuation_ids), continuation_ids)))
+            entries.append(
+                (
+                    level,
+                    "level",
+                    stored.level_bytes[level],
+                    compare(reference, continuation_logprobs(lm, kv, continuation_ids), continuation_ids),
+                )
+            )
             tick(level)
     transformed: dict[str, ContextKV] = {}
     for tname, fn in (transforms or {}).items():
         kv = transformed[tname] = fn(exact_kv)
-        entries.append((tname, "transform", kv.nbytes(),
-                        compare(reference, continuation_logprobs(lm, kv, continuation_ids), continuation_ids)))
+        entries.append(
+            (
+                tname,
+                "transform",
+                kv.nbytes(),
+                compare(reference, continuation_logprobs(lm, kv, continuation_ids), continuation_ids),
+            )
+        )
         tick(tname)
 
     runs: dict[str, list[dict]] = {e[0]: [] for e in entries}
@@ -230,12 +267,25 @@ def evaluate_context(lm, context_ids: list[int], continuation_ids: list[int], *,
             runs[tname].append(_timed_memory(lm, kv, next_id))
         tick("timing")
 
-    result = ContextResult(name=name, tokens=len(context_ids), continuation_tokens=len(continuation_ids),
-                           continuation_source=continuation_source, elements=elements)
+    result = ContextResult(
+        name=name,
+        tokens=len(context_ids),
+        continuation_tokens=len(continuation_ids),
+        continuation_source=continuation_source,
+        elements=elements,
+    )
     for mode, kind, nbytes, scores in entries:
         bits = nbytes * 8 / max(elements, 1)
-        result.modes.append(ModeResult(mode=mode, kind=kind, transfer_bytes=nbytes, bits_per_element=bits,
-                                       scores=scores, timing=median_breakdown(runs[mode])))
+        result.modes.append(
+            ModeResult(
+                mode=mode,
+                kind=kind,
+                transfer_bytes=nbytes,
+                bits_per_element=bits,
+                scores=scores,
+                timing=median_breakdown(runs[mode]),
+            )
+        )
     return result
 
 
@@ -254,18 +304,28 @@ def continuation_from_text(lm, text: str, tokens: int | None = None) -> list[int
     return ids[:tokens] if tokens else ids
 
 
-def evaluate_file(path: str | Path, lm=None, *, levels: Sequence[str] | None = None,
-                  continuation_ids: list[int] | None = None, continuation_tokens: int = DEFAULT_CONTINUATION_TOKENS,
-                  transforms: dict[str, Transform] | None = None, repeat: int = 3, device: str = "auto",
-                  on_step: Callable[[str], None] | None = None) -> ContextResult:
+def evaluate_file(
+    path: str | Path,
+    lm=None,
+    *,
+    levels: Sequence[str] | None = None,
+    continuation_ids: list[int] | None = None,
+    continuation_tokens: int = DEFAULT_CONTINUATION_TOKENS,
+    transforms: dict[str, Transform] | None = None,
+    repeat: int = 3,
+    device: str = "auto",
+    on_step: Callable[[str], None] | None = None,
+    profile=None,
+) -> ContextResult:
     """Replay a .kvc file in every mode. Without ``continuation_ids`` the last ``continuation_tokens``
-    of the stored context are held out as the continuation and the rest is the context."""
+    of the stored context are held out as the continuation and the rest is the context. ``profile``
+    (a Profile or a path) serves lossy levels whose profile is neither embedded nor installed."""
     import kvc
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such file: {path}")
-    f = kvc.open(path.read_bytes())
+    f = kvc.open(path.read_bytes(), profile=profile)
     if lm is None:
         lm = load_for_file(f, None, device)
     f.check_model(lm)
@@ -277,15 +337,31 @@ def evaluate_file(path: str | Path, lm=None, *, levels: Sequence[str] | None = N
         context_ids, cont, source = stored_ids, following, "document"
     else:
         if len(stored_ids) < continuation_tokens + 1 or continuation_tokens < 2:
-            raise InputError(f"{path.name} holds {len(stored_ids)} tokens, too few to hold out a "
-                             f"{continuation_tokens}-token continuation: pass --continuation FILE or a smaller "
-                             "--continuation-tokens")
+            raise InputError(
+                f"{path.name} holds {len(stored_ids)} tokens, too few to hold out a "
+                f"{continuation_tokens}-token continuation: pass --continuation FILE or a smaller "
+                "--continuation-tokens"
+            )
         context_ids, cont, source = stored_ids[:-continuation_tokens], stored_ids[-continuation_tokens:], "held-out"
     chosen = _select_levels(list(f.levels), levels)
-    stored = StoredLevels(path=path, levels=chosen, level_bytes={lv: f.level_bytes(lv, (0, len(context_ids)))
-                                                                 for lv in chosen}, stored_tokens=len(stored_ids))
-    return evaluate_context(lm, context_ids, cont, stored=stored, transforms=transforms, repeat=repeat,
-                            name=path.name, continuation_source=source, on_step=on_step)
+    stored = StoredLevels(
+        path=path,
+        levels=chosen,
+        level_bytes={lv: f.level_bytes(lv, (0, len(context_ids))) for lv in chosen},
+        stored_tokens=len(stored_ids),
+        profile=profile,
+    )
+    return evaluate_context(
+        lm,
+        context_ids,
+        cont,
+        stored=stored,
+        transforms=transforms,
+        repeat=repeat,
+        name=path.name,
+        continuation_source=source,
+        on_step=on_step,
+    )
 
 
 def document_continuation(f, lm, tokens: int) -> list[int] | None:
@@ -307,10 +383,18 @@ def document_continuation(f, lm, tokens: int) -> list[int] | None:
     return ids[len(stored) : len(stored) + tokens]
 
 
-def evaluate_tokens(lm, context_ids: list[int], continuation_ids: list[int], *, levels: Sequence[str] = ("lossless",),
-                    transforms: dict[str, Transform] | None = None, repeat: int = 3, name: str = "context",
-                    workdir: str | Path | None = None, on_step: Callable[[str], None] | None = None,
-                    ) -> ContextResult:
+def evaluate_tokens(
+    lm,
+    context_ids: list[int],
+    continuation_ids: list[int],
+    *,
+    levels: Sequence[str] = ("lossless",),
+    transforms: dict[str, Transform] | None = None,
+    repeat: int = 3,
+    name: str = "context",
+    workdir: str | Path | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ContextResult:
     """Encode ``context_ids`` at ``levels`` into a temporary .kvc file and replay it: the benchmark's
     path, and the way to evaluate text that has no file yet."""
     import kvc
@@ -320,17 +404,28 @@ def evaluate_tokens(lm, context_ids: list[int], continuation_ids: list[int], *, 
         path = Path(tmp) / f"{Path(name).stem}.kvc"
         kvc.save(path, data)
         f = kvc.open(data)
-        stored = StoredLevels(path=path, levels=list(f.levels), level_bytes={lv: f.level_bytes(lv) for lv in f.levels},
-                              stored_tokens=len(context_ids))
-        return evaluate_context(lm, context_ids, continuation_ids, stored=stored, transforms=transforms,
-                                repeat=repeat, name=name, continuation_source="document", on_step=on_step)
+        stored = StoredLevels(
+            path=path,
+            levels=list(f.levels),
+            level_bytes={lv: f.level_bytes(lv) for lv in f.levels},
+            stored_tokens=len(context_ids),
+        )
+        return evaluate_context(
+            lm,
+            context_ids,
+            continuation_ids,
+            stored=stored,
+            transforms=transforms,
+            repeat=repeat,
+            name=name,
+            continuation_source="document",
+            on_step=on_step,
+        )
 
 
-def load_for_file(f, model: str | None, device: str = "auto"):
-    """The model a file names (``f.model["source"]``) or ``model``; refused if it is not the file's."""
-    import kvc
+def load_for_file(f, model: str | None, device: str = "auto", dtype: str | None = None):
+    """The model a file names (``f.model["source"]``) or ``model``, in the dtype the file was prefilled in
+    unless ``dtype`` says otherwise; refused if it is not the file's."""
+    from kvc.runtime.loading import load_for_file as load
 
-    spec = model if model else (f.model or {}).get("source")
-    lm = kvc.load_model(spec, device=device)
-    f.check_model(lm)
-    return lm
+    return load(f, model, device=device, dtype=dtype)

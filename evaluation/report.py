@@ -27,53 +27,127 @@ def aggregate(results: Sequence[ContextResult], bandwidths: Sequence[float] = ()
         elements = sum(r.elements for r, _ in pairs)
         nbytes = sum(m.transfer_bytes for m in ms)
         out[mode] = {
-            "kind": ms[0].kind, "contexts": len(ms), "bytes": nbytes,
+            "kind": ms[0].kind,
+            "contexts": len(ms),
+            "bytes": nbytes,
             "bits_per_element": nbytes * 8 / max(elements, 1),
             "perplexity_ratio": statistics.fmean(m.scores.perplexity_ratio for m in ms),
             "kl": statistics.fmean(m.scores.kl for m in ms),
             "top1_agreement": statistics.fmean(m.scores.top1_agreement for m in ms),
-            "ttft": {step: statistics.median(getattr(m.timing, step) for m in ms)
-                     for step in ("read", "decode", "build", "first", "total")},
+            "ttft": {
+                step: statistics.median(getattr(m.timing, step) for m in ms)
+                for step in ("read", "decode", "build", "first", "total")
+            },
             "ttft_at_bandwidth": {f"{b:g}": statistics.median(m.ttft_at(b) for m in ms) for b in bandwidths},
         }
     return out
 
 
-def replay_table(results: Sequence[ContextResult], bandwidths: Sequence[float] = (), title: str | None = None):
-    """One row per (context, mode); the aggregate rows close the table when there are several contexts."""
-    from rich.table import Table
-
-    table = Table(title=title or "kvc eval: replay (quality vs exact cache; time to first token, ms)")
-    for name, justify in (("context", "left"), ("mode", "left"), ("bits/elt", "right"), ("MB", "right"),
-                          ("ppl ratio", "right"), ("KL nats", "right"), ("top-1", "right"), ("read", "right"),
-                          ("decode", "right"), ("build", "right"), ("first", "right"), ("TTFT", "right"),
-                          ("vs text", "right")):
-        table.add_column(name, justify=justify)
-    for b in bandwidths:
-        table.add_column(f"@{b:g} Gb/s", justify="right")
-
-    def add(context: str, mode: str, bits: float, nbytes: int, ppl: float, kl: float, top1: float, t: dict,
-            text_total: float, at: dict, end_section: bool = False):
-        table.add_row(context, mode, f"{bits:.2f}", f"{nbytes / 1e6:.2f}", f"{ppl:.4f}", f"{kl:.2e}", f"{top1:.3f}",
-                      _ms(t["read"]), _ms(t["decode"]), _ms(t["build"]), _ms(t["first"]), _ms(t["total"]),
-                      f"{t['total'] / text_total:.2f}x" if text_total > 0 else "-",
-                      *(_ms(at[f"{b:g}"]) for b in bandwidths), end_section=end_section)
-
+def _replay_rows(results: Sequence[ContextResult], bandwidths: Sequence[float]):
+    """Per context and mode, then (with several contexts) the aggregate: dicts of what any table shows.
+    ``label`` is the context name on a section's first row and its token count on the second."""
     for r in results:
         text_total = r.mode("text").timing.total if any(m.mode == "text" for m in r.modes) else 0.0
         modes = sorted(r.modes, key=lambda m: _KIND_ORDER.get(m.kind, 9))
         for i, m in enumerate(modes):
             d = m.as_dict(bandwidths)
-            add(f"{r.name} ({r.tokens} tok)" if i == 0 else "", m.mode, m.bits_per_element, m.transfer_bytes,
-                d["perplexity_ratio"], d["kl"], d["top1_agreement"], d["ttft"], text_total, d["ttft_at_bandwidth"],
-                end_section=i == len(modes) - 1)
+            yield {
+                "label": r.name if i == 0 else f"{r.tokens} tokens" if i == 1 else "",
+                "context": r.name,
+                "mode": m.mode,
+                "bits": m.bits_per_element,
+                "bytes": m.transfer_bytes,
+                "ppl": d["perplexity_ratio"],
+                "kl": d["kl"],
+                "top1": d["top1_agreement"],
+                "ttft": d["ttft"],
+                "text_total": text_total,
+                "at": d["ttft_at_bandwidth"],
+                "end": i == len(modes) - 1,
+            }
     if len(results) > 1:
         agg = aggregate(results, bandwidths)
         text_total = agg.get("text", {}).get("ttft", {}).get("total", 0.0)
-        for i, (mode, a) in enumerate(sorted(agg.items(), key=lambda kv: _KIND_ORDER.get(kv[1]["kind"], 9))):
-            add(f"all {len(results)} contexts" if i == 0 else "", mode, a["bits_per_element"], a["bytes"],
-                a["perplexity_ratio"], a["kl"], a["top1_agreement"], a["ttft"], text_total, a["ttft_at_bandwidth"])
+        ordered = sorted(agg.items(), key=lambda kv: _KIND_ORDER.get(kv[1]["kind"], 9))
+        for i, (mode, a) in enumerate(ordered):
+            yield {
+                "label": f"all {len(results)}" if i == 0 else "contexts" if i == 1 else "",
+                "context": "all",
+                "mode": mode,
+                "bits": a["bits_per_element"],
+                "bytes": a["bytes"],
+                "ppl": a["perplexity_ratio"],
+                "kl": a["kl"],
+                "top1": a["top1_agreement"],
+                "ttft": a["ttft"],
+                "text_total": text_total,
+                "at": a["ttft_at_bandwidth"],
+                "end": i == len(ordered) - 1,
+            }
+
+
+def _vs_text(row: dict) -> str:
+    return f"{row['ttft']['total'] / row['text_total']:.2f}x" if row["text_total"] > 0 else "-"
+
+
+# (header, cell) for the columns of the replay tables; the compact ones fit 100 columns together.
+_QUALITY_COLUMNS = [
+    ("bits/elt", lambda r: f"{r['bits']:.2f}"),
+    ("MB", lambda r: f"{r['bytes'] / 1e6:.2f}"),
+    ("ppl ratio", lambda r: f"{r['ppl']:.4f}"),
+    ("KL nats", lambda r: f"{r['kl']:.2e}"),
+    ("top-1", lambda r: f"{r['top1']:.3f}"),
+]
+_BREAKDOWN_COLUMNS = [
+    (step, lambda r, step=step: _ms(r["ttft"][step])) for step in ("read", "decode", "build", "first")
+]
+_TTFT_COLUMNS = [("TTFT ms", lambda r: _ms(r["ttft"]["total"])), ("vs text", _vs_text)]
+
+
+def _bandwidth_columns(bandwidths: Sequence[float]):
+    return [(f"@{b:g} Gb/s", lambda r, key=f"{b:g}": _ms(r["at"][key])) for b in bandwidths]
+
+
+def _table(title: str, rows: list[dict], columns, context_width: int | None):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("context", justify="left", max_width=context_width, overflow="fold")
+    table.add_column("mode", justify="left", no_wrap=True)
+    for header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row["label"], row["mode"], *(cell(row) for _, cell in columns), end_section=row["end"])
     return table
+
+
+def replay_tables(results: Sequence[ContextResult], bandwidths: Sequence[float] = (), wide: bool = False) -> list:
+    """The replay as rich tables. By default two that each fit 100 columns (quality, size and TTFT; then
+    TTFT over each modelled bandwidth); ``wide``: one table with the TTFT breakdown too (~170 columns)."""
+    rows = list(_replay_rows(results, bandwidths))
+    if wide:
+        return [replay_table(results, bandwidths)]
+    tables = [
+        _table(
+            "kvc eval: replay (quality vs the exact cache; time to first token in ms)",
+            rows,
+            _QUALITY_COLUMNS + _TTFT_COLUMNS,
+            context_width=16,
+        )
+    ]
+    if bandwidths:
+        tables.append(
+            _table("TTFT (ms) with the cache sent over a link", rows, _bandwidth_columns(bandwidths), context_width=16)
+        )
+    return tables
+
+
+def replay_table(results: Sequence[ContextResult], bandwidths: Sequence[float] = (), title: str | None = None):
+    """Every column in one table (``kvc eval --wide``, the benchmark): one row per (context, mode),
+    the aggregate rows close it when there are several contexts."""
+    rows = list(_replay_rows(results, bandwidths))
+    columns = _QUALITY_COLUMNS + _BREAKDOWN_COLUMNS + _TTFT_COLUMNS + _bandwidth_columns(bandwidths)
+    return _table(title or "kvc eval: replay (quality vs exact cache; time to first token, ms)", rows, columns, None)
 
 
 def needle_table(needle) -> object:
@@ -110,8 +184,13 @@ def qa_table(qa) -> object:
     return table
 
 
-def to_json(results: Sequence[ContextResult] = (), bandwidths: Sequence[float] = (), needle=None, qa=None,
-            model: dict | None = None) -> dict:
+def to_json(
+    results: Sequence[ContextResult] = (),
+    bandwidths: Sequence[float] = (),
+    needle=None,
+    qa=None,
+    model: dict | None = None,
+) -> dict:
     doc: dict = {"model": model or {}, "bandwidths_gbit": list(bandwidths)}
     if results:
         doc["contexts"] = [r.as_dict(bandwidths) for r in results]
@@ -133,15 +212,20 @@ def plot(path: str | Path, results: Sequence[ContextResult], bandwidths: Sequenc
 
     agg = aggregate(results, bandwidths)
     fig, (ax_rate, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = {"text": ("s", "tab:gray"), "exact": ("D", "black"), "level": ("o", "tab:blue"),
-               "transform": ("x", "tab:red")}
+    markers = {
+        "text": ("s", "tab:gray"),
+        "exact": ("D", "black"),
+        "level": ("o", "tab:blue"),
+        "transform": ("x", "tab:red"),
+    }
     for mode, a in agg.items():
         marker, color = markers.get(a["kind"], ("o", "tab:blue"))
         if mode == "lossless":
             marker, color = "*", "tab:green"
         ax_rate.scatter(a["bits_per_element"], a["perplexity_ratio"], marker=marker, color=color, s=70, zorder=3)
-        ax_rate.annotate(mode, (a["bits_per_element"], a["perplexity_ratio"]), textcoords="offset points",
-                         xytext=(5, 5), fontsize=8)
+        ax_rate.annotate(
+            mode, (a["bits_per_element"], a["perplexity_ratio"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     levels = sorted((a["bits_per_element"], a["perplexity_ratio"]) for a in agg.values() if a["kind"] == "level")
     if len(levels) > 1:
         ax_rate.plot(*zip(*levels), color="tab:blue", alpha=0.5)

@@ -7,30 +7,42 @@ kvc.save("doc.kvc", data)
 with kvc.open("doc.kvc") as f:
     kv = f.read(tokens=(0, 256))            # reads only the chunks it needs
     cache = f.to_cache(lm)                  # for model.generate(..., past_key_values=cache)
+
+The names below are imported on first use, so `import kvc` (and the `kvc` command's start-up,
+`kvc --help`, `kvc inspect`) costs no torch or transformers import until one is needed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below imports on first use
+    from kvc.api import KvcFile, encode_kv, encode_text, encode_tokens, open, save  # noqa: A004
+    from kvc.runtime.cache import to_transformers_cache
+    from kvc.runtime.kv import ContextKV, LayerKV
+    from kvc.runtime.loading import load_model
+    from kvc.runtime.prefill import prefill, tokenize
+    from kvc.safetensors_io import to_safetensors
 
 __version__ = "0.1.0"
 
-# Names resolve on first use (PEP 562): `import kvc` stays cheap, and commands that only read a
-# header (inspect, verify) never pay for torch, numba or transformers.
-_LAZY = {
-    "KvcFile": "kvc.api", "encode_kv": "kvc.api", "encode_text": "kvc.api", "encode_tokens": "kvc.api",
-    "open": "kvc.api", "save": "kvc.api", "to_transformers_cache": "kvc.runtime.cache",
-    "ContextKV": "kvc.runtime.kv", "LayerKV": "kvc.runtime.kv", "load_model": "kvc.runtime.loading",
-    "prefill": "kvc.runtime.prefill", "tokenize": "kvc.runtime.prefill",
-}  # fmt: skip
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvc' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
+# public name -> module that defines it
+_EXPORTS = {
+    "KvcFile": "kvc.api",
+    "encode_kv": "kvc.api",
+    "encode_text": "kvc.api",
+    "encode_tokens": "kvc.api",
+    "open": "kvc.api",
+    "save": "kvc.api",
+    "to_transformers_cache": "kvc.runtime.cache",
+    "ContextKV": "kvc.runtime.kv",
+    "LayerKV": "kvc.runtime.kv",
+    "load_model": "kvc.runtime.loading",
+    "prefill": "kvc.runtime.prefill",
+    "tokenize": "kvc.runtime.prefill",
+    "to_safetensors": "kvc.safetensors_io",
+}
 
 __all__ = [
     "ContextKV",
@@ -43,6 +55,26 @@ __all__ = [
     "open",
     "prefill",
     "save",
+    "to_safetensors",
     "to_transformers_cache",
     "tokenize",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:  # a submodule used as an attribute after `import kvc` (kvc.api, kvc.codec, ...)
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'kvc' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

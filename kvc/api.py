@@ -14,13 +14,13 @@ import torch
 import kvc
 from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, build_codec, level_entry, level_names
+from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_SLICE_TOKENS
 from kvc.errors import FormatError, InputError, ProfileError
 from kvc.formats.container import EncodedChunk, build, open_container, write_atomic
 from kvc.runtime.identity import check_same_model, model_identity
 from kvc.runtime.kv import ContextKV, LayerKV
-from kvc.runtime.prefill import DEFAULT_SLICE_TOKENS, prefill, tokenize
+from kvc.runtime.prefill import prefill, tokenize
 
-DEFAULT_CHUNK_TOKENS = 256
 KINDS = ("key", "value")
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -172,6 +172,7 @@ def encode_tokens(
     kv = prefill(lm, token_ids, slice_tokens, on_progress)
     info = {
         "slice_tokens": slice_tokens,
+        "dtype": str(lm.dtype).removeprefix("torch."),  # what a deep verify or eval loads the model in
         "device": lm.device.type,
         "torch": torch.__version__.split("+")[0],
         "transformers": _transformers_version(),

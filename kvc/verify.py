@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvc.errors import KvcError
+from kvc.errors import FormatError, KvcError, VerifyError
 from kvc.runtime.kv import ContextKV
 
 
@@ -44,8 +44,11 @@ def verify(f, deep: bool = False, lm=None) -> dict:
         "ok": True,
     }
 
-    def check(name: str, passed: bool, detail: str = "") -> None:
-        report["checks"].append({"check": name, "ok": passed, "detail": detail})
+    def check(name: str, passed: bool, detail: str = "", exit_code: int | None = None) -> None:
+        entry = {"check": name, "ok": passed, "detail": detail}
+        if not passed:  # what the failure means, as the CLI's exit code: 3 corrupt, 6 unfaithful, 7 no profile
+            entry["exit_code"] = exit_code or FormatError.exit_code
+        report["checks"].append(entry)
         report["ok"] = report["ok"] and passed
 
     check("header", True, "magic, version, header checksum and structure")
@@ -54,16 +57,17 @@ def verify(f, deep: bool = False, lm=None) -> dict:
         try:
             decoded[level] = f.read(level)
             check(f"level {level}", True, f"{len(f.header['chunks'])} chunk checksums, every segment decodes")
-        except KvcError as exc:
-            check(f"level {level}", False, str(exc))
+        except KvcError as exc:  # a corrupt chunk (3), or a profile that is missing or wrong (7)
+            check(f"level {level}", False, str(exc), exc.exit_code)
     if not deep or not report["ok"]:
         return report
+    from kvc.defaults import DEFAULT_SLICE_TOKENS
     from kvc.runtime.prefill import prefill
 
     f.check_model(lm)
     check("model", True, f"{lm.name}: config, weights and tokenizer fingerprints match")
     recorded = f.header.get("prefill", {})
-    reference = prefill(lm, f.token_ids, recorded.get("slice_tokens", 512))
+    reference = prefill(lm, f.token_ids, recorded.get("slice_tokens", DEFAULT_SLICE_TOKENS))
     same_env = recorded.get("device") == lm.device.type and recorded.get("torch") == torch.__version__.split("+")[0]
     report["same_environment"] = same_env
     from kvc.codec.registry import LOSSLESS, build_codec
@@ -92,5 +96,6 @@ def verify(f, deep: bool = False, lm=None) -> dict:
             f"deep {level}",
             passed,
             f"max |error| {err['max_abs_error']:.3g}, relative RMSE {err['relative_rmse']:.3g} ({bound})",
+            VerifyError.exit_code,
         )
     return report

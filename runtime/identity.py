@@ -93,6 +93,11 @@ def check_same_model(stored: dict, offered: dict) -> None:
     """Raise ModelMismatchError naming the first fingerprint that differs."""
     for key, what in (("config_sha256", "config"), ("weights_sha256", "weights"), ("tokenizer_sha256", "tokenizer")):
         if stored.get(key) != offered.get(key):
+            if key == "weights_sha256" and stored.get("dtype") and stored.get("dtype") != offered.get("dtype"):
+                raise ModelMismatchError(
+                    f"model mismatch: the file was made with {stored.get('name')} in {stored.get('dtype')}, "
+                    f"the offered model is loaded in {offered.get('dtype')}: pass --dtype {stored.get('dtype')}"
+                )
             raise ModelMismatchError(
                 f"model mismatch: the file was made with {stored.get('name')} ({stored.get('source')}); "
                 f"the offered model {offered.get('name')} has a different {what}"

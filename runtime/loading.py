@@ -1,7 +1,8 @@
 """Find and load a causal LM: the embedded default, a local Hugging Face folder, or a .gguf file.
 
-Nothing here ever reaches a hub. A GGUF is dequantised once (~15-25 s) into a plain folder under
-the user's cache directory, keyed by the GGUF's hash, so later loads take well under a second."""
+Nothing here ever reaches a hub. A GGUF is dequantised once (~30 s for the embedded SmolLM2, said in
+one line on stderr) into a plain float32 folder under the user's cache directory, keyed by the GGUF's
+hash, so later loads take well under a second."""
 
 from __future__ import annotations
 
@@ -73,15 +74,42 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What --dtype accepts: torch's names and the short ones people type.
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> str:
+    """The canonical name ('auto', 'float32', 'float16', 'bfloat16') for a --dtype value."""
+    canonical = DTYPE_ALIASES.get((name or "auto").strip().lower())
+    if canonical is None:
+        raise InputError(f"unknown dtype {name!r}: use auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+    return canonical
 
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load by spec: None or "smollm2" (the embedded default), a folder, or a .gguf path."""
+    """Load by spec: None or "smollm2" (the embedded default), a folder, or a .gguf path.
+
+    ``dtype`` "auto" is the checkpoint's own: what a Hugging Face folder's config says (its
+    ``dtype``/``torch_dtype``), and float32 for a GGUF. A GGUF's weights are block-quantised (the
+    embedded SmolLM2 is Q4_1: 4-bit integers times float16 scales plus offsets); float32 holds their
+    dequantised values exactly, float16 and bfloat16 would round them, and CPU matmuls are fastest in
+    float32. The shipped SmolLM2 profile and every published number are for those float32 weights.
+    Pass dtype="bfloat16" (or --dtype bf16) for caches half the size, at the cost of another model
+    identity (the weights fingerprint covers the dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    dtype = parse_dtype(dtype)
     if spec in (None, "", DEFAULT_MODEL, "default"):
         folder, name, source = _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
     else:
@@ -104,11 +132,36 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     try:
         with _quiet_transformers(show_bars=False):  # a sub-second load needs no bar
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, dtype=_TORCH_DTYPES.get(dtype, dtype)
+            )
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev)
+
+
+def recorded_dtype(header: dict) -> str:
+    """The dtype a .kvc file's context was prefilled in: ``prefill.dtype``, else (files from before it
+    was recorded there) the model identity's ``dtype``, else "auto"."""
+    for value in ((header.get("prefill") or {}).get("dtype"), (header.get("model") or {}).get("dtype")):
+        if value in _TORCH_DTYPES:
+            return value
+    return "auto"
+
+
+def load_for_file(f, spec: str | None = None, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+    """The model an opened .kvc file was made with: ``spec`` (default: the source the file names),
+    loaded in ``dtype`` (default: the dtype the file was prefilled in); refused with
+    ModelMismatchError if it is not the file's model."""
+    header = f.header
+    lm = load_model(
+        spec or (header.get("model") or {}).get("source"),
+        device=device,
+        dtype=recorded_dtype(header) if dtype in (None, "", "file") else dtype,
+    )
+    f.check_model(lm)
+    return lm
 
 
 @contextmanager
@@ -150,6 +203,12 @@ def _converted(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Said once, on stderr, terminal or not: half a minute of silence reads as a hang, even in a pipeline.
+    print(
+        f"kvc: first use of {gguf.name}: converting it once into {target.parent}/ (about 30 s for the default model)",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
         # The one-off dequantisation takes ~25 s: worth a bar on a terminal, never in a pipeline.

@@ -10,11 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from kvc.defaults import DEFAULT_SLICE_TOKENS
 from kvc.errors import InputError
 from kvc.runtime.cache import from_transformers_cache
 from kvc.runtime.kv import ContextKV
-
-DEFAULT_SLICE_TOKENS = 512
 
 
 def tokenize(lm, text: str, max_tokens: int | None = None, add_special_tokens: bool = True) -> list[int]:

@@ -14,8 +14,10 @@ from kvc.evaluation.replay import evaluate_context, evaluate_file, evaluate_toke
 from tests.conftest import KVC, essay
 
 DATA = Path(__file__).parent / "data"
-TEXT = ("KV caches let a model skip re-reading a long context. Compression makes them cheap to store. "
-        "The quick brown fox jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9. ") * 6
+TEXT = (
+    "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. "
+    "The quick brown fox jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9. "
+) * 6
 DAMAGE = {"damaged": zero_values(range(100))}  # every layer's values zeroed
 
 
@@ -85,11 +87,39 @@ def test_cli_json_replay_qa_needle_plot(tiny_model_dirs, tmp_path):
     hay.mkdir()
     (hay / "a.txt").write_text(TEXT * 3)
     out = subprocess.run(
-        [KVC, "eval", str(path), "--continuation-tokens", "24", "--repeat", "2", "--bandwidth", "0.1,10", "--json",
-         "--qa", str(DATA / "qa_small.jsonl"), "--limit", "2", "--needle", "--haystack", str(hay),
-         "--depths", "0.5", "--lengths", "200", "--max-new-tokens", "4", "--plot", str(tmp_path / "p.png")],
-        check=False, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        [
+            KVC,
+            "eval",
+            str(path),
+            "--continuation-tokens",
+            "24",
+            "--repeat",
+            "2",
+            "--bandwidth",
+            "0.1,10",
+            "--json",
+            "--qa",
+            str(DATA / "qa_small.jsonl"),
+            "--limit",
+            "2",
+            "--needle",
+            "--haystack",
+            str(hay),
+            "--depths",
+            "0.5",
+            "--lengths",
+            "200",
+            "--max-new-tokens",
+            "4",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     ctx = doc["contexts"][0]
@@ -127,7 +157,8 @@ def test_smollm2_needle_found_from_cache_and_lost_when_damaged(smollm2):
 @pytest.mark.real
 def test_smollm2_chat_template_split_keeps_the_context_a_prefix(smollm2):
     context_ids, question_ids = build_prompt(smollm2, "Some document.", "What is it?")
-    whole = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Some document.\n\nWhat is it?"}],
-                                                  tokenize=False, add_generation_prompt=True)
+    whole = smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Some document.\n\nWhat is it?"}], tokenize=False, add_generation_prompt=True
+    )
     assert smollm2.tokenizer.decode(context_ids + question_ids) == whole
     assert smollm2.tokenizer.decode(context_ids).endswith("Some document.")

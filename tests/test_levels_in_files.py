@@ -114,12 +114,14 @@ def test_deep_verify_holds_lossy_levels_to_their_bounds(lm, profile):
     ids = kvc.tokenize(lm, TEXT)
     kv = kvc.prefill(lm, ids)
     info = {"slice_tokens": 512, "device": "cpu", "torch": torch.__version__.split("+")[0]}
-    faithful = kvc.open(kvc.encode_kv(kv, model_identity(lm), ["balanced"], profile=profile, prefill_info=info),
-                        profile=profile)
+    faithful = kvc.open(
+        kvc.encode_kv(kv, model_identity(lm), ["balanced"], profile=profile, prefill_info=info), profile=profile
+    )
     report = verify(faithful, deep=True, lm=lm)
     assert report["ok"] and report["levels"]["balanced"]["elements_outside_bound"] == 0
     kv.layers[2].key[1, 30:34] += 5.0  # a stored cache that is not what this model computes
-    unfaithful = kvc.open(kvc.encode_kv(kv, model_identity(lm), ["balanced"], profile=profile, prefill_info=info),
-                          profile=profile)
+    unfaithful = kvc.open(
+        kvc.encode_kv(kv, model_identity(lm), ["balanced"], profile=profile, prefill_info=info), profile=profile
+    )
     report = verify(unfaithful, deep=True, lm=lm)
     assert not report["ok"] and report["levels"]["balanced"]["elements_outside_bound"] > 0
