@@ -30,8 +30,10 @@ from kvc.workers import default_threads, run_tasks
 # inline a tuple-returning helper into a hot loop, and a call per symbol doubles the time.
 # Step, as in reference.decode_lane: slot = x mod 2**16; s = the symbol whose cumulative range holds
 # slot (from the coarse table, then forward); x = freq·(x >> 16) + slot − cum; one word in when x < L;
-# an end symbol is followed by two raw 16-bit pieces of the escape excess. A lane that runs out of
-# words reads zeros and keeps counting, so the final ``p == end`` check catches it.
+# an end symbol is followed by two raw 16-bit pieces of the escape excess. The refill is branch-free
+# (a mispredicted branch stalls all four interleaved lanes): it always loads a word, clamped to the
+# lane's last one, and selects. A lane that runs out of words keeps counting past its end, so the
+# final ``p == end`` check catches it.
 
 
 @njit(nogil=True, cache=True)
@@ -54,9 +56,10 @@ def _lane_tail(x, p, end, c_lo, c_hi, words, ch_model, ch_out, ch_tokens, ch_str
                 s += 1
             c = np.int64(cum[base + s])
             x = (np.int64(cum[base + s + 1]) - c) * (x >> 16) + slot - c
-            if x < STATE_LOWER:
-                x = (x << 16) | (np.int64(words[p]) if p < end else 0)
-                p += 1
+            w = np.int64(words[min(p, end - 1)])  # branch-free refill: a clamped read, then a select
+            n = x < STATE_LOWER
+            x = ((x << 16) | w) if n else x
+            p += n
             v = s - R
             if s == 0 or s == A - 1:
                 hi = x & 0xFFFF
@@ -106,9 +109,10 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
                 s += 1
             c = np.int64(cum[b0 + s])
             x0 = (np.int64(cum[b0 + s + 1]) - c) * (x0 >> 16) + slot - c
-            if x0 < STATE_LOWER:
-                x0 = (x0 << 16) | (np.int64(words[p0]) if p0 < e0 else 0)
-                p0 += 1
+            w = np.int64(words[min(p0, e0 - 1)])  # branch-free refill: a clamped read, then a select
+            n = x0 < STATE_LOWER
+            x0 = ((x0 << 16) | w) if n else x0
+            p0 += n
             v = s - R0
             if s == 0 or s == A0 - 1:
                 hi = x0 & 0xFFFF
@@ -128,9 +132,10 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
                 s += 1
             c = np.int64(cum[b1 + s])
             x1 = (np.int64(cum[b1 + s + 1]) - c) * (x1 >> 16) + slot - c
-            if x1 < STATE_LOWER:
-                x1 = (x1 << 16) | (np.int64(words[p1]) if p1 < e1 else 0)
-                p1 += 1
+            w = np.int64(words[min(p1, e1 - 1)])  # branch-free refill: a clamped read, then a select
+            n = x1 < STATE_LOWER
+            x1 = ((x1 << 16) | w) if n else x1
+            p1 += n
             v = s - R1
             if s == 0 or s == A1 - 1:
                 hi = x1 & 0xFFFF
@@ -150,9 +155,10 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
                 s += 1
             c = np.int64(cum[b2 + s])
             x2 = (np.int64(cum[b2 + s + 1]) - c) * (x2 >> 16) + slot - c
-            if x2 < STATE_LOWER:
-                x2 = (x2 << 16) | (np.int64(words[p2]) if p2 < e2 else 0)
-                p2 += 1
+            w = np.int64(words[min(p2, e2 - 1)])  # branch-free refill: a clamped read, then a select
+            n = x2 < STATE_LOWER
+            x2 = ((x2 << 16) | w) if n else x2
+            p2 += n
             v = s - R2
             if s == 0 or s == A2 - 1:
                 hi = x2 & 0xFFFF
@@ -172,9 +178,10 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
                 s += 1
             c = np.int64(cum[b3 + s])
             x3 = (np.int64(cum[b3 + s + 1]) - c) * (x3 >> 16) + slot - c
-            if x3 < STATE_LOWER:
-                x3 = (x3 << 16) | (np.int64(words[p3]) if p3 < e3 else 0)
-                p3 += 1
+            w = np.int64(words[min(p3, e3 - 1)])  # branch-free refill: a clamped read, then a select
+            n = x3 < STATE_LOWER
+            x3 = ((x3 << 16) | w) if n else x3
+            p3 += n
             v = s - R3
             if s == 0 or s == A3 - 1:
                 hi = x3 & 0xFFFF
@@ -229,10 +236,10 @@ def _decode_lanes(a, b, words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out,
                 continue
             x, p, tail_bad = _lane_tail(xs[j], ps[j], end, ch_lo[lane + j] + done, ch_hi[lane + j], words, ch_model,
                                         ch_out, ch_tokens, ch_stride, cum, start, alphabet, lut, out)  # fmt: skip
-            if tail_bad or (bad >> j) & 1:
-                status[lane + j] = BAD_EXCESS
-            elif p > end:
+            if p > end:  # checked first: a lane read past its end decodes garbage, escapes included
                 status[lane + j] = EXHAUSTED
+            elif tail_bad or (bad >> j) & 1:
+                status[lane + j] = BAD_EXCESS
             elif p != end or x != STATE_LOWER:
                 status[lane + j] = BAD_FINAL_STATE
             else:

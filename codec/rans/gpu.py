@@ -54,11 +54,8 @@ def _decode_lanes(words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_to
                 s += 1
             c = np.int64(cum[base + s])
             x = (np.int64(cum[base + s + 1]) - c) * (x >> 16) + slot - c
-            if x < _L:
-                w = np.int64(0)
-                if p < end:
-                    w = np.int64(words[p])
-                x = (x << 16) | w
+            if x < _L:  # the CPU kernel's refill: past the end, the lane's last word (then caught below)
+                x = (x << 16) | np.int64(words[min(p, end - 1)])
                 p += 1
             v = s - R
             if s == 0 or s == A - 1:
@@ -80,10 +77,10 @@ def _decode_lanes(words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_to
                 if s == 0:
                     v = -v
             out[o + t * st] = v
-    if bad:
-        status[lane] = BAD_EXCESS
-    elif p > end:
+    if p > end:
         status[lane] = EXHAUSTED
+    elif bad:
+        status[lane] = BAD_EXCESS
     elif p != end or x != _L:
         status[lane] = BAD_FINAL_STATE
     else:
