@@ -118,7 +118,8 @@ def test_help_version_and_bare_kvc():
 
 
 def test_shell_completion(tmp_path):
-    script = kvc_proc("--show-completion", "bash")
+    # typer may detect the shell from the process tree or $SHELL rather than the argument: name it both ways
+    script = kvc_proc("--show-completion", "bash", env={"SHELL": "/bin/bash"})
     assert script.returncode == 0 and b"_KVC_COMPLETE=complete_bash" in script.stdout
     words = kvc_proc(env={"_KVC_COMPLETE": "complete_bash", "COMP_WORDS": "kvc enc", "COMP_CWORD": "1"})
     assert words.returncode == 0 and words.stdout.split() == [b"encode"]
