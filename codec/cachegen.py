@@ -144,7 +144,7 @@ class CacheGenCodec:
         H, T, D = segment.shape
         C = H * D
         data = bytes(data)
-        if len(data) < self.min_segment_bytes(segment) or data[0] != VERSION:
+        if len(data) < self.min_segment_bytes(segment) or data[0] != VERSION or data[1:3] != b"\0\0":
             raise FormatError("bad cachegen segment header")
         pos = 3
         scales = np.frombuffer(data, "<f2", T, pos).astype(np.float32)
