@@ -88,13 +88,17 @@ def sha(data: bytes) -> str:
 # ---------------------------------------------------------------- fixtures
 
 
-def build_fixtures(folder: Path) -> Path:
-    """Build (once; deterministic on one machine) the tiny models, the profile and the genuine files."""
+def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> Path:
+    """Build (once; deterministic on one machine) the tiny models, the profile and the genuine files.
+    ``model_dirs`` may name already built tiny models (arch -> folder) to link instead of building."""
     folder = Path(folder)
     done = folder / "DONE"
     if done.exists() and done.read_text() == FIXTURE_VERSION:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    for arch, path in (model_dirs or {}).items():
+        if not (folder / arch).exists():
+            (folder / arch).symlink_to(Path(path).resolve(), target_is_directory=True)
     import kvc
     from kvc.codec.profile import fit_profile
     from kvc.runtime.loading import load_model
@@ -1235,6 +1239,9 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
         self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
         self.log.close()
 
 
@@ -1298,7 +1305,6 @@ def run(
             print(f"  {len(results)}/{cases} cases, {fails} failures, {rate:.1f} cases/s", file=sys.stderr)
     for w in pool:
         sel.unregister(w.proc.stdout)
-        w.proc.stdin.close()
         w.kill()
     return summarize(results, seed, cases, time.monotonic() - t0, cap)
 
