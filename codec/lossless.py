@@ -139,7 +139,7 @@ class LosslessCodec:
     def min_segment_bytes(segment: Segment) -> int:
         """The shortest segment that can hold ``segment`` (the plausibility bound a reader checks first)."""
         H, T, D = segment.shape
-        return min_frame_bytes(H * T * D * torch.empty(0, dtype=segment.dtype).element_size())
+        return min_frame_bytes(H * T * D * segment.dtype.itemsize)
 
     def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
         raw = tensor.contiguous().view(torch.uint8).numpy()
@@ -148,7 +148,7 @@ class LosslessCodec:
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(raw.tobytes())
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
-        itemsize = torch.empty(0, dtype=segment.dtype).element_size()
+        itemsize = segment.dtype.itemsize
         count = segment.shape[0] * segment.shape[1] * segment.shape[2]
         where = f"layer {segment.layer} {segment.kind}"
         raw = decompress_exact(bytes(data), count * itemsize, where)

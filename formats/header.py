@@ -31,6 +31,9 @@ _INT64 = 1 << 63
 # text holds none of them (every header kvc writes), the per-string check is skipped.
 _RISKY_ESCAPE = re.compile(rb"\\[bfnrt]|\\u00[01][0-9a-fA-F]|\\u007[fF]|\\u[dD][89a-fA-F]")
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# An integer outside int64 needs 19 digits or more; without such a run the parser needs no hook.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_SCALARS = {int, float, bool, str, type(None)}
 _MODEL_STRINGS = ("name", "source", "architecture", "model_type", "dtype", "position_encoding", "rope_type")
 _MODEL_HASHES = ("config_sha256", "weights_sha256", "tokenizer_sha256")
 
@@ -73,7 +76,7 @@ def parse_json(raw: bytes, what: str, error: type[Exception] = FormatError):
             raw.decode("utf-8"),
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
-            parse_int=_int64,
+            parse_int=_int64 if _LONG_DIGITS.search(raw) else None,
             object_pairs_hook=_unique_keys,
         )
     except RecursionError:
@@ -105,6 +108,9 @@ def _check_tree(value, what: str, error: type[Exception], check_strings: bool) -
                         raise error(f"{what} holds a string with a control character or a lone surrogate")
             children = (v for _, v in items)
         elif type(node) is list:
+            kinds = set(map(type, node))  # one pass in C: most lists (token ids) hold only numbers
+            if kinds <= _SCALARS and not (check_strings and str in kinds):
+                continue
             children = node
         else:
             if check_strings and type(node) is str and _BAD_CHARS.search(node):

@@ -406,7 +406,7 @@ def _check_decoded_size(f: KvcFile, level: str, tokens: tuple[int, int] | None) 
         return
     codec = f._codec(level)
     min_bytes = getattr(codec, "min_segment_bytes", None)
-    itemsize = torch.empty(0, dtype=f.dtype).element_size()
+    itemsize = f.dtype.itemsize
     specs = header["layout"]["layers"]
     decoded = stored = 0
     touched: set[int] = set()
