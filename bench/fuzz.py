@@ -93,7 +93,8 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
     ``model_dirs`` may name already built tiny models (arch -> folder) to link instead of building."""
     folder = Path(folder)
     done = folder / "DONE"
-    if done.exists() and done.read_text() == FIXTURE_VERSION:
+    stamp = fixture_stamp()
+    if done.exists() and done.read_text() == stamp:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for arch, path in (model_dirs or {}).items():
@@ -120,8 +121,18 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
             lm, ids, levels=levels, chunk_tokens=CHUNK_TOKENS, profile=profile, embed_profile=embed
         )
         (folder / f"{name}.kvc").write_bytes(data)
-    done.write_text(FIXTURE_VERSION)
+    done.write_text(stamp)
     return folder
+
+
+def fixture_stamp() -> str:
+    """What the fixtures depend on: a change of codec version or library rebuilds them."""
+    from importlib.metadata import version
+
+    from kvc.codec import cachegen, kvq
+
+    libs = ",".join(f"{p}={version(p)}" for p in ("torch", "transformers", "constriction", "zstandard"))
+    return f"{FIXTURE_VERSION};kvq={kvq.SEGMENT_VERSION};cachegen={cachegen.VERSION};{libs}"
 
 
 def default_fixture_dir() -> Path:
@@ -1367,6 +1378,7 @@ def print_table(summary: dict) -> None:
         ("decoded_forged_data", "forged data"),
         ("deep_caught", "deep caught"),
         ("faithful_other_params", "faithful, other params"),
+        ("passed_claimed_other_env", "passed, other env claimed"),
         ("failures", "failures"),
         ("hangs", "hangs"),
         ("crashes", "crashes"),
