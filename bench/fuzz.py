@@ -1377,6 +1377,7 @@ def print_table(summary: dict) -> None:
         ("decoded", "decoded"),
         ("decoded_forged_data", "forged data"),
         ("deep_caught", "deep caught"),
+        ("deep_exit_6", "exit 6"),
         ("faithful_other_params", "faithful, other params"),
         ("passed_claimed_other_env", "passed, other env claimed"),
         ("failures", "failures"),
