@@ -484,3 +484,21 @@ def test_inspect_json_of_a_genuine_file_reports_every_level(files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert all(lv["ratio_vs_fp16"] > 0 and lv["bits_per_element"] > 0 for lv in info["levels"])
+
+
+def test_every_frame_zstd_writes_passes_the_frame_walk():
+    """The frame rules refuse hostile frames, never genuine ones: every level, sizes across block and
+    window boundaries (multi-segment frames), with and without a checksum."""
+    import zstandard
+
+    from kvc.codec.lossless import decompress_exact
+
+    rng = np.random.default_rng(0)
+    for level in (-7, 1, 3, 19, 22):
+        for n in (1, 131071, 131072, 131073, 3_000_000):
+            data = rng.standard_normal(n // 4 + 1).astype(np.float32).tobytes()[:n] if n % 2 else bytes(n)
+            for checksum in (False, True):
+                writer = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=checksum)
+                assert decompress_exact(writer.compress(data), n, "test") == data
+    with pytest.raises(FormatError, match="content size"):  # a streamed frame states no size
+        decompress_exact(zstandard.ZstdCompressor(write_content_size=False).compress(b"abc"), 3, "test")
