@@ -31,6 +31,7 @@ MAGIC = b"KVCPROF\x00"
 VERSION = 1
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
+MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
 SINKS = 4
 GRID = (-16.0, 16.0, 513)  # standardised-coefficient grid of the shape CDFs
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -84,6 +85,10 @@ class Profile:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Profile:
+        """A profile from its file bytes, checked in order: size, magic, checksum, version, header length,
+        strict JSON (formats.header.parse_json), every header field typed and ranged, every tensor entry
+        against the shapes the dimensions imply and against the blob, then the values. Nothing is
+        allocated from a number before it is checked against the bytes that back it."""
         data = bytes(data)
         if len(data) > MAX_FILE:
             raise ProfileError("profile file is implausibly large")
@@ -98,44 +103,61 @@ class Profile:
         start = len(MAGIC) + 8
         if hlen > MAX_HEADER or start + hlen > len(body):
             raise ProfileError("profile header length out of bounds")
-        try:
-            header = json.loads(body[start : start + hlen].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProfileError(f"profile header is not valid JSON: {exc}") from None
-        blob = body[start + hlen :]
-        try:
-            return cls._from_header(header, blob, data)
-        except ProfileError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"profile header is malformed: {exc}") from None
+        from kvc.formats.header import parse_json
+
+        header = parse_json(body[start : start + hlen], "profile header", ProfileError)
+        return cls._from_header(header, body[start + hlen :], data)
 
     @classmethod
-    def _from_header(cls, header: dict, blob: bytes, raw: bytes) -> Profile:
+    def _from_header(cls, header, blob: bytes, raw: bytes) -> Profile:
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ProfileError(f"profile header is malformed: {message}")
+
+        def integer(key: str, low: int, high: int) -> int:
+            value = header.get(key)
+            need(type(value) is int and low <= value <= high, f"{key} must be an integer in [{low}, {high}]")
+            return value
+
+        need(type(header) is dict, "not a JSON object")
         if header.get("format") != "kvc-profile":
             raise ProfileError("not a kvc profile header")
-        if list(header["grid"]) != list(GRID):
+        if header.get("grid") != list(GRID):
             raise ProfileError("profile uses an unknown shape grid")
-        L, H = int(header["layers"]), int(header["heads"])
-        kd, vd = int(header["key_dim"]), int(header["value_dim"])
-        if not (0 < L <= 4096 and 0 < H <= 1024 and 0 < kd <= 1024 and 0 < vd <= 1024):
-            raise ProfileError("profile dimensions out of range")
+        L = integer("layers", 1, MAX_LAYERS)
+        H = integer("heads", 1, MAX_HEADS)
+        kd = integer("key_dim", 1, MAX_DIM)
+        vd = integer("value_dim", 1, MAX_DIM)
+        sinks = integer("sinks", 0, MAX_SINKS)
+        identity = header.get("identity")
+        need(type(identity) is dict, "identity must be an object")
+        need(all(type(v) in (str, type(None)) for v in identity.values()), "identity values must be strings")
+        need(type(header.get("fit", {})) in (dict, type(None)), "fit must be an object")
         D = max(kd, vd)
         expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D),
                   "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H)}
+        # Python integers: no overflow, and the whole blob must back every tensor before any is read.
+        needed = sum(math.prod(shape) * _DTYPES[_FIELDS[name]].itemsize for name, shape in expect.items())
+        if needed > len(blob):
+            raise ProfileError(f"profile tensors need {needed} bytes, the file holds {len(blob)}")
+        tensors = header.get("tensors")
+        need(type(tensors) is list and len(tensors) == len(_FIELDS), f"tensors must list the {len(_FIELDS)} tensors")
         arrays = {}
-        for t in header["tensors"]:
-            name = t["name"]
-            if name not in _FIELDS or t["dtype"] != _FIELDS[name] or tuple(t["shape"]) != expect[name]:
+        for t in tensors:
+            need(type(t) is dict, "a tensor entry is not an object")
+            name = t.get("name")
+            if type(name) is not str or name not in _FIELDS or name in arrays:
+                raise ProfileError(f"profile tensor {str(name)[:40]!r} is unknown or repeated")
+            if t.get("dtype") != _FIELDS[name] or t.get("shape") != list(expect[name]):
                 raise ProfileError(f"profile tensor {name!r} has an unexpected dtype or shape")
-            dt = _DTYPES[t["dtype"]]
-            n = int(np.prod(expect[name]))
-            off, nbytes = int(t["offset"]), int(t["nbytes"])
-            if nbytes != n * dt.itemsize or off < 0 or off + nbytes > len(blob):
+            dt = _DTYPES[_FIELDS[name]]
+            n = math.prod(expect[name])
+            off, nbytes = t.get("offset"), t.get("nbytes")
+            if type(off) is not int or type(nbytes) is not int or nbytes != n * dt.itemsize or not (
+                0 <= off <= len(blob) - nbytes
+            ):
                 raise ProfileError(f"profile tensor {name!r} lies outside the file")
             arrays[name] = np.frombuffer(blob, dtype=dt, count=n, offset=off).reshape(expect[name]).copy()
-        if set(arrays) != set(_FIELDS):
-            raise ProfileError("profile is missing tensors")
         for name, arr in arrays.items():
             if not np.all(np.isfinite(arr)):
                 raise ProfileError(f"profile tensor {name!r} holds non-finite values")
@@ -143,15 +165,44 @@ class Profile:
             raise ProfileError("profile steps must be positive")
         rotary = header.get("rotary")
         if rotary is not None:
-            rotary = {"theta": float(rotary["theta"]), "dim": int(rotary["dim"])}
-            if rotary["dim"] != kd or kd % 2 or not rotary["theta"] > 0:
+            need(type(rotary) is dict, "rotary must be an object or null")
+            theta, dim = rotary.get("theta"), rotary.get("dim")
+            need(type(theta) in (int, float) and type(dim) is int, "rotary needs a numeric theta and an integer dim")
+            rotary = {"theta": float(theta), "dim": dim}
+            if dim != kd or kd % 2 or not 0.0 < rotary["theta"] <= 1e12:
                 raise ProfileError("profile rotary parameters are inconsistent")
-        prof = cls(identity=dict(header["identity"]), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
-                   sinks=int(header["sinks"]), arrays=arrays, fit=dict(header.get("fit") or {}))
-        if not 0 <= prof.sinks <= 1 << 20:
-            raise ProfileError("profile sink count out of range")
+        prof = cls(identity=dict(identity), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
+                   sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}))
         prof._bytes = raw
         return prof
+
+    def check_layout(self, layers: list[dict]) -> None:
+        """Refuse (FormatError) a profile that does not describe a file's layout (``layout.layers``): a
+        lossy level's tables are sized by the profile, so it must be the file's own shape."""
+        if len(layers) != self.layers or any(
+            (spec["kv_heads"], spec["key_dim"], spec["value_dim"]) != (self.heads, self.key_dim, self.value_dim)
+            for spec in layers
+        ):
+            raise FormatError(
+                f"the file's layout ({len(layers)} layers) does not match its profile {self.sha256[:16]}… "
+                f"({self.layers} layers × {self.heads} heads × {self.key_dim}/{self.value_dim})"
+            )
+
+    def coding_table_bytes(self, scale: float, layers: list[int]) -> int:
+        """Memory the kvq (version 1) decoder's coding tables take for ``layers`` at step ``scale``: each
+        channel has an alphabet of 2R+1 symbols, R = clip(ceil(10·sigma/step) + 1, 1, 4096)
+        (docs/CODEC.md step 5); ~48 bytes per symbol (float64 probabilities, constriction's table and
+        the transients of building them) and ~320 bytes per channel."""
+        if not layers:
+            return 0
+        idx = np.asarray(sorted(set(layers)), dtype=np.int64)
+        total = 0
+        for k, dim in ((0, self.key_dim), (1, self.value_dim)):
+            sigma = self.arrays["sigma"][idx, k, :, :dim].astype(np.float64)  # [l, H, dim]
+            step = self.arrays["base_step"][idx, k].astype(np.float64)[..., None] * float(scale)
+            radius = np.clip(np.ceil(10.0 * sigma / step) + 1, 1, 4096)
+            total += int(48 * (2 * radius + 1).sum()) + 320 * radius.size
+        return total
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self.to_bytes())

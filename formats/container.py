@@ -59,6 +59,10 @@ def build(header: dict, chunks: list[EncodedChunk], attachments: dict[str, bytes
     text = json.dumps(full, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     if len(text) > layout.MAX_HEADER_BYTES:
         raise InputError(f"the header would be {len(text)} bytes, over the {layout.MAX_HEADER_BYTES}-byte limit")
+    try:  # never write what a reader would refuse
+        header_schema.validate(header_schema.parse_json(text, "the header"), data.tell())
+    except FormatError as exc:
+        raise InputError(f"refusing to write an invalid file: {exc}") from None
     head = layout.PREAMBLE.pack(layout.MAGIC, layout.MAJOR, layout.MINOR, len(text)) + text
     return head + hashlib.sha256(head).digest() + data.getvalue()
 
@@ -135,17 +139,14 @@ class Container:
         digest = source.read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum")
         if hashlib.sha256(head).digest() != digest:
             raise FormatError(f"{name}: header checksum mismatch (the file is corrupt)")
-        try:
-            header = json.loads(head[layout.PREAMBLE_BYTES :].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise FormatError(f"{name}: header is not valid JSON") from exc
+        header = header_schema.parse_json(head[layout.PREAMBLE_BYTES :], f"{name}: header")
         self.version = (major, minor)
         self.data_start = layout.PREAMBLE_BYTES + header_len + layout.DIGEST_BYTES
         available = source.size - self.data_start
-        promised = header.get("data_length") if isinstance(header, dict) else None
-        if isinstance(promised, int) and promised > available:
+        promised = header.get("data_length") if type(header) is dict else None
+        if type(promised) is int and promised > available:
             raise FormatError(f"truncated file: {name} promises {promised} data bytes, holds {available}")
-        if isinstance(promised, int) and promised < available:
+        if type(promised) is int and promised < available:
             raise FormatError(f"{name} has {available - promised} unexpected bytes after its data (data_length)")
         header_schema.validate(header, available)
         self.header = header
@@ -191,9 +192,20 @@ class Container:
         run_tasks(check, found, threads)
         return [(enc, data) for _, enc, data in found]
 
-    def attachment(self, name: str) -> bytes | None:
+    def attachment_entry(self, name: str) -> dict | None:
+        """The index entry of attachment ``name`` (names are unique), without reading its bytes."""
         for att in self.header.get("attachments", []):
             if att["name"] == name:
+                return att
+        return None
+
+    def attachment(self, name: str, sha256: str | None = None) -> bytes | None:
+        """The checked bytes of attachment ``name``; None when there is none, or when ``sha256`` is given
+        and the attachment's recorded hash is another (its bytes are then never read)."""
+        for att in self.header.get("attachments", []):
+            if att["name"] == name:
+                if sha256 is not None and att["sha256"] != sha256:
+                    return None
                 data = bytes(self._source.read(self.data_start + att["offset"], att["length"], f"attachment {name}"))
                 if hashlib.sha256(data).hexdigest() != att["sha256"]:
                     raise FormatError(f"{self.name}: attachment {name} checksum mismatch (the file is corrupt)")

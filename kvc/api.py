@@ -15,7 +15,7 @@ import kvc
 from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, build_codec, level_entry, level_names
 from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_SLICE_TOKENS
-from kvc.errors import FormatError, InputError, ProfileError
+from kvc.errors import FormatError, InputError, LimitError, ProfileError
 from kvc.formats.container import EncodedChunk, build, open_container, write_atomic
 from kvc.runtime.identity import check_same_model, model_identity
 from kvc.runtime.kv import ContextKV, LayerKV
@@ -209,12 +209,13 @@ def _transformers_version() -> str:
 class KvcFile:
     """An opened .kvc file. Cheap to open: payloads are read (and checked) only when asked for."""
 
-    def __init__(self, source, profile=None):
+    def __init__(self, source, profile=None, max_decoded_bytes: int | None = None):
         self._container = open_container(source)
         self.header = self._container.header
         self.name = self._container.name
         self._profile_hint = profile
         self._profiles: dict[str, object] = {}
+        self.max_decoded_bytes = max_decoded_bytes
 
     def __enter__(self) -> KvcFile:
         return self
@@ -283,22 +284,33 @@ class KvcFile:
         return [tuple(t) for t in totals]
 
     def check_model(self, lm) -> None:
+        """Refuse a model other than the file's (ModelMismatchError), then token ids the model's
+        tokenizer does not have (FormatError: the header says the fingerprints match, so the ids are forged)."""
         check_same_model(self.model, model_identity(lm))
+        check_token_ids(self.token_ids, lm, self.name)
 
     def _codec(self, level: str):
         entry = self.header["levels"][level]
         return build_codec(entry, self._profile_for(entry))
 
     def _profile_for(self, entry: dict):
+        """The profile a level names by hash: the embedded one if its recorded hash is that one (checked
+        against its bytes, and only then parsed), else the one given to open(), else one found by hash.
+        Whichever it is must describe this file's layout, since the codec sizes its tables from it."""
         wanted = entry.get("profile")
         if not wanted:
             return None
         if wanted not in self._profiles:
             from kvc.codec.profile import Profile, find_profile_by_sha
 
-            embedded = self._container.attachment("profile")
-            candidate = Profile.from_bytes(embedded) if embedded is not None else None
-            if candidate is None or candidate.sha256 != wanted:
+            candidate = None
+            embedded = self._container.attachment("profile", sha256=wanted)
+            if embedded is not None:
+                try:
+                    candidate = Profile.from_bytes(embedded)
+                except ProfileError as exc:
+                    raise FormatError(f"{self.name}: the embedded profile is invalid: {exc}") from None
+            if candidate is None:
                 hint = self._profile_hint
                 candidate = (
                     hint
@@ -307,6 +319,7 @@ class KvcFile:
                 )
             if candidate is None or candidate.sha256 != wanted:
                 raise ProfileError(f"this file needs profile {wanted[:16]}…, which was not found: pass --profile")
+            candidate.check_layout(self.header["layout"]["layers"])
             self._profiles[wanted] = candidate
         return self._profiles[wanted]
 
@@ -318,7 +331,10 @@ class KvcFile:
         Only the chunks covering ``a:b`` are read; each is checked against its SHA-256 first. Codecs that
         decode on a GPU (kvq) write straight into tensors on a CUDA ``device``; the others decode on the
         CPU and are copied over. ``threads`` caps the CPU decoder's threads (default: every core this
-        process may use)."""
+        process may use). Refused (LimitError) before anything is decoded when it would take more
+        memory than ``max_decoded_bytes`` (see _check_decoded_size)."""
+        _check_decoded_size(self, level or self.levels[0], tokens)
+
         level = level or self.levels[0]
         if level not in self.header["levels"]:
             raise InputError(f"{self.name} holds no level {level!r} (it has: {', '.join(self.levels)})")
@@ -401,6 +417,115 @@ def _window(t: torch.Tensor, lo: int, start: int, end: int) -> torch.Tensor:
     return t[:, start - lo : end - lo].contiguous()
 
 
-def open(source, profile=None) -> KvcFile:  # noqa: A001 - mirrors the builtin on purpose, as kvc.open
-    """Open a .kvc file from a path or bytes."""
-    return KvcFile(source, profile)
+DEFAULT_DECODE_FLOOR = 512 << 20
+DEFAULT_DECODE_FACTOR = 1024
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_byte_size(text: str, what: str = "KVC_MAX_DECODED_BYTES") -> int:
+    """``"1073741824"``, ``"512M"``, ``"4GiB"``, ``"2G"`` → bytes (binary units)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if m is None:
+        raise InputError(f"{what} must be a byte count such as 4294967296, 512M or 4GiB, got {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def decode_limit(max_decoded_bytes: int | None, stored_bytes: int) -> tuple[int, str]:
+    """The memory a read may take and where that limit comes from: the ``max_decoded_bytes`` argument,
+    else ``$KVC_MAX_DECODED_BYTES``, else 512 MiB + 1024 × the payload bytes the read fetches (no
+    genuine kvc level comes near 1024×: lossless stores ~1/2 to 1/1 of the output, `tiny` ~1/50)."""
+    import os
+
+    if max_decoded_bytes is not None:
+        if not isinstance(max_decoded_bytes, int) or max_decoded_bytes < 0:
+            raise InputError("max_decoded_bytes must be a non-negative number of bytes")
+        return max_decoded_bytes, "max_decoded_bytes"
+    env = os.environ.get("KVC_MAX_DECODED_BYTES")
+    if env:
+        return parse_byte_size(env), "KVC_MAX_DECODED_BYTES"
+    return DEFAULT_DECODE_FLOOR + DEFAULT_DECODE_FACTOR * stored_bytes, "the default limit (set KVC_MAX_DECODED_BYTES)"
+
+
+def _codec_table_bytes(codec, layers: list[int]) -> int:
+    """Memory a codec's decoder builds from its parameters and profile rather than from the payload."""
+    own = getattr(codec, "table_bytes", None)
+    if own is not None:
+        return int(own(layers))
+    profile, scale = getattr(codec, "profile", None), getattr(codec, "scale", None)
+    if getattr(codec, "codec_id", None) == "kvq" and profile is not None and scale is not None:
+        return profile.coding_table_bytes(scale, layers)  # kvq version 1's per-channel tables
+    return 0
+
+
+def _check_decoded_size(f: KvcFile, level: str, tokens: tuple[int, int] | None) -> None:
+    """Before a read decodes anything: every segment it will decode must be long enough for its shape
+    at the codec's best possible rate (``codec.min_segment_bytes``, else 1 byte), and the memory it
+    will take (the decoded chunks plus the codec's tables) must be within ``decode_limit``. Leaves
+    unknown levels and bad ranges to read()'s own messages."""
+    header = f.header
+    if level not in header["levels"]:
+        return
+    a, b = tokens if tokens is not None else (0, f.num_tokens)
+    if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= f.num_tokens):
+        return
+    codec = f._codec(level)
+    min_bytes = getattr(codec, "min_segment_bytes", None)
+    itemsize = f.dtype.itemsize
+    specs = header["layout"]["layers"]
+    decoded = stored = 0
+    touched: set[int] = set()
+    for index, chunk in enumerate(header["chunks"]):
+        if chunk["end"] <= a or chunk["start"] >= b:
+            continue
+        enc = next((e for e in chunk["encodings"] if e["level"] == level), None)
+        if enc is None:
+            continue  # read() names the missing encoding
+        stored += enc["length"]
+        for s, length in enumerate(enc["segments"]):
+            layer, kind = divmod(s, 2)
+            spec = specs[layer]
+            lo = max(chunk["start"], spec["start"])
+            count = max(0, chunk["end"] - lo)
+            if count == 0:
+                continue
+            shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
+            decoded += shape[0] * shape[1] * shape[2] * itemsize
+            touched.add(layer)
+            need = (
+                min_bytes(Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape, dtype=f.dtype))
+                if (min_bytes is not None)
+                else 1
+            )
+            if length < need:
+                raise FormatError(
+                    f"{f.name}: chunk {index} layer {layer} {KINDS[kind]}: {length} bytes cannot encode a "
+                    f"{list(shape)} tensor at level {level!r} (at least {need} needed)"
+                )
+    total = decoded + _codec_table_bytes(codec, sorted(touched))
+    limit, source = decode_limit(f.max_decoded_bytes, stored)
+    if total > limit:
+        raise LimitError(
+            f"{f.name}: reading level {level!r} tokens {a}:{b} would take {total:,} bytes of memory "
+            f"(from {stored:,} stored), over {limit:,} allowed by {source}"
+        )
+
+
+def check_token_ids(token_ids: list[int], lm, name: str = "the file") -> None:
+    """Every id must index the model's tokenizer and embedding (FormatError otherwise)."""
+    vocab = len(lm.tokenizer)
+    embeddings = lm.model.get_input_embeddings() if hasattr(lm.model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    limit = min(vocab, rows) if rows else vocab
+    bad = next((i for i, t in enumerate(token_ids) if not 0 <= t < limit), None)
+    if bad is not None:
+        raise FormatError(f"{name}: token {bad} has id {token_ids[bad]}, outside the model's vocabulary of {limit} ids")
+
+
+
+
+def open(source, profile=None, max_decoded_bytes: int | None = None) -> KvcFile:  # noqa: A001 - as kvc.open
+    """Open a .kvc file from a path or bytes. ``max_decoded_bytes`` caps the memory any one read may
+    take (default: ``$KVC_MAX_DECODED_BYTES``, else 512 MiB + 1024 × the bytes the read fetches)."""
+    return KvcFile(source, profile, max_decoded_bytes)

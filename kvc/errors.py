@@ -40,3 +40,10 @@ class ProfileError(KvcError):
     """A lossy level needs a profile that is missing, corrupt, or not the one the file names."""
 
     exit_code = 7
+
+
+class LimitError(FormatError):
+    """Reading would take more memory than allowed (``max_decoded_bytes`` / ``$KVC_MAX_DECODED_BYTES``,
+    by default 512 MiB + 1024 × the bytes read): a file may not make its reader allocate what it likes."""
+
+    exit_code = 3

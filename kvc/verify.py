@@ -33,6 +33,29 @@ def _elements_outside_bound(codec, reference: ContextKV, decoded: ContextKV) -> 
     return outside
 
 
+def _reencoding_differs(f, level: str, reference: ContextKV, decoded: ContextKV) -> int:
+    """Segments whose stored decode differs from what the codec makes of the fresh prefill (encode, then
+    decode), bit for bit. In the environment that wrote the file a faithful lossy level reproduces
+    exactly, so this catches a forged payload that stays inside the codec's error bounds."""
+    from kvc.codec.base import Segment
+
+    codec = f._codec(level)
+    differing = 0
+    for chunk in f.header["chunks"]:
+        for i, (ref, got) in enumerate(zip(reference.layers, decoded.layers)):
+            lo, hi = max(chunk["start"], ref.start), chunk["end"]
+            if hi <= lo:
+                continue
+            for kind, x, y in (("key", ref.key, got.key), ("value", ref.value, got.value)):
+                piece = x[:, lo - ref.start : hi - ref.start].contiguous()
+                stored = y[:, lo - got.start : hi - got.start].contiguous()
+                seg = Segment(layer=i, kind=kind, start=lo, shape=tuple(piece.shape), dtype=f.dtype)
+                again = codec.decode(codec.encode(piece, seg), seg)
+                if again.shape != stored.shape or not torch.equal(again.view(torch.uint8), stored.view(torch.uint8)):
+                    differing += 1
+    return differing
+
+
 def verify(f, deep: bool = False, lm=None) -> dict:
     """A report dict; ``ok`` is False when anything failed. Raises only for unusable input."""
     report = {
@@ -72,6 +95,18 @@ def verify(f, deep: bool = False, lm=None) -> dict:
     report["same_environment"] = same_env
     from kvc.codec.registry import LOSSLESS, build_codec
 
+    # The file's layout and dtype must be what the model computes, before any element is compared.
+    stored = [(s["start"], s["kv_heads"], s["key_dim"], s["value_dim"]) for s in f.header["layout"]["layers"]]
+    fresh = [(r.start, r.key.shape[0], r.key.shape[2], r.value.shape[2]) for r in reference.layers]
+    model_dtype = str(reference.layers[0].key.dtype).removeprefix("torch.") if reference.layers else "?"
+    if stored != fresh or model_dtype != f.header["dtype"]:
+        check(
+            "deep layout",
+            False,
+            f"the file's layers (heads, dims, windows) or dtype are not what the model computes: "
+            f"{len(stored)} layers of {f.header['dtype']} stored, {len(fresh)} layers of {model_dtype} computed",
+        )
+        return report
     for level, kv in decoded.items():
         err = _errors(reference, kv)
         entry = f.header["levels"][level]
@@ -91,6 +126,12 @@ def verify(f, deep: bool = False, lm=None) -> dict:
                 err["elements_outside_bound"] = outside
                 passed = passed and outside == 0
                 bound += f"; every element within its quantiser bound ({outside} outside)"
+            if same_env:
+                # Where the file was written, re-encoding the fresh prefill reproduces the level exactly.
+                differing = _reencoding_differs(f, level, reference, kv)
+                err["segments_not_reproduced"] = differing
+                passed = passed and differing == 0
+                bound += f"; re-encoding the prefill reproduces every segment ({differing} differ)"
         report["levels"][level] = {**err, "bound": bound, "ok": passed}
         check(
             f"deep {level}",
