@@ -179,6 +179,19 @@ class KvqCodec:
             self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float(), synth)
         return self._mats[key]
 
+    # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
+    def table_bytes(self, layers: list[int]) -> int:
+        """Memory of the coding tables a decode builds: version 2 builds every layer's at once (and a
+        version-1 file builds the touched layers'), so this counts all layers, per the profile's estimate."""
+        return self.profile.coding_table_bytes(self.scale, list(range(self.profile.layers)))
+
+    def min_segment_bytes(self, segment: Segment) -> int:
+        """The shortest segment that can hold ``segment``: its head, its sinks as float16 and, with body
+        tokens, its channel flags (both versions hold at least that)."""
+        H, T, D = segment.shape
+        n_sink = sink_count(segment.start, T, self.sinks)
+        return 4 + (1 + 2 * H * n_sink * D if n_sink else 0) + ((H * D + 7) // 8 if T > n_sink else 0)
+
     # ---- error bounds (docs/CODEC.md "Error bounds") ----
     ARITH_REL_SLACK = 2.0**-14  # float32 synthesis/rotation rounding, relative to |x| (≈ 64·2⁻²⁴ needed)
     SINK_REL_ERROR = 2.0**-11  # float16 storage of sink tokens: half an ulp, relative

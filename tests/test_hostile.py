@@ -298,8 +298,8 @@ def test_kvq_tables_sized_by_an_embedded_profile_are_refused_before_allocation(f
 
     def parts_change(parts):
         parts.attachments["profile"] = big.to_bytes()
-        for key, segs in parts.payloads.items():
-            parts.payloads[key] = segs[:2]
+        for key, segs in parts.payloads.items():  # long enough to pass kvq's plausibility check
+            parts.payloads[key] = [seg + bytes(70_000) for seg in segs[:2]]
 
     def change(h, raw):
         h["layout"]["layers"] = [{"kv_heads": 64, "key_dim": 128, "value_dim": 128, "start": 0}]
