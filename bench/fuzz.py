@@ -1073,8 +1073,8 @@ def faithful(f, level: str, kv, truth) -> bool:
 def execute(data: bytes, fx: Fixtures, cap: int, rng: random.Random) -> dict:
     """Everything a user could do with the file; KvcErrors are recorded, anything else propagates."""
     import kvc
-    from kvc.cli.decode import to_safetensors
     from kvc.errors import KvcError
+    from kvc.safetensors_io import to_safetensors
     from kvc.verify import verify
 
     res = {"refusals": [], "decoded": 0, "differs": False, "verify": None, "output": 0, "unfaithful": None}

@@ -9,7 +9,6 @@ minute on two shared cores)."""
 from __future__ import annotations
 
 import os
-import warnings
 
 from bench import fuzz
 
@@ -17,24 +16,10 @@ SEED = int(os.environ.get("KVC_FUZZ_SEED", "20261125"))
 CASES = int(os.environ.get("KVC_FUZZ_CASES", "1000"))
 
 
-def _known_kvq_v1(failure: dict) -> bool:
-    """kvq's version-1 decoder (codec/kvq.py, codec/entropy.py) is being replaced by version 2, whose
-    author makes it bounds-safe; until then its own exceptions are reported, not failed. The allowance
-    ends by itself when the segment version changes."""
-    from kvc.codec import kvq
-
-    where = failure.get("failure") or ""
-    return kvq.SEGMENT_VERSION == 1 and (" at entropy.py:" in where or " at kvq.py:" in where)
-
-
 def test_fuzz_hostile_files(tmp_path_factory, tiny_model_dirs):
     folder = fuzz.build_fixtures(tmp_path_factory.mktemp("fuzz"), model_dirs=tiny_model_dirs)
     summary = fuzz.run(SEED, CASES, workers=2, fixtures=folder, timeout=60.0, progress=False)
-    failures = [f for f in summary["failures"] if not _known_kvq_v1(f)]
-    known = [f for f in summary["failures"] if _known_kvq_v1(f)]
-    if known:
-        seeds = [f["seed"] for f in known]
-        warnings.warn(f"kvq v1 decoder exceptions (codec/kvq.py, codec/entropy.py) at seeds {seeds}", stacklevel=1)
+    failures = summary["failures"]
     assert not failures, "\n".join(
         f"seed={f['seed']} [{f.get('family')}/{f.get('fixture')}] {f['failure']}" for f in failures
     )
