@@ -176,6 +176,41 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def decode_chunk(
+    header: dict, codec, chunk_index: int, enc: dict, payload: bytes, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One chunk's checked payload at one level, decoded: per layer (key, value), each
+    ``[kv_heads, tokens, dim]`` for the positions the layer keeps in that chunk (FORMAT.md: from
+    ``max(chunk start, layer start)`` to the chunk's end; empty where a sliding window starts later)."""
+    chunk = header["chunks"][chunk_index]
+    layout_layers = header["layout"]["layers"]
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pair: list[torch.Tensor] = []
+    offset = 0
+    for s, length in enumerate(enc["segments"]):
+        layer, kind = divmod(s, 2)
+        spec = layout_layers[layer]
+        lo = max(chunk["start"], spec["start"])
+        count = max(0, chunk["end"] - lo)
+        shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
+        data = payload[offset : offset + length]
+        offset += length
+        if count == 0:
+            if length:
+                raise FormatError(f"chunk {chunk_index} stores bytes for a layer with no tokens there")
+            pair.append(torch.empty(shape, dtype=dtype))
+        else:
+            seg = Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape, dtype=dtype)
+            tensor = codec.decode(data, seg)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise FormatError(f"chunk {chunk_index} layer {layer} decoded to the wrong shape")
+            pair.append(tensor)
+        if kind:
+            out.append((pair[0], pair[1]))
+            pair = []
+    return out
+
+
 class KvcFile:
     """An opened .kvc file. Cheap to open: payloads are read (and checked) only when asked for."""
 
@@ -292,29 +327,20 @@ class KvcFile:
             raise InputError(f"token range {a}:{b} is outside the context's 0:{self.num_tokens}")
         codec = self._codec(level)
         layout_layers = self.header["layout"]["layers"]
-        pieces: list[list[list[torch.Tensor]]] = [[[], []] for _ in layout_layers]
+        pieces: list[list[list[tuple[int, torch.Tensor]]]] = [[[], []] for _ in layout_layers]
         for index, chunk in enumerate(self.header["chunks"]):
             if chunk["end"] <= a or chunk["start"] >= b:
                 continue
             enc, payload = self._container.payload(index, level)
-            offset = 0
-            for s, length in enumerate(enc["segments"]):
-                layer, kind = divmod(s, 2)
-                spec = layout_layers[layer]
+            try:
+                decoded = decode_chunk(self.header, codec, index, enc, payload, self.dtype)
+            except FormatError as exc:
+                raise FormatError(f"{self.name}: {exc}") from exc
+            for layer, (spec, pair) in enumerate(zip(layout_layers, decoded)):
                 lo = max(chunk["start"], spec["start"])
-                count = max(0, chunk["end"] - lo)
-                shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
-                data = payload[offset : offset + length]
-                offset += length
-                if count == 0:
-                    if length:
-                        raise FormatError(f"{self.name}: chunk {index} stores bytes for a layer with no tokens there")
-                    continue
-                seg = Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape, dtype=self.dtype)
-                tensor = codec.decode(data, seg)
-                if tuple(tensor.shape) != shape or tensor.dtype != self.dtype:
-                    raise FormatError(f"{self.name}: chunk {index} layer {layer} decoded to the wrong shape")
-                pieces[layer][kind].append((lo, tensor))
+                for kind, tensor in enumerate(pair):
+                    if tensor.shape[1]:
+                        pieces[layer][kind].append((lo, tensor))
         layers = []
         for spec, (keys, values) in zip(layout_layers, pieces):
             start = max(a, spec["start"])
