@@ -8,9 +8,11 @@ import sys
 
 import typer
 
+from kvc.cli.ask import ask_command
 from kvc.cli.decode import decode_command
 from kvc.cli.encode import encode_command
 from kvc.cli.inspect import inspect_command
+from kvc.cli.serve import serve_command
 from kvc.cli.verify import verify_command
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ app.command("encode")(encode_command)
 app.command("decode")(decode_command)
 app.command("inspect")(inspect_command)
 app.command("verify")(verify_command)
+app.command("ask")(ask_command)
+app.command("serve")(serve_command)
 
 try:  # commands whose modules land with their features
     from kvc.cli.eval import eval_command

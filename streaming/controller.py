@@ -8,7 +8,8 @@ every time the model is about to start one, with throughputs measured while load
 
 * ``link``: bytes per second of the link and the latency of one request (from each fetch's
   first-byte and last-byte times),
-* ``decode``: seconds per cached element, per level (each chunk decoded is a sample),
+* ``decode``: seconds per cached element, per level (each chunk decoded is a sample), plus the
+  one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
 They start from priors (:class:`Estimates`): the link from the header's own request (a lower
@@ -50,6 +51,7 @@ TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fas
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
 _DECODE_S_PER_ELEMENT = {"lossless": 15e-9}
 _DEFAULT_DECODE_S_PER_ELEMENT = 40e-9
+_COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
 _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
 
 _REMEMBERED: dict[tuple, float] = {}
@@ -112,6 +114,7 @@ class Estimates:
     prefill_s_per_token: Ewma
     decode_s_per_element: dict[str, Ewma]
     first_token_s: Ewma
+    cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
 
@@ -126,17 +129,20 @@ class Estimates:
             prefill = _REMEMBERED.get((*key, "prefill"), 2.0 * params / flops)
             first = _REMEMBERED.get((*key, "first"), 0.02 + 2.0 * params / flops * 4)
             level_keys = {name: (device, repr(sorted(entry.items()))) for name, entry in levels.items()}
-            decode = {}
+            decode, cold = {}, {}
             for name, entry in levels.items():
                 prior = _DECODE_S_PER_ELEMENT.get(entry.get("codec"), _DEFAULT_DECODE_S_PER_ELEMENT)
                 remembered = _REMEMBERED.get((*level_keys[name], "decode"))
                 decode[name] = Ewma(remembered if remembered is not None else prior, 1 if remembered else 0)
+                cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
+                cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
         return cls(
             link_bytes_per_s=Ewma(max(link_bytes_per_s, 1e3)),
             latency_s=Ewma(max(latency_s, 0.0)),
             prefill_s_per_token=Ewma(prefill, 1 if (*key, "prefill") in _REMEMBERED else 0),
             decode_s_per_element=decode,
             first_token_s=Ewma(first),
+            cold_s=cold,
             key=key,
             level_keys=level_keys,
         )
@@ -153,8 +159,15 @@ class Estimates:
             if rate < self.link_bytes_per_s.value:
                 self.link_bytes_per_s.value = rate
 
-    def observe_decode(self, level: str, elements: int, seconds: float) -> None:
-        if elements:
+    def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
+        """One chunk decoded. The first decode of a level in a process also builds its tables: that
+        sample teaches the one-time cost, not the speed."""
+        if not elements:
+            return
+        if cold:
+            warm = elements * self.decode_s_per_element[level].value
+            self.cold_s[level].add(max(seconds - warm, 1e-4))
+        else:
             self.decode_s_per_element[level].add(seconds / elements)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
@@ -174,6 +187,9 @@ class Estimates:
             for name, ewma in self.decode_s_per_element.items():
                 if ewma.samples:
                     _REMEMBERED[(*self.level_keys[name], "decode")] = ewma.value
+            for name, ewma in self.cold_s.items():
+                if ewma.samples:
+                    _REMEMBERED[(*self.level_keys[name], "cold")] = ewma.value
 
     def as_dict(self) -> dict:
         return {
@@ -235,6 +251,11 @@ class Controller:
         floor = math.inf if policy.min_level is None else (
             0.0 if policy.min_level == TEXT else levels[policy.min_level].distortion)
         self.allowed = [name for name, info in levels.items() if info.distortion <= floor]
+        self.warm: set[str] = set()  # levels already decoded once in this process (their tables built)
+
+    def decode_cost(self, chunk: ChunkInfo, level: str) -> float:
+        cold = 0.0 if level in self.warm else self.est.cold_s[level].value
+        return chunk.elements * self.est.decode_s_per_element[level].value + cold
 
     def plans(self, s: Snapshot) -> list[Plan]:
         """Every plan of the family for the undecided chunks ``s.front..s.back``."""
@@ -263,6 +284,8 @@ class Controller:
             info = self.levels[name]
             per_element = est.decode_s_per_element[name].value
             arrival, gap, decoded = arrival0, gap0, decoded0
+            if name not in self.warm:
+                decoded += est.cold_s[name].value
             text_left, distortion = text_total, 0.0
             for n, chunk in enumerate(order, start=1):
                 size = chunk.sizes.get(name)

@@ -45,6 +45,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
                  "float64": torch.float64}
 
 _CODEC_CACHE: dict[tuple, object] = {}  # warm codecs (their coding tables) for the next load in this process
+_WARM: set[tuple] = set()  # codec keys that have decoded a chunk in this process
 _PROFILE_CACHE: dict[str, object] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -110,7 +111,9 @@ class LoadReport:
 
     @property
     def link_gbit_per_s(self) -> float | None:
-        return self.bytes * 8 / self.transfer_s / 1e9 if self.transfer_s > 0 else None
+        """The link's rate while it was sending chunk payloads (first byte to last byte)."""
+        seconds = sum(c.transfer_s for c in self.chunks)
+        return sum(c.bytes for c in self.chunks) * 8 / seconds / 1e9 if seconds > 0 else None
 
     def choices(self) -> dict[str, int]:
         return dict(collections.Counter(c.choice for c in self.chunks))
@@ -227,12 +230,16 @@ class Stream:
             _PROFILE_CACHE[wanted] = found
         return found
 
+    def codec_key(self, level: str) -> tuple:
+        entry = self.header["levels"][level]
+        return (json.dumps(entry, sort_keys=True), entry.get("profile"))
+
     def codec(self, level: str):
         from kvc.codec.registry import build_codec
 
         entry = self.header["levels"][level]
         wanted = entry.get("profile")
-        key = (json.dumps(entry, sort_keys=True), wanted)
+        key = self.codec_key(level)
         with _CACHE_LOCK:
             cached = _CODEC_CACHE.get(key)
         if cached is not None:
@@ -362,6 +369,8 @@ class _Load:
         wanted = {policy.level} if policy.mode == "level" else (set() if policy.mode == "text"
                                                                  else set(self.controller.allowed))
         self.codecs = {name: stream.codec(name) for name in wanted}
+        with _CACHE_LOCK:
+            self.controller.warm = {name for name in wanted if stream.codec_key(name) in _WARM}
         self.builder = IncrementalCache(self.lm, header, stream.dtype)
         self.report = LoadReport(
             source=stream.name, mode=policy.mode, tokens=stream.num_tokens, chunk_tokens=header["chunk_tokens"],
@@ -431,7 +440,7 @@ class _Load:
 
     # ---- the controller's view
     def _decode_cost(self, index: int, level: str) -> float:
-        return self.chunks[index].elements * self.est.decode_s_per_element[level].value
+        return self.controller.decode_cost(self.chunks[index], level)
 
     def _snapshot(self) -> Snapshot:
         now = self.now()
@@ -597,7 +606,11 @@ class _Load:
                 chunk = self.chunks[index]
                 if kind == "decode":
                     rec.decode_s += spent
-                    self.est.observe_decode(action[2], chunk.elements, spent)
+                    level = action[2]
+                    self.est.observe_decode(level, chunk.elements, spent, cold=level not in self.controller.warm)
+                    self.controller.warm.add(level)
+                    with _CACHE_LOCK:
+                        _WARM.add(self.stream.codec_key(level))
                 else:
                     rec.prefill_s += spent
                     self.est.observe_prefill(chunk.tokens, spent)

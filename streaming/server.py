@@ -101,10 +101,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None | str:
         b = int(last) if last else size - 1
     except ValueError:
         return None
-    if a < 0 or b < a:
-        return None
     if a >= size:
         return "416"
+    if a < 0 or b < a:
+        return None
     return a, min(b, size - 1)
 
 
