@@ -408,13 +408,15 @@ class _Load:
                     self.inflight.cancel.set()
                 self.cond.notify_all()
             if link is not None:
-                link.join(timeout=10)
+                # A fetch given up in flight ends at its next piece; one still waiting for its response
+                # is not waited for (the thread is a daemon and ends when the source closes).
+                link.join(timeout=1.0)
         cache = self.builder.finish()
         return cache, self._finish_report()
 
     def _finish_report(self) -> LoadReport:
         r = self.report
-        r.ready_s = self.now()
+        r.ready_s = self.ready_s
         r.wait_s = sum(c.wait_s for c in r.chunks)
         r.decode_s = sum(c.decode_s for c in r.chunks)
         r.prefill_s = sum(c.prefill_s for c in r.chunks)
@@ -578,6 +580,7 @@ class _Load:
                     if self.error is not None:
                         raise self.error
                     if self.done == n:
+                        self.ready_s = self.now()
                         return
                     action = self._next_step()
                     if action is not None:
