@@ -27,6 +27,7 @@ Examples:
   kvc eval --needle --haystack my_texts/ --model ./my-model
   kvc eval --qa data.jsonl --context-field context --question-field question --answers-field answers
   kvc eval doc.kvc --needle --plot eval.png         # several evaluations in one run
+  kvc eval doc.kvc --link 0.01,0.1,1,10 --plot e.png # TTFT measured through the loader over a local link
 
 Metrics are explained in docs/EVAL.md."""
 
@@ -96,6 +97,10 @@ def eval_command(
     repeat: Annotated[int, typer.Option("--repeat", help="Timing repeats; medians are reported.")] = 3,
     bandwidth: Annotated[str, typer.Option(
         "--bandwidth", help="Modelled network bandwidths in Gbit/s, comma-separated ('' for none).")] = "0.1,1,10",
+    link: Annotated[str | None, typer.Option(
+        "--link", help="Also measure TTFT for real through the streaming loader over a rate-limited local link "
+        "(kvc serve), at these rates in Gbit/s, comma-separated: text, each level and adaptive (docs/STREAMING.md)."
+        )] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON document on stdout instead of tables.")] = False,
     plot: Annotated[Path | None, typer.Option(
@@ -159,11 +164,27 @@ def eval_command(
             qa_result = qa_mod.evaluate_qa(lm, examples, levels=levels or _encode_levels(lm),
                                            max_new_tokens=max_new_tokens, dataset=qa.name, on_example=tick)
 
+    streamed = []
+    if link:
+        from kvc.evaluation import streamed as streamed_mod
+
+        rates = _floats(link, "--link")
+        if not files or not rates or any(r <= 0 for r in rates):
+            raise InputError("--link needs .kvc files and positive rates in Gbit/s, e.g. --link 0.01,0.1,1,10")
+        with _progress(len(files) * len(rates) * (2 + len(levels or opened[0].levels)), "link", show) as tick:
+            streamed = [streamed_mod.streamed_ttft(path, lm, rates, levels=levels, repeat=repeat,
+                                                   on_step=lambda _s: tick()) for path in files]
+        if plot is not None:
+            for s_result in streamed:
+                streamed_mod.plot(plot.with_name(f"{plot.stem}-link-{Path(s_result.name).stem}.png"), s_result)
+
     if plot is not None:
         report.plot(plot, results, bandwidths)
     if json_out:
         doc = report.to_json(results, bandwidths, needle_result, qa_result,
                              model={"name": lm.name, "source": lm.source, "device": str(lm.device)})
+        if streamed:
+            doc["streamed"] = streamed_mod.to_json(streamed)
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return
     from kvc.cli._output import human_console
@@ -175,6 +196,8 @@ def eval_command(
         console.print(report.needle_table(needle_result))
     if qa_result is not None:
         console.print(report.qa_table(qa_result))
+    for s_result in streamed:
+        console.print(streamed_mod.table(s_result))
     if plot is not None:
         console.print(f"plot written to {plot}")
 

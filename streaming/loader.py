@@ -205,11 +205,12 @@ class Stream:
         self.close()
 
     # ---- codecs
-    def _profile(self, wanted: str):
+    def _local_profile(self, wanted: str):
+        """The profile ``wanted`` from this process, the hint or the search path; None if none has it."""
         with _CACHE_LOCK:
             if wanted in _PROFILE_CACHE:
                 return _PROFILE_CACHE[wanted]
-        from kvc.codec.profile import Profile, find_profile_by_sha
+        from kvc.codec.profile import find_profile_by_sha
 
         hint = self._profile_hint
         if hint is not None and not isinstance(hint, str) and not hasattr(hint, "__fspath__"):
@@ -217,13 +218,30 @@ class Stream:
         else:
             found = find_profile_by_sha(wanted, self.model, str(hint) if hint is not None else None)
         if found is None or found.sha256 != wanted:
-            found = None
-            for att in self.header.get("attachments", []):
-                if att["name"] == "profile" and self.source.seekable:
-                    blob = self.source.read(self.data_start + att["offset"], att["length"], "the embedded profile")
-                    if hashlib.sha256(blob).hexdigest() != att["sha256"]:
-                        raise FormatError(f"{self.name}: attachment profile checksum mismatch (the file is corrupt)")
-                    found = Profile.from_bytes(blob)
+            return None
+        with _CACHE_LOCK:
+            _PROFILE_CACHE[wanted] = found
+        return found
+
+    def _embedded_profile(self) -> dict | None:
+        att = next((a for a in self.header.get("attachments", []) if a["name"] == "profile"), None)
+        return att if att is not None and self.source.seekable else None
+
+    def can_decode(self, level: str) -> bool:
+        """Whether ``level``'s profile (if it needs one) is at hand locally or embedded in the file."""
+        wanted = self.header["levels"][level].get("profile")
+        return not wanted or self._local_profile(wanted) is not None or self._embedded_profile() is not None
+
+    def _profile(self, wanted: str):
+        from kvc.codec.profile import Profile
+
+        found = self._local_profile(wanted)
+        if found is None and (att := self._embedded_profile()) is not None:
+            # Fetched only now, when a chunk at a level that needs it is to be decoded.
+            blob = self.source.read(self.data_start + att["offset"], att["length"], "the embedded profile")
+            if hashlib.sha256(blob).hexdigest() != att["sha256"]:
+                raise FormatError(f"{self.name}: attachment profile checksum mismatch (the file is corrupt)")
+            found = Profile.from_bytes(blob)
         if found is None or found.sha256 != wanted:
             raise ProfileError(f"this file needs profile {wanted[:16]}…, which was not found: pass --profile")
         with _CACHE_LOCK:
@@ -366,11 +384,18 @@ class _Load:
                                   rate, stream.header_latency_s)
         self.levels = level_infos(header, chunks)
         self.controller = Controller(chunks, self.levels, policy, self.est)
-        wanted = {policy.level} if policy.mode == "level" else (set() if policy.mode == "text"
-                                                                 else set(self.controller.allowed))
-        self.codecs = {name: stream.codec(name) for name in wanted}
+        self.codecs: dict[str, object] = {}
+        if policy.mode == "level":
+            self.codecs[policy.level] = stream.codec(policy.level)  # a missing profile fails here, before any fetch
+        elif policy.mode != "text":
+            # Adaptive: a level whose profile is nowhere to be had is left out; codecs are built when first used
+            # (an embedded profile is fetched only if a chunk at such a level is).
+            unusable = [name for name in self.controller.allowed if not stream.can_decode(name)]
+            if unusable:
+                self.controller.allowed = [name for name in self.controller.allowed if name not in unusable]
+                self.notes.append(f"level {', '.join(unusable)} left out: its profile was not found (pass --profile)")
         with _CACHE_LOCK:
-            self.controller.warm = {name for name in wanted if stream.codec_key(name) in _WARM}
+            self.controller.warm = {name for name in self.levels if stream.codec_key(name) in _WARM}
         self.builder = IncrementalCache(self.lm, header, stream.dtype)
         self.report = LoadReport(
             source=stream.name, mode=policy.mode, tokens=stream.num_tokens, chunk_tokens=header["chunk_tokens"],
@@ -669,7 +694,10 @@ class _Load:
         from kvc.api import decode_chunk
 
         try:
-            decoded = decode_chunk(self.header, self.codecs[level], index, enc, payload, self.stream.dtype)
+            codec = self.codecs.get(level)
+            if codec is None:
+                codec = self.codecs[level] = self.stream.codec(level)
+            decoded = decode_chunk(self.header, codec, index, enc, payload, self.stream.dtype)
         except FormatError as exc:
             raise FormatError(f"{self.stream.name}: {exc}") from exc
         chunk = self.chunks[index]

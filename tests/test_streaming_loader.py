@@ -365,3 +365,17 @@ def test_wrong_model_and_bad_arguments_are_refused(llama, ladder, tiny_model_dir
             s.load(llama, slo=-1)
     with pytest.raises(FormatError, match="truncated"):
         open_stream(data[:100])
+
+
+def test_a_level_whose_profile_is_missing_is_left_out_or_refused(llama, profile):
+    ids = kvc.tokenize(llama, TEXT)
+    data = kvc.encode_tokens(llama, ids, levels=["lossless", "compact"], profile=profile, chunk_tokens=CHUNK)
+    cache, report = load_cache(data, llama)  # no embedded profile, none on the search path, no hint
+    assert "compact" not in report.choices() and any("profile" in note for note in report.notes)
+    assert_close_kv(from_transformers_cache(cache, ids), kvc.prefill(llama, ids))
+    from kvc.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="not found"):
+        load_cache(data, llama, level="compact")
+    cache, report = load_cache(data, llama, level="compact", profile=profile)
+    assert report.choices() == {"compact": len(report.chunks)}
