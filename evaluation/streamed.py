@@ -121,13 +121,13 @@ def measure(url: str, lm, gbit: float, *, mode: str, repeat: int = 1, next_id: i
     for _ in range(repeat):
         with open_stream(url, profile=profile) as stream:
             cache, report = stream.load(lm, level=level, slo=slo, overlap=overlap)
+        if keep is not None:  # before the first token, which appends one to the cache
+            keep(cache, report)
         first_token_after(lm, cache, report, next_id)
         ready.append(report.ready_s)
         firsts.append(report.first_token_s)
         ttfts.append(report.ttft_s)
         run.bytes, run.choices, run.report = report.bytes, report.choices(), report.as_dict()
-        if keep is not None:
-            keep(cache, report)
         del cache
     run.samples = ttfts
     run.ttft_s, run.ready_s, run.first_token_s = (statistics.median(x) for x in (ttfts, ready, firsts))

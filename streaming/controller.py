@@ -12,11 +12,13 @@ every time the model is about to start one, with throughputs measured while load
   one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
-They start from priors (:class:`Estimates`): the link from the header's own request (a lower
-bound: it includes the latency), prefill from the model's size (2 FLOPs per parameter per token
-at a nominal device speed), decode from a nominal per-codec speed; all are exponentially weighted
-moving averages after that, and the compute speeds are remembered per (model, device, level) for
-the next load in the same process.
+They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's
+own request is too small to tell a fast link from a slow one) until a payload has been timed, and
+the loader abandons a fetch that runs far slower than planned, so a slow link costs one abandoned
+fetch of ~50 ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
+device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
+averages after that, and the compute speeds are remembered per (model, device, level) for the
+next load in the same process (links are not: they change).
 
 A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
 at level L (from the back), recompute the rest from text". Its predicted finish is
@@ -51,6 +53,7 @@ TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fas
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
 _DECODE_S_PER_ELEMENT = {"lossless": 15e-9}
 _DEFAULT_DECODE_S_PER_ELEMENT = 40e-9
+OPTIMISTIC_LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s: the link's prior, until a payload has been timed
 _COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
 _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
 
@@ -137,7 +140,9 @@ class Estimates:
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
         return cls(
-            link_bytes_per_s=Ewma(max(link_bytes_per_s, 1e3)),
+            # Until a payload is timed the link is taken to be fast: the first fetch is then what a fast link
+            # wants, and on a slow one it is abandoned within ~50 ms and re-planned at the rate it showed.
+            link_bytes_per_s=Ewma(max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S)),
             latency_s=Ewma(max(latency_s, 0.0)),
             prefill_s_per_token=Ewma(prefill, 1 if (*key, "prefill") in _REMEMBERED else 0),
             decode_s_per_element=decode,
@@ -321,8 +326,3 @@ class Controller:
         slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
         close = [x for x in plans if x.ttft <= fastest.ttft + slack]
         return min(close, key=lambda x: (x.distortion, x.ttft))
-
-    def smallest_level(self, chunk: ChunkInfo) -> str | None:
-        """The allowed level with the fewest bytes for ``chunk``: what a probe fetches."""
-        sizes = [(chunk.sizes[name], name) for name in self.allowed if name in chunk.sizes]
-        return min(sizes)[1] if sizes else None

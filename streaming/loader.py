@@ -413,7 +413,6 @@ class _Load:
         self.error: BaseException | None = None
         self.stop = False
         self.busy: tuple[float, float] | None = None  # (started, predicted seconds) of the model's step
-        self.measured_link = False
         self.done = 0
         self.report.setup_s = time.perf_counter() - setup_start
         if policy.mode in ("fastest", "slo"):
@@ -531,10 +530,6 @@ class _Load:
                     if policy.mode == "slo":
                         self._slo_infeasible = plan.meets_slo is False
                     level = plan.level if plan.fetch >= 1 else None
-                    if level is None and not self.measured_link:
-                        # Nothing measured yet: the header alone says little about the link. Probe it
-                        # with the smallest payload of the last chunk; recomputing still starts at once.
-                        level = self.controller.smallest_level(self.chunks[self.back])
                     if level is not None:
                         index = self.back
                         self.back -= 1
@@ -554,13 +549,15 @@ class _Load:
             if flight.first is None:
                 flight.first = now
             flight.got += n
-            # Give up a fetch that runs far slower than planned (the link got slower, or the estimate
-            # was too kind): after 50 ms, if at the rate so far it would take over twice the plan.
-            elapsed = now - flight.started
-            if (self.policy.mode in ("fastest", "slo") and elapsed > 0.05 and flight.got < flight.size // 2
-                    and elapsed * flight.size / flight.got > 2 * flight.planned_s + 0.05):
-                flight.abandoned = True
-                flight.cancel.set()
+            # Give up a fetch that runs far slower than planned (the link got slower, or the estimate was
+            # too kind): once 30 ms of its transfer have been seen, if at that rate the whole fetch would take
+            # over twice the plan (and 50 ms more).
+            receiving = now - flight.first
+            if (self.policy.mode in ("fastest", "slo") and receiving > 0.03 and flight.got < flight.size // 2):
+                projected = (flight.first - flight.started) + receiving * flight.size / flight.got
+                if projected > 2 * flight.planned_s + 0.05:
+                    flight.abandoned = True
+                    flight.cancel.set()
 
         fetched = stream.source.fetch(offset, enc["length"], what, cancel=flight.cancel, progress=progress)
         with self.cond:
@@ -584,7 +581,6 @@ class _Load:
         with self.cond:
             latency, transfer = fetched.first - fetched.started, fetched.done - fetched.first
             self.est.observe_fetch(len(fetched.data), latency, transfer)
-            self.measured_link = True
             rec = self.report.chunks[flight.index]
             rec.latency_s, rec.transfer_s, rec.bytes = latency, transfer, len(fetched.data)
             if self.claims[flight.index] == flight.level:

@@ -367,7 +367,9 @@ def test_wrong_model_and_bad_arguments_are_refused(llama, ladder, tiny_model_dir
         open_stream(data[:100])
 
 
-def test_a_level_whose_profile_is_missing_is_left_out_or_refused(llama, profile):
+def test_a_level_whose_profile_is_missing_is_left_out_or_refused(llama):
+    # A profile no load in this process has seen (the loader keeps the ones it found).
+    profile = fit_profile(llama, [TEXT[::2], TEXT[1::2]], tokens=48, sensitivity_tokens=32, continuation=8)
     ids = kvc.tokenize(llama, TEXT)
     data = kvc.encode_tokens(llama, ids, levels=["lossless", "compact"], profile=profile, chunk_tokens=CHUNK)
     cache, report = load_cache(data, llama)  # no embedded profile, none on the search path, no hint
