@@ -87,3 +87,15 @@ def test_ask_and_serve_errors_are_one_line(server, folder):
                    "does not combine")
     one_line_error(run("serve", folder, "--rate", "fast", check_rc=None), 2, "--rate")
     one_line_error(run("serve", folder / "doc.kvc", check_rc=None), 2, "not a folder")
+
+
+def test_eval_link_measures_ttft_through_the_loader(folder, tmp_path):
+    proc = run("eval", folder / "doc.kvc", "--link", "0.01,1", "--repeat", "1", "--continuation-tokens", "8",
+               "--bandwidth", "", "--json", "--plot", tmp_path / "e.png")
+    streamed = json.loads(proc.stdout)["streamed"][0]
+    assert {(r["mode"], r["gbit"]) for r in streamed["runs"]} == {
+        (m, g) for m in ("text", "lossless", "adaptive") for g in (0.01, 1.0)}
+    for r in streamed["runs"]:
+        assert r["skipped"] or r["ttft_s"] > 0 and r["report"]["tokens"] == streamed["tokens"]
+    assert "lossless" in streamed["crossover_gbit"]
+    assert (tmp_path / "e-link-doc.png").stat().st_size > 0
