@@ -83,19 +83,27 @@ def run_context(lm, name: str, args, console: Console) -> dict:
         t0 = time.perf_counter()
         with streamed.ServedFolder(folder, rate) as served:
             url = served.url_for(path.name)
-            text = streamed.measure(url, lm, gbit, mode="text", repeat=args.repeat, next_id=next_id)
-            result.runs.append(text)
-            for lv in levels:
-                transfer = level_bytes[lv] / rate
-                if transfer > streamed.SKIP_FACTOR * text.ttft_s:
-                    result.runs.append(streamed.LinkRun(mode=lv, gbit=gbit, bytes=level_bytes[lv],
-                                                        skipped=f"transfer alone {transfer:.1f} s"))
-                else:
-                    result.runs.append(streamed.measure(url, lm, gbit, mode=lv, repeat=args.repeat, next_id=next_id))
+            # Text once, to know which levels cannot beat it (their bytes alone take longer), then every
+            # mode round-robin --repeat times so that the machine's drift hits every mode alike.
+            first = streamed.measure(url, lm, gbit, mode="text", next_id=next_id)
+            skipped = [lv for lv in levels if level_bytes[lv] / rate > streamed.SKIP_FACTOR * first.ttft_s]
+            modes = ["text", *(lv for lv in levels if lv not in skipped), "adaptive"]
             kls = adaptive_kl.setdefault(gbit, [])
-            result.runs.append(streamed.measure(url, lm, gbit, mode="adaptive", repeat=args.repeat, next_id=next_id,
-                                                keep=lambda c, r, kls=kls: kls.append(kl_of(lm, c, ids, cont,
-                                                                                             reference))))
+            got: dict[str, list] = {m: [] for m in modes}
+            got["text"].append(first)
+            for i in range(args.repeat):
+                for mode in modes:
+                    if len(got[mode]) <= i:
+                        keep = (lambda c, r, kls=kls: kls.append(kl_of(lm, c, ids, cont, reference))) \
+                            if mode == "adaptive" else None
+                        got[mode].append(streamed.measure(url, lm, gbit, mode=mode, next_id=next_id, keep=keep))
+            for mode in ["text", *levels, "adaptive"]:
+                if mode in skipped:
+                    result.runs.append(streamed.LinkRun(mode=mode, gbit=gbit, bytes=level_bytes[mode],
+                                                        skipped=f"transfer alone {level_bytes[mode] / rate:.1f} s"))
+                else:
+                    result.runs.append(streamed.merge(got[mode]))
+            text = result.get("text", gbit)
             if gbit in slo_rates:
                 slo_rows += run_slo(lm, url, gbit, result, kl, ids, cont, reference, next_id, args)
         best = result.best_single(gbit)
@@ -114,11 +122,17 @@ def run_slo(lm, url, gbit, result, kl, ids, cont, reference, next_id, args) -> l
     options = [r for r in result.runs if r.gbit == gbit and r.mode != "adaptive" and r.ttft_s is not None]
     budgets = sorted({round(1.1 * r.ttft_s, 3) for r in options} | {round(0.5 * min(r.ttft_s for r in options), 3)})
     rows = []
+    kls_by: dict[float, list[float]] = {b: [] for b in budgets}
+    got: dict[float, list] = {b: [] for b in budgets}
+    for _ in range(args.repeat):
+        for budget in budgets:
+            got[budget].append(streamed.measure(
+                url, lm, gbit, mode="adaptive", next_id=next_id, slo=budget,
+                keep=lambda c, r, kls=kls_by[budget]: kls.append(kl_of(lm, c, ids, cont, reference))))
     for budget in budgets:
         meeting = [r for r in options if r.ttft_s <= budget]
-        kls: list[float] = []
-        run = streamed.measure(url, lm, gbit, mode="adaptive", repeat=args.repeat, next_id=next_id, slo=budget,
-                               keep=lambda c, r, kls=kls: kls.append(kl_of(lm, c, ids, cont, reference)))
+        kls = kls_by[budget]
+        run = streamed.merge(got[budget])
         best = min(meeting, key=lambda r: kl[r.mode]) if meeting else None
         adaptive_kl = statistics.median(kls)
         met = run.ttft_s <= budget
@@ -144,8 +158,11 @@ def run_overlap(lm, folder, path, result, levels, level_bytes, next_id, args, co
         gbit = rate * 8 / 1e9
         with streamed.ServedFolder(folder, rate) as served:
             url = served.url_for(path.name)
-            overlapped = streamed.measure(url, lm, gbit, mode=lv, repeat=args.repeat, next_id=next_id)
-            sequential = streamed.measure(url, lm, gbit, mode=lv, repeat=args.repeat, next_id=next_id, overlap=False)
+            pairs = [(streamed.measure(url, lm, gbit, mode=lv, next_id=next_id),
+                      streamed.measure(url, lm, gbit, mode=lv, next_id=next_id, overlap=False))
+                     for _ in range(args.repeat)]
+            overlapped = streamed.merge([p[0] for p in pairs])
+            sequential = streamed.merge([p[1] for p in pairs])
         seq = sequential.report
         transfer = sum(c["latency_s"] + c["transfer_s"] for c in seq["chunks"])
         rows.append({"level": lv, "gbit": gbit, "transfer_s": transfer, "decode_s": seq["decode_s"],

@@ -134,6 +134,30 @@ def measure(url: str, lm, gbit: float, *, mode: str, repeat: int = 1, next_id: i
     return run
 
 
+def merge(runs: list[LinkRun]) -> LinkRun:
+    """Several measurements of one mode at one rate (taken interleaved with other modes) as one: medians."""
+    first = runs[0]
+    samples = [t for r in runs for t in r.samples]
+    out = LinkRun(mode=first.mode, gbit=first.gbit, slo_s=first.slo_s, bytes=runs[-1].bytes, choices=runs[-1].choices,
+                  report=runs[-1].report, samples=samples)
+    out.ttft_s = statistics.median(samples)
+    out.ready_s = statistics.median(r.ready_s for r in runs)
+    out.first_token_s = statistics.median(r.first_token_s for r in runs)
+    return out
+
+
+def interleaved(url: str, lm, gbit: float, modes: Sequence[str], repeat: int,
+                done: dict[str, list[LinkRun]] | None = None, **kwargs) -> dict[str, LinkRun]:
+    """Each mode ``repeat`` times, round-robin, so that the machine's drift hits every mode alike;
+    ``done`` holds measurements already taken (they count towards ``repeat``)."""
+    got: dict[str, list[LinkRun]] = {m: list((done or {}).get(m, [])) for m in modes}
+    for i in range(repeat):
+        for mode in modes:
+            if len(got[mode]) <= i:
+                got[mode].append(measure(url, lm, gbit, mode=mode, **kwargs))
+    return {m: merge(runs) for m, runs in got.items()}
+
+
 @dataclass
 class StreamedResult:
     name: str
@@ -213,23 +237,21 @@ def streamed_ttft(path: str | Path, lm, rates_gbit: Sequence[float], *, levels: 
         rate = gbit * 1e9 / 8
         with ServedFolder(path.parent, rate) as served:
             url = served.url_for(path.name)
-            text = measure(url, lm, gbit, mode=TEXT, repeat=repeat, next_id=next_id, profile=profile)
-            result.runs.append(text)
-            tick(TEXT)
-            for level in chosen:
-                transfer = level_bytes[level] / rate
-                if transfer > SKIP_FACTOR * text.ttft_s:
-                    result.runs.append(LinkRun(mode=level, gbit=gbit, bytes=level_bytes[level],
-                                               skipped=f"its {transfer:.1f} s of transfer alone exceed text's "
-                                                       f"{text.ttft_s:.1f} s"))
+            # Text once first, to know which levels cannot beat it; then every mode round-robin.
+            first_text = measure(url, lm, gbit, mode=TEXT, next_id=next_id, profile=profile)
+            skipped = {lv: level_bytes[lv] / rate for lv in chosen if level_bytes[lv] / rate > SKIP_FACTOR *
+                       first_text.ttft_s}
+            modes = [TEXT, *(lv for lv in chosen if lv not in skipped), *([ADAPTIVE] if adaptive else [])]
+            runs = interleaved(url, lm, gbit, modes, repeat, done={TEXT: [first_text]}, next_id=next_id,
+                               profile=profile)
+            for mode in [TEXT, *chosen, *([ADAPTIVE] if adaptive else [])]:
+                if mode in skipped:
+                    result.runs.append(LinkRun(mode=mode, gbit=gbit, bytes=level_bytes[mode],
+                                               skipped=f"its {skipped[mode]:.1f} s of transfer alone exceed text's "
+                                                       f"{first_text.ttft_s:.1f} s"))
                 else:
-                    result.runs.append(measure(url, lm, gbit, mode=level, repeat=repeat, next_id=next_id,
-                                               profile=profile))
-                tick(level)
-            if adaptive:
-                result.runs.append(measure(url, lm, gbit, mode=ADAPTIVE, repeat=repeat, next_id=next_id,
-                                           profile=profile))
-                tick(ADAPTIVE)
+                    result.runs.append(runs[mode])
+                tick(mode)
     return result
 
 

@@ -14,8 +14,9 @@ every time the model is about to start one, with throughputs measured while load
 
 They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's
 own request is too small to tell a fast link from a slow one) until a payload has been timed, and
-the loader abandons a fetch that runs far slower than planned, so a slow link costs one abandoned
-fetch of ~50 ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
+the loader abandons a fetch that runs far slower than planned when re-planning without it is
+predicted sooner, so a slow link costs one abandoned
+fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
 device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
 averages after that, and the compute speeds are remembered per (model, device, level) for the
 next load in the same process (links are not: they change).

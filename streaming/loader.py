@@ -332,6 +332,7 @@ class _Inflight:
     first: float | None = None
     planned_s: float = 0.0  # the transfer time the plan assumed
     abandoned: bool = False
+    checked: float = 0.0  # when the fetch was last weighed against dropping it
 
 
 class _Load:
@@ -478,13 +479,33 @@ class _Load:
         if self.inflight is not None:
             f = self.inflight
             rate = self.est.link_bytes_per_s.value
-            elapsed = time.perf_counter() - (f.first or f.started)
-            if f.got and elapsed > 0.05:
-                rate = min(rate, f.got / elapsed)
+            receiving = time.perf_counter() - (f.first or f.started)
+            if f.got and receiving > 0.03:  # the rate this fetch shows, once it can be told
+                rate = min(rate, f.got / receiving)
             arrival = (0.0 if f.first else self.est.latency_s.value) + (f.size - f.got) / rate
             decode = self._decode_cost(f.index, f.level)
         return Snapshot(now=now, front=self.front, back=self.back, busy=busy, queued_decode=queued,
                         inflight_arrival=arrival, inflight_decode=decode or 0.0)
+
+    def _worth_abandoning(self, flight: _Inflight, rate: float) -> bool:
+        """Under the lock: whether dropping the fetch in flight (its chunk undecided again) and re-planning
+        at ``rate`` is predicted clearly sooner (or, with a budget, meets it where keeping does not)."""
+        if self.inflight is not flight or self.claims[flight.index] != flight.level:
+            return False
+        saved, back = self.est.link_bytes_per_s.value, self.back
+        self.est.link_bytes_per_s.value = min(saved, rate)
+        try:
+            keep = self.controller.choose(self._snapshot())
+            self.inflight, self.back = None, max(self.back, flight.index)
+            drop = self.controller.choose(self._snapshot())
+        finally:
+            self.inflight, self.back = flight, back
+            self.est.link_bytes_per_s.value = saved
+        if self.policy.mode == "slo" and keep.meets_slo:
+            return False
+        if self.policy.mode == "slo" and drop.meets_slo:
+            return True
+        return drop.ttft < keep.ttft - 0.05 * max(keep.ttft - self.now(), 0.0) - 0.01
 
     # ---- the link thread
     def _link_thread(self) -> None:
@@ -549,15 +570,19 @@ class _Load:
             if flight.first is None:
                 flight.first = now
             flight.got += n
-            # Give up a fetch that runs far slower than planned (the link got slower, or the estimate was
-            # too kind): once 30 ms of its transfer have been seen, if at that rate the whole fetch would take
-            # over twice the plan (and 50 ms more).
+            # A fetch that runs far slower than planned (the link got slower, or the estimate was too kind):
+            # once 30 ms of its transfer have been seen, and at most every 20 ms, re-plan at the rate it shows
+            # with and without it, and give it up if dropping it is predicted clearly sooner.
             receiving = now - flight.first
-            if (self.policy.mode in ("fastest", "slo") and receiving > 0.03 and flight.got < flight.size // 2):
+            if (self.policy.mode in ("fastest", "slo") and receiving > 0.03 and flight.got < flight.size
+                    and now - flight.checked > 0.02):
+                flight.checked = now
                 projected = (flight.first - flight.started) + receiving * flight.size / flight.got
-                if projected > 2 * flight.planned_s + 0.05:
-                    flight.abandoned = True
-                    flight.cancel.set()
+                if projected > 1.5 * flight.planned_s + 0.02:
+                    with self.cond:
+                        if self._worth_abandoning(flight, flight.got / receiving):
+                            flight.abandoned = True
+                            flight.cancel.set()
 
         fetched = stream.source.fetch(offset, enc["length"], what, cancel=flight.cancel, progress=progress)
         with self.cond:
