@@ -38,7 +38,7 @@ from kvc.streaming.controller import TEXT, ChunkInfo, Controller, Estimates, Pol
 from kvc.streaming.sources import RangeSource, SourceChangedError, SourceError, open_source
 
 HEADER_PREFIX_BYTES = 16 * 1024
-DEFAULT_PREFETCH = 2
+DEFAULT_PREFETCH = 4  # payloads waiting to be decoded, at most (a recompute leaves the link busy meanwhile)
 DEFAULT_STALL_TIMEOUT_S = 60.0
 _WAKE_S = 0.02  # how often an idle thread re-plans when nothing happens
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -415,6 +415,7 @@ class _Load:
         self.stop = False
         self.busy: tuple[float, float] | None = None  # (started, predicted seconds) of the model's step
         self.done = 0
+        self.last_progress = 0.0  # perf_counter() of the last bytes the link brought
         self.report.setup_s = time.perf_counter() - setup_start
         if policy.mode in ("fastest", "slo"):
             first_plan = self.controller.choose(self._snapshot())
@@ -570,6 +571,7 @@ class _Load:
             if flight.first is None:
                 flight.first = now
             flight.got += n
+            self.last_progress = now
             # A fetch that runs far slower than planned (the link got slower, or the estimate was too kind):
             # once 30 ms of its transfer have been seen, and at most every 20 ms, re-plan at the rate it shows
             # with and without it, and give it up if dropping it is predicted clearly sooner.
@@ -634,7 +636,7 @@ class _Load:
                     t = time.perf_counter()
                     if idle_from is None:
                         idle_from = t
-                    if t - last_event > self.stall_timeout:
+                    if t - max(last_event, self.last_progress) > self.stall_timeout:
                         raise SourceError(f"{self.stream.name}: no progress for {self.stall_timeout:g} s")
                     self.cond.wait(_WAKE_S)
                 wait = time.perf_counter() - idle_from if idle_from is not None else 0.0
