@@ -27,6 +27,7 @@ Examples:
   kvc eval --qa data.jsonl --context-field context --question-field question --answers-field answers
   kvc eval doc.kvc --needle --plot eval.png         # several evaluations in one run
   kvc eval mine.kvc --profile my-model.kvcp         # levels made with your own profile
+  kvc eval doc.kvc --link 0.01,0.1,1,10 --plot e.png # TTFT measured through the loader over a local link
 
 The replay table fits 100 columns: quality, size and time to first token per mode, then TTFT at
 each --bandwidth. --wide adds the TTFT breakdown (read, decode, build, first token) in one table;
@@ -110,6 +111,10 @@ def eval_command(
     bandwidth: Annotated[
         str, typer.Option("--bandwidth", help="Modelled network bandwidths in Gbit/s, comma-separated ('' for none).")
     ] = "0.1,1,10",
+    link: Annotated[str | None, typer.Option(
+        "--link", help="Also measure TTFT for real through the streaming loader over a rate-limited local link "
+        "(kvc serve), at these rates in Gbit/s, comma-separated: text, each level and adaptive (docs/STREAMING.md)."
+        )] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
     ] = False,
@@ -223,6 +228,20 @@ def eval_command(
                 profile=profile,
             )
 
+    streamed = []
+    if link:
+        from kvc.evaluation import streamed as streamed_mod
+
+        rates = _floats(link, "--link")
+        if not files or not rates or any(r <= 0 for r in rates):
+            raise InputError("--link needs .kvc files and positive rates in Gbit/s, e.g. --link 0.01,0.1,1,10")
+        with out.progress("link", len(files) * len(rates) * (2 + len(levels or opened[0].levels))) as tick:
+            streamed = [streamed_mod.streamed_ttft(path, lm, rates, levels=levels, repeat=repeat,
+                                                   on_step=lambda _s: tick()) for path in files]
+        if plot is not None:
+            for s_result in streamed:
+                streamed_mod.plot(plot.with_name(f"{plot.stem}-link-{Path(s_result.name).stem}.png"), s_result)
+
     if plot is not None:
         report.plot(plot, results, bandwidths)
     doc = report.to_json(
@@ -232,6 +251,8 @@ def eval_command(
         qa_result,
         model={"name": lm.name, "source": lm.source, "device": str(lm.device), "dtype": str(lm.dtype)[6:]},
     )
+    if streamed:
+        doc["streamed"] = streamed_mod.to_json(streamed)
 
     def render(console):
         if results:
@@ -241,6 +262,8 @@ def eval_command(
             console.print(report.needle_table(needle_result))
         if qa_result is not None:
             console.print(report.qa_table(qa_result))
+        for s_result in streamed:
+            console.print(streamed_mod.table(s_result))
         if plot is not None:
             console.print(f"plot written to {plot}")
 

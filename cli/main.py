@@ -17,11 +17,13 @@ import typer  # noqa: E402
 
 import kvc  # noqa: E402
 from kvc.cli._output import write_all  # noqa: E402
+from kvc.cli.ask import ask_command  # noqa: E402
 from kvc.cli.decode import decode_command  # noqa: E402
 from kvc.cli.encode import encode_command  # noqa: E402
 from kvc.cli.eval import eval_command  # noqa: E402
 from kvc.cli.inspect import inspect_command  # noqa: E402
 from kvc.cli.profile import profile_command  # noqa: E402
+from kvc.cli.serve import serve_command  # noqa: E402
 from kvc.cli.verify import verify_command  # noqa: E402
 
 app = typer.Typer(
@@ -58,6 +60,8 @@ app.command("inspect")(inspect_command)
 app.command("verify")(verify_command)
 app.command("eval")(eval_command)
 app.command("profile")(profile_command)
+app.command("ask")(ask_command)
+app.command("serve")(serve_command)
 
 
 def run() -> None:

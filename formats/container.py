@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,31 +30,39 @@ class EncodedChunk:
 
 
 def build(header: dict, chunks: list[EncodedChunk], attachments: dict[str, bytes] | None = None) -> bytes:
-    """The complete file: ``header`` gains chunks, attachments and data_length; payloads follow it."""
+    """The complete file: ``header`` gains chunks, attachments and data_length; payloads follow it.
+
+    Payloads are laid out level-major (format 1.1, ``payload_order: "level"``): every chunk of the
+    first level in chunk order, then every chunk of the next level, so one level is one contiguous
+    run of the data section and a reader streaming through a pipe can stop after the run it wants."""
+    levels = list(dict.fromkeys(name for chunk in chunks for name in chunk.encodings))
     data = io.BytesIO()
-    index = []
-    for chunk in chunks:
-        entries = []
-        for level, segments in chunk.encodings.items():
+    entries: list[dict[str, dict]] = [{} for _ in chunks]
+    for level in levels:
+        for c, chunk in enumerate(chunks):
+            segments = chunk.encodings.get(level)
+            if segments is None:
+                continue
             payload = b"".join(segments)
-            entries.append(
-                {
-                    "level": level,
-                    "offset": data.tell(),
-                    "length": len(payload),
-                    "sha256": hashlib.sha256(payload).hexdigest(),
-                    "segments": [len(s) for s in segments],
-                }
-            )
+            entries[c][level] = {
+                "level": level,
+                "offset": data.tell(),
+                "length": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "segments": [len(s) for s in segments],
+            }
             data.write(payload)
-        index.append({"start": chunk.start, "end": chunk.end, "encodings": entries})
+    index = [
+        {"start": chunk.start, "end": chunk.end, "encodings": [entries[c][level] for level in chunk.encodings]}
+        for c, chunk in enumerate(chunks)
+    ]
     atts = []
     for name, blob in (attachments or {}).items():
         atts.append(
             {"name": name, "offset": data.tell(), "length": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         )
         data.write(blob)
-    full = dict(header, chunks=index, data_length=data.tell())
+    full = dict(header, payload_order="level", chunks=index, data_length=data.tell())
     if atts:
         full["attachments"] = atts
     text = json.dumps(full, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
@@ -116,48 +125,63 @@ class _Source:
             self._handle.close()
 
 
+@dataclass
+class Head:
+    """What the front of a file says: its validated header, its version and where its data starts."""
+
+    header: dict
+    version: tuple[int, int]
+    data_start: int  # 48 + H: the header's offsets count from here
+
+
+def read_head(read: Callable[[int, int, str], bytes], size: int | None, name: str) -> Head:
+    """Preamble, header and header digest, read through ``read(offset, length, what)`` and checked in the
+    order docs/FORMAT.md gives. ``size`` is the file size, or None when it is not known (a pipe): then
+    the data section is taken to be as long as the header says and the reader checks it as it goes."""
+    if size is not None and size < layout.PREAMBLE_BYTES:
+        if size >= 4 and read(0, 4, "the magic") != layout.MAGIC[:4]:
+            raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
+        raise FormatError(f"{name} is not a .kvc file (only {size} bytes)")
+    preamble = read(0, layout.PREAMBLE_BYTES, "the preamble")
+    magic, major, minor, header_len = layout.PREAMBLE.unpack(preamble)
+    if magic != layout.MAGIC:
+        raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
+    if major > layout.MAJOR:
+        raise VersionError(
+            f"{name} uses .kvc format {major}.{minor}; this kvc reads format {layout.MAJOR}.x and older: upgrade kvc"
+        )
+    if major < 1:
+        raise FormatError(f"{name} claims format version {major}.{minor}, which never existed")
+    if header_len > layout.MAX_HEADER_BYTES:
+        raise FormatError(f"{name}: header of {header_len} bytes is over the {layout.MAX_HEADER_BYTES}-byte limit")
+    head = preamble + read(layout.PREAMBLE_BYTES, header_len, "the header")
+    digest = read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum")
+    if hashlib.sha256(head).digest() != digest:
+        raise FormatError(f"{name}: header checksum mismatch (the file is corrupt)")
+    header = header_schema.parse_json(head[layout.PREAMBLE_BYTES :], f"{name}: header")
+    data_start = layout.PREAMBLE_BYTES + header_len + layout.DIGEST_BYTES
+    promised = header.get("data_length") if type(header) is dict else None
+    if size is None:
+        if not (type(promised) is int and 0 <= promised < 1 << 62):
+            raise FormatError(f"invalid header: data_length must be a non-negative integer, got {promised!r}")
+        available = promised
+    else:
+        available = size - data_start
+        if type(promised) is int and promised > available:
+            raise FormatError(f"truncated file: {name} promises {promised} data bytes, holds {available}")
+        if type(promised) is int and promised < available:
+            raise FormatError(f"{name} has {available - promised} unexpected bytes after its data (data_length)")
+    header_schema.validate(header, available)
+    return Head(header=header, version=(major, minor), data_start=data_start)
+
+
 class Container:
     """An opened .kvc: its validated header and checked access to its payloads."""
 
     def __init__(self, source: _Source, name: str):
         self._source, self.name = source, name
-        magic, major, minor, header_len = layout.PREAMBLE.unpack(self._read_preamble(source, name))
-        if magic != layout.MAGIC:
-            raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
-        if major > layout.MAJOR:
-            raise VersionError(
-                f"{name} uses .kvc format {major}.{minor}; this kvc reads format {layout.MAJOR}.x "
-                f"and older: upgrade kvc"
-            )
-        if major < 1:
-            raise FormatError(f"{name} claims format version {major}.{minor}, which never existed")
-        if header_len > layout.MAX_HEADER_BYTES:
-            raise FormatError(f"{name}: header of {header_len} bytes is over the {layout.MAX_HEADER_BYTES}-byte limit")
-        head = layout.PREAMBLE.pack(magic, major, minor, header_len) + source.read(
-            layout.PREAMBLE_BYTES, header_len, "the header"
-        )
-        digest = source.read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum")
-        if hashlib.sha256(head).digest() != digest:
-            raise FormatError(f"{name}: header checksum mismatch (the file is corrupt)")
-        header = header_schema.parse_json(head[layout.PREAMBLE_BYTES :], f"{name}: header")
-        self.version = (major, minor)
-        self.data_start = layout.PREAMBLE_BYTES + header_len + layout.DIGEST_BYTES
-        available = source.size - self.data_start
-        promised = header.get("data_length") if type(header) is dict else None
-        if type(promised) is int and promised > available:
-            raise FormatError(f"truncated file: {name} promises {promised} data bytes, holds {available}")
-        if type(promised) is int and promised < available:
-            raise FormatError(f"{name} has {available - promised} unexpected bytes after its data (data_length)")
-        header_schema.validate(header, available)
-        self.header = header
-
-    @staticmethod
-    def _read_preamble(source: _Source, name: str) -> bytes:
-        if source.size < layout.PREAMBLE_BYTES:
-            if source.size >= 4 and source.read(0, 4, "the magic") != layout.MAGIC[:4]:
-                raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
-            raise FormatError(f"{name} is not a .kvc file (only {source.size} bytes)")
-        return source.read(0, layout.PREAMBLE_BYTES, "the preamble")
+        head = read_head(source.read, source.size, name)
+        self.header, self.version, self.data_start = head.header, head.version, head.data_start
 
     def payload(self, chunk_index: int, level: str) -> tuple[dict, bytes]:
         """The checked payload of one chunk at one level, with its index entry."""

@@ -7,6 +7,7 @@ kvc.save("doc.kvc", data)
 with kvc.open("doc.kvc") as f:
     kv = f.read(tokens=(0, 256))            # reads only the chunks it needs
     cache = f.to_cache(lm)                  # for model.generate(..., past_key_values=cache)
+cache, report = kvc.load_cache("http://127.0.0.1:8000/doc.kvc", lm)   # streamed: level or text per chunk
 
 The names below are imported on first use, so `import kvc` (and the `kvc` command's start-up,
 `kvc --help`, `kvc inspect`) costs no torch or transformers import until one is needed.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below import
     from kvc.runtime.loading import load_model
     from kvc.runtime.prefill import prefill, tokenize
     from kvc.safetensors_io import to_safetensors
+    from kvc.streaming.loader import load_cache, open_stream
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,8 @@ _EXPORTS = {
     "prefill": "kvc.runtime.prefill",
     "tokenize": "kvc.runtime.prefill",
     "to_safetensors": "kvc.safetensors_io",
+    "load_cache": "kvc.streaming.loader",
+    "open_stream": "kvc.streaming.loader",
 }
 
 __all__ = [
@@ -51,8 +55,10 @@ __all__ = [
     "encode_kv",
     "encode_text",
     "encode_tokens",
+    "load_cache",
     "load_model",
     "open",
+    "open_stream",
     "prefill",
     "save",
     "to_safetensors",

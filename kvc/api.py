@@ -206,6 +206,42 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def decode_chunk(
+    header: dict, codec, chunk_index: int, enc: dict, payload: bytes, dtype: torch.dtype, device=None,
+    threads: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One chunk's checked payload at one level, decoded: per layer (key, value), each
+    ``[kv_heads, tokens, dim]`` for the positions the layer keeps in that chunk (FORMAT.md: from
+    ``max(chunk start, layer start)`` to the chunk's end; empty where a sliding window starts later).
+    Decodes as KvcFile.read does (every segment at once, on ``device`` when the codec can)."""
+    chunk = header["chunks"][chunk_index]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    target = device if device.type == "cpu" or getattr(codec, "decodes_on_gpu", False) else torch.device("cpu")
+    tensors: list[torch.Tensor] = []  # key, value, key, value, ...
+    groups = []
+    view, offset = memoryview(payload), 0
+    for s, length in enumerate(enc["segments"]):
+        layer, kind = divmod(s, 2)
+        spec = header["layout"]["layers"][layer]
+        lo = max(chunk["start"], spec["start"])
+        count = max(0, chunk["end"] - lo)
+        shape = (spec["kv_heads"], count, spec["value_dim"] if kind else spec["key_dim"])
+        data = view[offset : offset + length]
+        offset += length
+        tensor = torch.empty(shape, dtype=dtype, device=target)
+        if count == 0:
+            if length:
+                raise FormatError(f"chunk {chunk_index} stores bytes for a layer with no tokens there")
+        else:
+            seg = Segment(layer=layer, kind=KINDS[kind], start=lo, shape=shape, dtype=dtype)
+            groups.append(([(data, seg)], tensor))
+        tensors.append(tensor)
+    _decode_groups(codec, groups, f"chunk {chunk_index}", threads)
+    if target != device:
+        tensors = [t.to(device) for t in tensors]
+    return list(zip(tensors[0::2], tensors[1::2]))
+
+
 class KvcFile:
     """An opened .kvc file. Cheap to open: payloads are read (and checked) only when asked for."""
 

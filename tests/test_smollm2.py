@@ -56,3 +56,25 @@ def test_the_main_job_from_the_cli(tmp_path):
         subprocess.run([KVC, "verify", "--deep", out, "--json"], check=True, capture_output=True, timeout=600).stdout
     )
     assert report["ok"] and report["levels"]["lossless"]["exact"]
+
+
+def test_streamed_over_http_equals_the_file_and_answers_the_same(smollm2, context, tmp_path):
+    from kvc.runtime.cache import from_transformers_cache
+    from kvc.streaming import RangeServer
+
+    data = kvc.encode_tokens(smollm2, context, levels=["lossless", "balanced"], chunk_tokens=256)
+    (tmp_path / "c.kvc").write_bytes(data)
+    f = kvc.open(data)
+    question = kvc.tokenize(smollm2, "\nQ: What is this about?\nA:", add_special_tokens=False)
+    ids = torch.tensor([context + question])
+    with RangeServer(tmp_path, rate=50e6) as srv:
+        cache, report = kvc.load_cache(srv.url_for("c.kvc"), smollm2, level="balanced")
+        assert from_transformers_cache(cache, context).equal(f.read("balanced"))
+        streamed = smollm2.model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        direct = smollm2.model.generate(ids, past_key_values=f.to_cache(smollm2, "balanced"), max_new_tokens=12,
+                                        do_sample=False)
+        assert torch.equal(streamed, direct)
+        cache, report = kvc.load_cache(srv.url_for("c.kvc"), smollm2)
+    assert sum(report.choices().values()) == 3 and report.ready_s > 0
+    out = smollm2.model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4

@@ -1,0 +1,329 @@
+"""The per-chunk choice: which stored level each chunk comes at, or text (recomputed by the model).
+
+The loader runs two things at once: the *model* recomputes chunks from their token ids starting at
+the front of the context, and the *link* brings stored chunks starting at the back; each fetched
+chunk is decoded as soon as it arrives. Where the two meet, and at which level the fetched chunks
+come, is this module's decision. It is re-made every time the link is about to start a chunk and
+every time the model is about to start one, with throughputs measured while loading:
+
+* ``link``: bytes per second of the link and the latency of one request (from each fetch's
+  first-byte and last-byte times),
+* ``decode``: seconds per cached element, per level (each chunk decoded is a sample), plus the
+  one-time cost of a level's first decode in a process (its coding tables are built then),
+* ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
+
+They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's
+own request is too small to tell a fast link from a slow one) until a payload has been timed, and
+the loader abandons a fetch that runs far slower than planned when re-planning without it is
+predicted sooner, so a slow link costs one abandoned
+fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
+device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
+averages after that, and the compute speeds are remembered per (model, device, level) for the
+next load in the same process (links are not: they change).
+
+A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
+at level L (from the back), recompute the rest from text". Its predicted finish is
+
+    max(compute, link tail)
+    compute   = work in progress + queued decodes + Σ prefill(text chunks) + Σ decode(fetched chunks)
+    link tail = max over fetched chunks t of (arrival_t + Σ decodes of the chunks arriving from t on)
+
+(a two-machine flow shop whose idle time the text chunks fill). Modes pick among plans:
+
+* ``fastest``: the smallest predicted time to first token (ties within 1% go to higher quality);
+* ``slo``: the highest quality predicted to meet ``slo`` seconds with a 8% margin, else the
+  fastest plan (and the report says the budget could not be met);
+* ``min_level``: ``fastest`` among the levels at least as good as the floor (text always qualifies).
+
+Quality of a plan is a distortion proxy: 0 for text and lossless chunks, ``4**-bits`` per element
+for a lossy level stored at ``bits`` bits per element (a uniform quantiser's error power falls 4×
+per bit), summed over elements. It orders levels by what they cost in bits, which is what a
+stored ladder is built on; it is not the KL itself."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+TEXT = "text"
+SLO_MARGIN = 0.92  # a plan meets the budget when its predicted TTFT is within 92% of it
+TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
+
+# Nominal speeds for the priors (replaced by measurements as soon as there are any).
+_FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
+_DECODE_S_PER_ELEMENT = {"lossless": 15e-9}
+_DEFAULT_DECODE_S_PER_ELEMENT = 40e-9
+OPTIMISTIC_LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s: the link's prior, until a payload has been timed
+_COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
+_ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
+
+_REMEMBERED: dict[tuple, float] = {}
+_REMEMBERED_LOCK = threading.Lock()
+
+
+@dataclass
+class ChunkInfo:
+    index: int
+    start: int
+    end: int
+    elements: int  # cached K and V elements the chunk holds over all layers
+    sizes: dict[str, int]  # level -> payload bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class LevelInfo:
+    name: str
+    codec: str
+    bits_per_element: float
+    distortion: float  # per element: 0 for exact levels
+
+    @property
+    def exact(self) -> bool:
+        return self.distortion == 0.0
+
+
+def level_infos(header: dict, chunks: list[ChunkInfo]) -> dict[str, LevelInfo]:
+    out = {}
+    for name, entry in header["levels"].items():
+        nbytes = sum(c.sizes.get(name, 0) for c in chunks)
+        elements = sum(c.elements for c in chunks if name in c.sizes)
+        bits = 8 * nbytes / max(elements, 1)
+        exact = entry.get("codec") == "lossless"
+        out[name] = LevelInfo(name, entry.get("codec", "?"), bits, 0.0 if exact else 4.0 ** (-bits))
+    return out
+
+
+class Ewma:
+    def __init__(self, value: float, samples: int = 0):
+        self.value, self.samples = value, samples
+
+    def add(self, sample: float) -> None:
+        if not math.isfinite(sample) or sample <= 0:
+            return
+        self.value = sample if self.samples == 0 else (1 - _ALPHA) * self.value + _ALPHA * sample
+        self.samples += 1
+
+
+@dataclass
+class Estimates:
+    """What the controller believes about this link, model and device; updated as chunks complete."""
+
+    link_bytes_per_s: Ewma
+    latency_s: Ewma
+    prefill_s_per_token: Ewma
+    decode_s_per_element: dict[str, Ewma]
+    first_token_s: Ewma
+    cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
+    key: tuple = ()
+    level_keys: dict[str, tuple] = field(default_factory=dict)
+
+    @classmethod
+    def seed(cls, model_key: str, device: str, params: int, levels: dict[str, dict],
+             link_bytes_per_s: float, latency_s: float) -> Estimates:
+        """Priors: remembered measurements for this model/device/level if any, else nominal ones."""
+        device = device.split(":")[0]
+        flops = _FLOPS.get(device, _FLOPS["cpu"])
+        key = (model_key, device)
+        with _REMEMBERED_LOCK:
+            prefill = _REMEMBERED.get((*key, "prefill"), 2.0 * params / flops)
+            first = _REMEMBERED.get((*key, "first"), 0.02 + 2.0 * params / flops * 4)
+            level_keys = {name: (device, repr(sorted(entry.items()))) for name, entry in levels.items()}
+            decode, cold = {}, {}
+            for name, entry in levels.items():
+                prior = _DECODE_S_PER_ELEMENT.get(entry.get("codec"), _DEFAULT_DECODE_S_PER_ELEMENT)
+                remembered = _REMEMBERED.get((*level_keys[name], "decode"))
+                decode[name] = Ewma(remembered if remembered is not None else prior, 1 if remembered else 0)
+                cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
+                cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
+        return cls(
+            # Until a payload is timed the link is taken to be fast: the first fetch is then what a fast link
+            # wants, and on a slow one it is abandoned within ~50 ms and re-planned at the rate it showed.
+            link_bytes_per_s=Ewma(max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S)),
+            latency_s=Ewma(max(latency_s, 0.0)),
+            prefill_s_per_token=Ewma(prefill, 1 if (*key, "prefill") in _REMEMBERED else 0),
+            decode_s_per_element=decode,
+            first_token_s=Ewma(first),
+            cold_s=cold,
+            key=key,
+            level_keys=level_keys,
+        )
+
+    def observe_fetch(self, nbytes: int, latency: float, transfer: float) -> None:
+        self.latency_s.add(max(latency, 1e-6))
+        if nbytes >= 4096 and transfer > 0:
+            self.link_bytes_per_s.add(nbytes / transfer)
+
+    def observe_partial(self, nbytes: int, elapsed: float) -> None:
+        """A fetch still under way (or abandoned): its rate so far replaces the estimate if lower."""
+        if nbytes > 0 and elapsed > 0:
+            rate = nbytes / elapsed
+            if rate < self.link_bytes_per_s.value:
+                self.link_bytes_per_s.value = rate
+
+    def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
+        """One chunk decoded. The first decode of a level in a process also builds its tables: that
+        sample teaches the one-time cost, not the speed."""
+        if not elements:
+            return
+        if cold:
+            warm = elements * self.decode_s_per_element[level].value
+            self.cold_s[level].add(max(seconds - warm, 1e-4))
+        else:
+            self.decode_s_per_element[level].add(seconds / elements)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            self.prefill_s_per_token.add(seconds / tokens)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.first_token_s.add(seconds)
+
+    def remember(self) -> None:
+        """Keep the compute speeds measured in this load for the next one in this process."""
+        with _REMEMBERED_LOCK:
+            if self.prefill_s_per_token.samples:
+                _REMEMBERED[(*self.key, "prefill")] = self.prefill_s_per_token.value
+            if self.first_token_s.samples:
+                _REMEMBERED[(*self.key, "first")] = self.first_token_s.value
+            for name, ewma in self.decode_s_per_element.items():
+                if ewma.samples:
+                    _REMEMBERED[(*self.level_keys[name], "decode")] = ewma.value
+            for name, ewma in self.cold_s.items():
+                if ewma.samples:
+                    _REMEMBERED[(*self.level_keys[name], "cold")] = ewma.value
+
+    def as_dict(self) -> dict:
+        return {
+            "link_gbit_per_s": self.link_bytes_per_s.value * 8 / 1e9,
+            "latency_ms": self.latency_s.value * 1e3,
+            "prefill_ms_per_token": self.prefill_s_per_token.value * 1e3,
+            "decode_ns_per_element": {k: v.value * 1e9 for k, v in self.decode_s_per_element.items()},
+            "first_token_ms": self.first_token_s.value * 1e3,
+        }
+
+
+@dataclass
+class Policy:
+    """What the user asked for: ``mode`` is ``fastest``, ``slo``, ``level`` (one forced level) or ``text``."""
+
+    mode: str = "fastest"
+    slo: float | None = None  # seconds, for mode "slo"
+    level: str | None = None  # for mode "level"
+    min_level: str | None = None  # quality floor for "fastest" and "slo"
+
+    @classmethod
+    def make(cls, level: str | None = None, slo: float | None = None, min_level: str | None = None) -> Policy:
+        if level == TEXT:
+            return cls(mode="text")
+        if level is not None:
+            return cls(mode="level", level=level)
+        if slo is not None:
+            return cls(mode="slo", slo=slo, min_level=min_level)
+        return cls(mode="fastest", min_level=min_level)
+
+
+@dataclass
+class Snapshot:
+    """The loader's state when a decision is due. Times in seconds from now; ``now`` from the load's start."""
+
+    now: float
+    front: int  # first chunk not yet recomputed (or being recomputed)
+    back: int  # last chunk not yet claimed by the link; chunks front..back are undecided
+    busy: float = 0.0  # what is left of the model's current step
+    queued_decode: float = 0.0  # decodes of chunks that arrived and wait
+    inflight_arrival: float | None = None  # when the chunk on the link will have arrived; None: nothing in flight
+    inflight_decode: float = 0.0
+
+
+@dataclass
+class Plan:
+    fetch: int  # how many undecided chunks to fetch, counted from the back
+    level: str | None  # their level (None when fetch == 0)
+    ttft: float  # predicted, seconds from the load's start (first token included)
+    distortion: float
+    meets_slo: bool | None = None
+
+
+class Controller:
+    def __init__(self, chunks: list[ChunkInfo], levels: dict[str, LevelInfo], policy: Policy, estimates: Estimates):
+        self.chunks, self.levels, self.policy, self.est = chunks, levels, policy, estimates
+        if policy.min_level is not None and policy.min_level not in levels and policy.min_level != TEXT:
+            raise ValueError(policy.min_level)
+        floor = math.inf if policy.min_level is None else (
+            0.0 if policy.min_level == TEXT else levels[policy.min_level].distortion)
+        self.allowed = [name for name, info in levels.items() if info.distortion <= floor]
+        self.warm: set[str] = set()  # levels already decoded once in this process (their tables built)
+
+    def decode_cost(self, chunk: ChunkInfo, level: str) -> float:
+        cold = 0.0 if level in self.warm else self.est.cold_s[level].value
+        return chunk.elements * self.est.decode_s_per_element[level].value + cold
+
+    def plans(self, s: Snapshot) -> list[Plan]:
+        """Every plan of the family for the undecided chunks ``s.front..s.back``."""
+        est = self.est
+        rate, latency = est.link_bytes_per_s.value, est.latency_s.value
+        prefill = est.prefill_s_per_token.value
+        order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first
+        text_costs = [c.tokens * prefill for c in order]
+        text_total = sum(text_costs)
+        mean_text = text_total / len(order) if order else 0.0
+        busy = s.busy + s.queued_decode  # compute already owed before any decision takes effect
+        first = est.first_token_s.value
+
+        def finish(work: float, tail: float, text_left: float, fetched: bool) -> float:
+            # A text chunk is not interrupted: the last arrival may wait for the one under way.
+            penalty = 0.5 * mean_text if (fetched and text_left > 0) else 0.0
+            return max(work, tail + penalty)
+
+        inflight = s.inflight_arrival is not None
+        arrival0 = s.inflight_arrival if inflight else 0.0
+        gap0 = max(busy, arrival0) if inflight else busy  # max over arrivals t of (arrival_t - decodes before t)
+        decoded0 = s.inflight_decode if inflight else 0.0
+        out = [Plan(0, None, s.now + finish(busy + decoded0 + text_total, gap0 + decoded0, text_total, False)
+                    + first, 0.0)]
+        for name in self.allowed:
+            info = self.levels[name]
+            per_element = est.decode_s_per_element[name].value
+            arrival, gap, decoded = arrival0, gap0, decoded0
+            if name not in self.warm:
+                decoded += est.cold_s[name].value
+            text_left, distortion = text_total, 0.0
+            for n, chunk in enumerate(order, start=1):
+                size = chunk.sizes.get(name)
+                if size is None:
+                    break
+                arrival += latency + size / rate
+                gap = max(gap, arrival - decoded)
+                decoded += chunk.elements * per_element
+                text_left = max(text_left - text_costs[n - 1], 0.0)
+                distortion += chunk.elements * info.distortion
+                t = finish(busy + text_left + decoded, gap + decoded, text_left, True)
+                out.append(Plan(n, name, s.now + t + first, distortion))
+        return out
+
+    def choose(self, s: Snapshot) -> Plan:
+        if s.back < s.front:
+            return Plan(0, None, s.now, 0.0)
+        p = self.policy
+        if p.mode == "text":
+            return Plan(0, None, math.nan, 0.0)
+        if p.mode == "level":
+            return Plan(s.back - s.front + 1, p.level, math.nan, 0.0)
+        plans = self.plans(s)
+        fastest = min(plans, key=lambda x: x.ttft)
+        if p.mode == "slo" and p.slo is not None:
+            feasible = [x for x in plans if x.ttft <= p.slo * SLO_MARGIN]
+            if feasible:
+                best = min(feasible, key=lambda x: (x.distortion, x.ttft))
+                best.meets_slo = True
+                return best
+            fastest.meets_slo = False
+            return fastest
+        slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
+        close = [x for x in plans if x.ttft <= fastest.ttft + slack]
+        return min(close, key=lambda x: (x.distortion, x.ttft))

@@ -1,0 +1,87 @@
+"""The controller's choices from given throughputs (no clocks involved): what it fetches, what it
+recomputes, and what each mode trades."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvc.streaming.controller import ChunkInfo, Controller, Estimates, Ewma, Policy, Snapshot, level_infos
+
+LEVELS = {"lossless": {"codec": "lossless"}, "high": {"codec": "kvq"}, "compact": {"codec": "kvq"}}
+# 8 chunks of 256 tokens; 1e6 elements each; bytes per chunk as a 4-level ladder would store them.
+SIZES = {"lossless": 3_500_000, "high": 450_000, "compact": 150_000}
+
+
+def setup(link_bytes_per_s: float, policy: Policy, prefill_s_per_token=3e-3, decode=None) -> Controller:
+    chunks = [ChunkInfo(i, 256 * i, 256 * (i + 1), 1_000_000, dict(SIZES)) for i in range(8)]
+    header = {"levels": LEVELS}
+    decode = decode or {"lossless": 15e-9, "high": 40e-9, "compact": 35e-9}
+    est = Estimates(link_bytes_per_s=Ewma(link_bytes_per_s, 1), latency_s=Ewma(1e-3, 1),
+                    prefill_s_per_token=Ewma(prefill_s_per_token, 1),
+                    decode_s_per_element={k: Ewma(v, 1) for k, v in decode.items()},
+                    first_token_s=Ewma(0.1, 1), cold_s={k: Ewma(0.0) for k in LEVELS})
+    ctl = Controller(chunks, level_infos(header, chunks), policy, est)
+    ctl.warm = set(LEVELS)
+    return ctl
+
+
+def start() -> Snapshot:
+    return Snapshot(now=0.01, front=0, back=7)
+
+
+def test_a_fast_link_fetches_everything_at_the_fastest_decoding_level():
+    plan = setup(1.25e9, Policy()).choose(start())  # 10 Gbit/s
+    assert (plan.fetch, plan.level) == (8, "lossless")
+
+
+def test_a_slow_link_recomputes_some_chunks_and_fetches_the_smallest():
+    plan = setup(1.25e6, Policy()).choose(start())  # 10 Mbit/s: compact chunks take 0.12 s, prefill 0.77 s
+    assert plan.level == "compact" and 0 < plan.fetch < 8
+    text_only = setup(1.25e6, Policy()).plans(start())[0]
+    assert plan.ttft < text_only.ttft
+
+
+def test_a_dead_slow_link_recomputes_everything():
+    plan = setup(1e3, Policy()).choose(start())  # 1 kB/s
+    assert plan.fetch == 0 and plan.level is None
+
+
+def test_fastest_plan_is_never_predicted_slower_than_text():
+    for rate in (1e3, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10):
+        ctl = setup(rate, Policy())
+        plans = ctl.plans(start())
+        assert ctl.choose(start()).ttft <= plans[0].ttft * 1.011
+
+
+def test_slo_takes_the_best_quality_that_fits_and_says_when_none_does():
+    fast = setup(1.25e9, Policy.make(slo=10.0)).choose(start())
+    assert fast.meets_slo and fast.distortion == 0.0  # lossless or text: exact chunks only
+    tight = setup(1.25e7, Policy.make(slo=1.2)).choose(start())  # 100 Mbit/s, 1.2 s
+    assert tight.meets_slo and tight.ttft <= 1.2
+    assert tight.level in ("high", "compact")
+    fastest = setup(1.25e7, Policy()).choose(start())
+    assert tight.distortion <= fastest.distortion
+    impossible = setup(1e3, Policy.make(slo=0.05)).choose(start())
+    assert impossible.meets_slo is False and impossible.fetch == 0
+
+
+def test_quality_floor_excludes_worse_levels():
+    ctl = setup(1.25e6, Policy.make(min_level="high"))
+    assert ctl.allowed == ["lossless", "high"]
+    assert ctl.choose(start()).level in (None, "lossless", "high")
+    with pytest.raises(ValueError):
+        setup(1.25e6, Policy.make(min_level="nonsense"))
+
+
+def test_a_cold_level_pays_its_table_cost_once():
+    ctl = setup(1.25e8, Policy(), decode={"lossless": 40e-9, "high": 30e-9, "compact": 30e-9})
+    ctl.est.cold_s["compact"] = Ewma(5.0, 1)
+    ctl.warm = {"lossless", "high"}
+    assert ctl.choose(start()).level != "compact"
+    ctl.warm.add("compact")
+    assert ctl.decode_cost(ctl.chunks[0], "compact") == pytest.approx(0.03)
+
+
+def test_forced_modes():
+    assert setup(1e3, Policy.make(level="high")).choose(start()).fetch == 8
+    assert setup(1e10, Policy.make(level="text")).choose(start()).fetch == 0
