@@ -27,13 +27,16 @@ def read_input_bytes(path: str) -> bytes:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def open_kvc_arg(path: str, profile: str | None = None):
-    """A KvcFile from a path or '-' (stdin, read whole)."""
+def open_kvc_arg(path: str, profile: str | None = None, header_only: bool = False):
+    """A KvcFile from a path or '-' (stdin, read whole); a torch-free KvcIndex when ``header_only``."""
+    source = read_input_bytes("-") if path == "-" else path
+    if header_only:
+        from kvc.index import open_index
+
+        return open_index(source)
     import kvc
 
-    if path == "-":
-        return kvc.open(read_input_bytes("-"), profile=profile)
-    return kvc.open(path, profile=profile)
+    return kvc.open(source, profile=profile)
 
 
 def write_output(path: str, data: bytes) -> None:

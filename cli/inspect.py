@@ -30,7 +30,7 @@ def inspect_command(
     """
     from kvc.describe import describe
 
-    with open_kvc_arg(file) as f:
+    with open_kvc_arg(file, header_only=True) as f:
         info = describe(f, with_chunks=chunks)
     info["payloads_checked"] = False  # inspect reads the header; `kvc verify` reads and checks every payload
 

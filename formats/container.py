@@ -139,10 +139,10 @@ def read_head(read: Callable[[int, int, str], bytes], size: int | None, name: st
     order docs/FORMAT.md gives. ``size`` is the file size, or None when it is not known (a pipe): then
     the data section is taken to be as long as the header says and the reader checks it as it goes."""
     if size is not None and size < layout.PREAMBLE_BYTES:
-        if size >= 4 and read(0, 4, "the magic") != layout.MAGIC[:4]:
+        if size >= 4 and bytes(read(0, 4, "the magic")) != layout.MAGIC[:4]:
             raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
         raise FormatError(f"{name} is not a .kvc file (only {size} bytes)")
-    preamble = read(0, layout.PREAMBLE_BYTES, "the preamble")
+    preamble = bytes(read(0, layout.PREAMBLE_BYTES, "the preamble"))
     magic, major, minor, header_len = layout.PREAMBLE.unpack(preamble)
     if magic != layout.MAGIC:
         raise FormatError(f"{name} is not a .kvc file (bad magic bytes)")
@@ -154,8 +154,8 @@ def read_head(read: Callable[[int, int, str], bytes], size: int | None, name: st
         raise FormatError(f"{name} claims format version {major}.{minor}, which never existed")
     if header_len > layout.MAX_HEADER_BYTES:
         raise FormatError(f"{name}: header of {header_len} bytes is over the {layout.MAX_HEADER_BYTES}-byte limit")
-    head = preamble + read(layout.PREAMBLE_BYTES, header_len, "the header")
-    digest = read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum")
+    head = preamble + bytes(read(layout.PREAMBLE_BYTES, header_len, "the header"))
+    digest = bytes(read(layout.PREAMBLE_BYTES + header_len, layout.DIGEST_BYTES, "the header checksum"))
     if hashlib.sha256(head).digest() != digest:
         raise FormatError(f"{name}: header checksum mismatch (the file is corrupt)")
     header = header_schema.parse_json(head[layout.PREAMBLE_BYTES :], f"{name}: header")

@@ -16,7 +16,8 @@ from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, build_codec, level_entry, level_names
 from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_SLICE_TOKENS
 from kvc.errors import FormatError, InputError, LimitError, ProfileError
-from kvc.formats.container import EncodedChunk, build, open_container, write_atomic
+from kvc.formats.container import EncodedChunk, build, write_atomic
+from kvc.index import KvcIndex
 from kvc.runtime.identity import check_same_model, model_identity
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.prefill import prefill, tokenize
@@ -242,13 +243,11 @@ def decode_chunk(
     return list(zip(tensors[0::2], tensors[1::2]))
 
 
-class KvcFile:
+class KvcFile(KvcIndex):
     """An opened .kvc file. Cheap to open: payloads are read (and checked) only when asked for."""
 
     def __init__(self, source, profile=None, max_decoded_bytes: int | None = None):
-        self._container = open_container(source)
-        self.header = self._container.header
-        self.name = self._container.name
+        super().__init__(source)
         self._profile_hint = profile
         self._profiles: dict[str, object] = {}
         self.max_decoded_bytes = max_decoded_bytes
@@ -256,68 +255,9 @@ class KvcFile:
     def __enter__(self) -> KvcFile:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._container.close()
-
-    @property
-    def model(self) -> dict:
-        return self.header["model"]
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.header["context"]["token_ids"]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header["context"]["num_tokens"]
-
-    @property
-    def levels(self) -> list[str]:
-        return list(self.header["levels"])
-
     @property
     def dtype(self) -> torch.dtype:
         return _TORCH_DTYPES[self.header["dtype"]]
-
-    @property
-    def version(self) -> tuple[int, int]:
-        return self._container.version
-
-    def level_bytes(self, level: str, tokens: tuple[int, int] | None = None) -> int:
-        """Payload bytes stored for ``level``, or the bytes a reader fetches for tokens ``a:b`` (whole chunks)."""
-        a, b = tokens if tokens is not None else (0, self.num_tokens)
-        return sum(
-            e["length"]
-            for c in self.header["chunks"]
-            if c["start"] < b and c["end"] > a
-            for e in c["encodings"]
-            if e["level"] == level
-        )
-
-    def fp16_bytes(self) -> int:
-        """What the stored KV would take as raw fp16: the yardstick every ratio is quoted against."""
-        total = 0
-        for spec in self.header["layout"]["layers"]:
-            kept = self.num_tokens - spec["start"]
-            total += 2 * spec["kv_heads"] * kept * (spec["key_dim"] + spec["value_dim"])
-        return total
-
-    def elements(self) -> int:
-        return self.fp16_bytes() // 2
-
-    def layer_bytes(self, level: str) -> list[tuple[int, int]]:
-        """Bytes per layer at ``level``: (key, value) pairs."""
-        layers = len(self.header["layout"]["layers"])
-        totals = [[0, 0] for _ in range(layers)]
-        for chunk in self.header["chunks"]:
-            for enc in chunk["encodings"]:
-                if enc["level"] == level:
-                    for s, length in enumerate(enc["segments"]):
-                        totals[s // 2][s % 2] += length
-        return [tuple(t) for t in totals]
 
     def check_model(self, lm) -> None:
         """Refuse a model other than the file's (ModelMismatchError), then token ids the model's

@@ -494,11 +494,10 @@ def test_model_free_commands_do_not_import_transformers(lossless, tmp_path):
             for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", proc.stderr.decode(), re.M)
         }
 
-    for args in (["--help"], ["--version"]):
+    for args in (["--help"], ["--version"], ["inspect", lossless]):  # inspect reads the header only
         modules = imported(*args)
-        assert "kvc" in modules and not modules & {"torch", "transformers"}, args
+        assert "kvc" in modules and not modules & {"torch", "transformers", "numba"}, args
     for args in (
-        ["inspect", lossless],
         ["verify", lossless],
         ["decode", lossless, "-o", tmp_path / "kv.safetensors", "--tokens", "0:8"],
     ):
