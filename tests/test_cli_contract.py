@@ -117,15 +117,22 @@ def test_help_version_and_bare_kvc():
     assert bare.returncode == 0 and bare.stdout.startswith(b"Usage: kvc") and not bare.stderr
 
 
+def _under_bash(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``kvc args`` with a bash parent that stays alive ("; exit $?" keeps bash from exec'ing it): typer
+    finds the shell by walking the process tree (shellingham), whatever argument it is given, as it
+    would from a user's terminal; a detached test runner may have no shell above it."""
+    return subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", KVC, *map(str, args)], capture_output=True,
+                          timeout=300, env={**os.environ, "SHELL": "/bin/bash", **(env or {})})  # fmt: skip
+
+
 def test_shell_completion(tmp_path):
-    # typer may detect the shell from the process tree or $SHELL rather than the argument: name it both ways
-    script = kvc_proc("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    script = _under_bash("--show-completion", "bash")
     assert script.returncode == 0 and b"_KVC_COMPLETE=complete_bash" in script.stdout
     words = kvc_proc(env={"_KVC_COMPLETE": "complete_bash", "COMP_WORDS": "kvc enc", "COMP_CWORD": "1"})
     assert words.returncode == 0 and words.stdout.split() == [b"encode"]
     options = kvc_proc(env={"_KVC_COMPLETE": "complete_bash", "COMP_WORDS": "kvc decode --to", "COMP_CWORD": "2"})
     assert b"--tokens" in options.stdout.split()
-    installed = kvc_proc("--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    installed = _under_bash("--install-completion", "bash", env={"HOME": str(tmp_path)})
     assert installed.returncode == 0, installed.stderr
     assert "kvc" in (tmp_path / ".bashrc").read_text()
 
