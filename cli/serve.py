@@ -44,10 +44,8 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"kvc: warning: bound to {host}: anyone who can reach this port can read {folder}", file=sys.stderr,
               flush=True)
-    try:
+    try:  # Ctrl-C / SIGTERM end it as they end any kvc command: one line, exit 130 / 143 (cli/_errors.py)
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.close()
 
