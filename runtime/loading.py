@@ -34,6 +34,7 @@ class LoadedModel:
     name: str  # a short human name, e.g. SmolLM2-135M-Instruct
     source: str  # where the weights were read from
     device: torch.device
+    folder: str | None = None  # the Hugging Face folder the weights were read from (keys the fingerprint cache)
 
     @property
     def config(self):
@@ -138,7 +139,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev, folder=str(folder))
 
 
 def recorded_dtype(header: dict) -> str:
