@@ -40,3 +40,9 @@ class ProfileError(KvcError):
     """A lossy level needs a profile that is missing, corrupt, or not the one the file names."""
 
     exit_code = 7
+
+
+class BatchError(KvcError):
+    """A batch finished, but some of its documents failed (each is named in the summary and manifest)."""
+
+    exit_code = 8

@@ -111,24 +111,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = parse_dtype(dtype)
-    if spec in (None, "", DEFAULT_MODEL, "default"):
-        folder, name, source = _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise InputError(f"model not found: {spec} (give a local folder, a .gguf file, or 'smollm2')")
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise InputError(f"model file {spec} is not a .gguf; give a Hugging Face folder or a .gguf file")
-            folder, name = _converted(path), path.stem
-        elif (path / "config.json").exists():
-            folder, name = path, path.name
-        else:
-            ggufs = sorted(path.glob("*.gguf"))
-            if not ggufs:
-                raise InputError(f"{spec} holds neither a config.json nor a .gguf file")
-            folder, name = _converted(ggufs[0]), ggufs[0].stem
-        source = str(path.resolve())
+    folder, name, source = resolve_model(spec)
     dev = resolve_device(device)
     try:
         with _quiet_transformers(show_bars=False):  # a sub-second load needs no bar
@@ -140,6 +123,28 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev, folder=str(folder))
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str, str]:
+    """(Hugging Face folder, short name, source) for a --model spec, converting a GGUF on first use;
+    loads nothing (kvc.batch keys its resume check on the folder without importing transformers)."""
+    if spec in (None, "", DEFAULT_MODEL, "default"):
+        return _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"model not found: {spec} (give a local folder, a .gguf file, or 'smollm2')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"model file {spec} is not a .gguf; give a Hugging Face folder or a .gguf file")
+        folder, name = _converted(path), path.stem
+    elif (path / "config.json").exists():
+        folder, name = path, path.name
+    else:
+        ggufs = sorted(path.glob("*.gguf"))
+        if not ggufs:
+            raise InputError(f"{spec} holds neither a config.json nor a .gguf file")
+        folder, name = _converted(ggufs[0]), ggufs[0].stem
+    return folder, name, str(path.resolve())
 
 
 def recorded_dtype(header: dict) -> str:
