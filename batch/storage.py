@@ -153,8 +153,12 @@ def atomic_writer(path: str):
         f.commit()
     except BaseException:
         try:
-            f.discard()
+            f.discard()  # S3: aborts the multipart upload; nothing appears under the name
         finally:
+            try:
+                f.closed = True  # discarded: a later close (its __del__) must not try to upload what is gone
+            except AttributeError:
+                pass
             raise
     finally:
         files = getattr(getattr(fs, "_transaction", None), "files", None)
