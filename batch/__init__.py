@@ -86,13 +86,11 @@ def encode_documents(
 
     started = time.perf_counter()
     s = settings_dict(**settings)
-    if lm is not None:
-        from kvc.runtime.identity import _folder_key
+    from kvc.batch.engine import model_key
 
-        mkey = f"{lm.folder}:{_folder_key(lm.folder, str(lm.dtype).removeprefix('torch.'))}" if lm.folder else "lm"
+    if lm is not None:  # the same key a run naming that model's folder gets, so either reuses the other's work
+        mkey = model_key(s, lm.folder) if lm.folder else f"{lm.name}:{lm.source}"
     else:
-        from kvc.batch.engine import model_key
-
         mkey = model_key(s)
     previous = {} if overwrite else manifest.read(out_dir)
     present = {} if overwrite else storage.sizes(out_dir)

@@ -38,12 +38,15 @@ def settings_dict(**kwargs) -> dict:
     return out
 
 
-def model_key(settings: dict) -> str:
-    """The model as the resume check sees it, without loading it: its folder's files and the dtype."""
+def model_key(settings: dict, folder=None) -> str:
+    """The model as the resume check sees it, without loading it: its folder (``folder``, else the one
+    the model setting names), that folder's files, and the dtype setting."""
+    from pathlib import Path
+
     from kvc.runtime.identity import _folder_key
     from kvc.runtime.loading import parse_dtype, resolve_model
 
-    folder, _, _ = resolve_model(settings["model"])
+    folder = Path(folder) if folder is not None else resolve_model(settings["model"])[0]
     return f"{folder.resolve()}:{_folder_key(folder, parse_dtype(settings['dtype']))}"
 
 

@@ -102,7 +102,7 @@ def run_ray(plan: Plan, settings: dict, record: Callable[[dict], None], address:
         EncodeActor,
         fn_constructor_kwargs={"settings": json.dumps(clean)},
         batch_size=1,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
     )

@@ -284,9 +284,12 @@ def _encode_batch(out, labels, inputs, out_dir, glob, dataset, text_field, split
         files = [i for i in inputs if i != "-"]
         docs = documents_from_paths(files, out_dir, glob) if files else []
         if "-" in inputs:
-            text = read_input_bytes("-").decode("utf-8", "replace")
-            docs.insert(inputs.index("-"), Document(source="<stdin>", output=storage.join(out_dir, "stdin.kvc"),
-                                                    text=text))  # fmt: skip
+            doc = Document(source="<stdin>", output=storage.join(out_dir, "stdin.kvc"))
+            try:
+                doc.text = read_input_bytes("-").decode("utf-8")
+            except UnicodeDecodeError:
+                doc.error = "not UTF-8 text (binary?)"
+            docs.insert(0, doc)
     rays = {"local": True, "auto": "auto"}.get(ray, ray) if ray else None
     with out.progress("documents", total=len(docs)) as advance:
         tokens, started = [0], time.perf_counter()

@@ -189,3 +189,10 @@ def test_memory_urls_in_and_out(llama, tmp_path):
         assert f.read().equal(prefill(lm, kvc.tokenize(lm, TEXT[:150])))
     again = encode_corpus(["memory://corpus"], "memory://caches", model=str(llama), levels=["lossless"])
     assert again.unchanged == 3
+
+
+def test_a_loaded_model_and_its_folder_share_the_resume_key(llama, tmp_path):
+    docs, out = _corpus(tmp_path / "docs", bad=False), tmp_path / "out"
+    encode_corpus([str(docs)], str(out), lm=load_model(str(llama), device="cpu"), levels=["lossless"])
+    report = json.loads(run("encode", docs, "--out-dir", out, "--model", llama, "-l", "lossless", "--json").stdout)
+    assert report["summary"]["unchanged"] == 6 and report["summary"]["encoded"] == 0
