@@ -199,10 +199,34 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _gguf_digest(gguf: Path) -> str:
+    """The GGUF's SHA-256, remembered under the cache keyed by its path, size and mtime: hashing the
+    embedded model's ~100 MB on every start cost a re-run of a finished batch most of its time."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    store = cache_dir() / "models" / "gguf-sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = _sha256_file(gguf)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gguf-sha-", dir=store.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**(known if isinstance(known, dict) else {}), key: digest}, f)
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return digest
+
+
 def _converted(gguf: Path) -> Path:
     """The plain HF folder for a GGUF, converting it on first use (atomically: a killed conversion
     leaves only a temp folder that the next run ignores)."""
-    target = cache_dir() / "models" / _sha256_file(gguf)[:24]
+    target = cache_dir() / "models" / _gguf_digest(gguf)[:24]
     if (target / "kvc-converted.json").exists():
         return target
     from safetensors.torch import save_model
