@@ -4,7 +4,8 @@ most one line on stderr; nothing else in the CLI turns an exception into an exit
     0    ok (and bare `kvc`, which prints the help)
     1    internal error: a bug (KVC_DEBUG=1 shows the traceback)
     2    bad input or usage (unknown command or option, missing argument, bad value)
-    3-7  the KvcError subclasses in kvc/errors.py (corrupt file, newer format, model mismatch, ...)
+    3-8  the KvcError subclasses in kvc/errors.py (corrupt file, newer format, model mismatch, ...,
+         8: a batch finished with some documents failed)
     130  SIGINT (Ctrl-C); 143 SIGTERM; 129 SIGHUP: the stack unwinds first, so no partial file is left
     141  stdout closed early (`kvc decode f.kvc -o - | head -c 10`): quiet, as the shell's SIGPIPE
 

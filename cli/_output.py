@@ -53,13 +53,21 @@ class Output:
         if self.json_mode or not sys.stderr.isatty():
             yield Bar()
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=self.err,
             transient=True,
         ) as rich_progress:
@@ -86,6 +94,13 @@ class Bar:
             if self._current is None:
                 self._current = self._task(*self._first)
             self._progress.advance(self._current, n if isinstance(n, int) and not isinstance(n, bool) else 1)
+
+    def describe(self, description: str) -> None:
+        """A new description for the bar (a batch shows its tokens/s there)."""
+        if self._progress is not None:
+            if self._current is None:
+                self._current = self._task(*self._first)
+            self._progress.update(self._current, description=description)
 
     def stage(self, description: str, done: int, total: int) -> None:
         if self._progress is not None:

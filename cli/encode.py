@@ -139,7 +139,21 @@ def encode_command(
         "SmolLM2), float32/fp32, bfloat16/bf16 or float16/fp16. Recorded in the file; lossless stores the "
         "cache in it.",
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Encode every document again, even those a previous run finished (see the manifest)."
+    ),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        help="Encode on a Ray cluster (pip install 'kvc[ray]'): 'local' starts one on this machine, 'auto' joins "
+        "the running one, or give its address (ray://host:10001).",
+    ),
+    ray_workers: int = typer.Option(None, "--ray-workers", help="Ray actors (one model each; default: one per GPU, "
+                                    "else 2)."),
+    batch_tokens: int = typer.Option(
+        4096, "--batch-tokens", help="Padded tokens per batched prefill of short documents (lossy levels; 0: never)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON report (a batch: summary and manifest rows)."),
 ) -> None:
     """Prefill documents with a model and store their KV caches as .kvc files.
 
@@ -156,6 +170,12 @@ def encode_command(
       cat essay.txt | kvc encode - -o - | kvc inspect -
 
       kvc encode --dataset corpus.jsonl --text-field text --out-dir caches/
+
+      kvc encode s3://bucket/docs/ --glob '*.md' --out-dir s3://bucket/caches/ --ray auto
+
+    A batch (--out-dir, a folder, several files or a dataset) records every document in
+    kvc-manifest.jsonl beside the outputs, skips what an earlier run finished (--overwrite forces),
+    and goes on past a bad document; it exits 8 if any failed.
     """
     import kvc
     from kvc.api import default_levels
@@ -166,22 +186,31 @@ def encode_command(
     dtype = parse_dtype(dtype)
     out = Output(json_out, data_on_stdout=output == "-")
     labels: dict[str, str] = {}  # how an input is named to people, when its path says too much
+    if dataset is not None and (inputs or essay):
+        raise InputError("give either input files or --dataset, not both")
+    if essay:
+        from kvc.samples import essay_names, essays_dir
+
+        installed = essay_names()
+        for name in essay:
+            if name not in installed:
+                raise InputError(f"no sample essay named {name!r}; the installed ones are: {', '.join(installed)}")
+        inputs = [*(inputs or []), *(str(essays_dir() / name) for name in essay)]
+        labels.update({str(essays_dir() / name): f"{name} (sample essay)" for name in essay})
+    if dataset is None and not inputs:
+        raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
+    if output is None:
+        if inputs and "-" in inputs and out_dir is None:
+            raise InputError("reading stdin: say where the .kvc goes with -o FILE (or -o - for stdout)")
+        return _encode_batch(
+            out, labels, inputs or [], out_dir or ".", glob, dataset, text_field, split, limit, overwrite, ray,
+            ray_workers, model=model, device=device, dtype=dtype, levels=level or None, chunk_tokens=chunk_tokens,
+            slice_tokens=slice_tokens, max_tokens=max_tokens, truncate=truncate, profile=profile,
+            embed_profile=embed_profile, batch_tokens=batch_tokens,
+        )  # fmt: skip
     if dataset is not None:
-        if inputs or essay:
-            raise InputError("give either input files or --dataset, not both")
         docs = _documents_from_dataset(dataset, text_field, split, out_dir, output, limit)
     else:
-        if essay:
-            from kvc.samples import essay_names, essays_dir
-
-            installed = essay_names()
-            for name in essay:
-                if name not in installed:
-                    raise InputError(f"no sample essay named {name!r}; the installed ones are: {', '.join(installed)}")
-            inputs = [*(inputs or []), *(str(essays_dir() / name) for name in essay)]
-            labels.update({str(essays_dir() / name): f"{name} (sample essay)" for name in essay})
-        if not inputs:
-            raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
         docs = _documents_from_paths(inputs, output, out_dir, glob)
     lm = kvc.load_model(model, device=device, dtype=dtype)
     levels = level or default_levels(lm, profile)
@@ -239,4 +268,64 @@ def encode_command(
                 soft_wrap=True,  # one line per document, for grep; the terminal wraps it
             )
 
-    out.result(reports if len(reports) != 1 or dataset else reports[0], render)
+    out.result(reports[0], render)
+
+
+def _encode_batch(out, labels, inputs, out_dir, glob, dataset, text_field, split, limit, overwrite, ray, ray_workers,
+                  **settings) -> None:  # fmt: skip
+    """Many documents (or any --out-dir run) through kvc.batch: manifest, resume, failures recorded."""
+    from kvc.batch import Document, encode_documents, storage
+    from kvc.batch.plan import documents_from_dataset, documents_from_paths
+    from kvc.errors import BatchError
+
+    if dataset is not None:
+        docs = documents_from_dataset(dataset, text_field, split, out_dir, limit)
+    else:
+        files = [i for i in inputs if i != "-"]
+        docs = documents_from_paths(files, out_dir, glob) if files else []
+        if "-" in inputs:
+            doc = Document(source="<stdin>", output=storage.join(out_dir, "stdin.kvc"))
+            try:
+                doc.text = read_input_bytes("-").decode("utf-8")
+            except UnicodeDecodeError:
+                doc.error = "not UTF-8 text (binary?)"
+            docs.insert(0, doc)
+    rays = {"local": True, "auto": "auto"}.get(ray, ray) if ray else None
+    with out.progress("documents", total=len(docs)) as advance:
+        tokens, started = [0], time.perf_counter()
+
+        def on_row(row: dict) -> None:
+            if row["status"] in ("ok", "duplicate"):
+                tokens[0] += row.get("tokens") or 0
+            rate = tokens[0] / max(time.perf_counter() - started, 1e-9)
+            advance.describe(f"documents ({rate:,.0f} tokens/s)")
+            advance(1)
+
+        summary = encode_documents(docs, out_dir, overwrite=overwrite, ray=rays, ray_workers=ray_workers,
+                                   on_row=on_row, **settings)  # fmt: skip
+
+    def render(console):
+        for r in summary.rows:
+            name = labels.get(r["source"], r["source"])
+            if r["status"] == "failed":
+                line = f"{name}: FAILED: {r['error']}"
+            else:
+                sizes = "; ".join(f"{lv} {human_bytes(n)}" for lv, n in (r.get("level_bytes") or {}).items())
+                line = f"{name} → {r['output']}: {r['status']}, {r['tokens']} tokens, {human_bytes(r['bytes'] or 0)}"
+                line += f" ({sizes})" if sizes else ""
+            console.print(line, markup=False, soft_wrap=True)
+        console.print(
+            f"{summary.documents} documents: {summary.encoded} encoded, {summary.unchanged} unchanged, "
+            f"{summary.duplicates} duplicates, {summary.failed} failed; {summary.tokens:,} tokens in "
+            f"{summary.seconds:.1f} s; manifest {summary.manifest}",
+            markup=False,
+            soft_wrap=True,
+        )
+
+    out.result({"summary": summary.to_dict(), "documents": summary.rows}, render)
+    if summary.failed:
+        first = summary.failures[0]
+        raise BatchError(
+            f"{summary.failed} of {summary.documents} documents failed (first: {first['source']}: {first['error']}); "
+            f"see {summary.manifest}"
+        )

@@ -51,8 +51,11 @@ def _encode_levels(lm, profile: str | None) -> list[str]:
 
 def eval_command(
     files: Annotated[
-        list[Path] | None,
-        typer.Argument(help="Encoded .kvc files to replay (quality and time per level).", show_default=False),
+        list[str] | None,
+        typer.Argument(
+            help="Encoded .kvc files (paths or URLs such as s3://bucket/a.kvc) to replay (quality and time per level).",
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
         str | None,
@@ -147,7 +150,7 @@ def eval_command(
     from kvc.evaluation.timing import parse_bandwidths
     from kvc.runtime.loading import load_for_file, parse_dtype
 
-    files = list(files or [])
+    files = _local_files(list(files or []))
     if not files and not needle and qa is None:
         raise InputError("nothing to evaluate: give .kvc files, --needle or --qa (see kvc eval --help)")
     if repeat < 1:
@@ -271,3 +274,26 @@ def eval_command(
 
 
 eval_command.__doc__ = HELP
+
+
+def _local_files(names: list[str]) -> list[Path]:
+    """Paths for the files to replay: URLs (s3://, gs://, memory://, ...) are fetched once into a
+    temporary folder that lives as long as the process (replay times its own local read)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from kvc.batch.storage import is_url, read_bytes
+
+    out, tmp = [], None
+    for name in names:
+        if not is_url(name):
+            out.append(Path(name))
+            continue
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix="kvc-eval-"))
+            atexit.register(shutil.rmtree, tmp, True)
+        local = tmp / f"{len(out)}-{name.rstrip('/').rsplit('/', 1)[-1]}"
+        local.write_bytes(read_bytes(name))
+        out.append(local)
+    return out

@@ -95,6 +95,84 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+class PayloadSpool:
+    """A container written without holding its payloads in memory.
+
+    Segments are put as a codec produces them (for each level, one (layer, kind) across all chunks
+    at a time, in slot order) and go straight to a temporary file; :meth:`write_to` then writes the
+    header and copies the payloads out in the layout :func:`build` gives the same chunks, so the
+    result is the file build() would make. Memory: one segment at a time plus the index."""
+
+    def __init__(self, bounds: list[tuple[int, int]], levels: list[str], slots: int, folder: str | None = None):
+        self.bounds, self.levels, self.slots = bounds, list(levels), slots
+        self._file = tempfile.TemporaryFile(prefix="kvc-spool-", dir=folder)
+        self._end = 0
+        self._parts: dict[tuple[int, str], list[tuple[int, int]]] = {(c, lv): [] for c in range(len(bounds))
+                                                                       for lv in self.levels}  # fmt: skip
+        self._hash = {key: hashlib.sha256() for key in self._parts}
+
+    def put(self, chunk: int, level: str, slot: int, blob: bytes) -> None:
+        parts = self._parts[(chunk, level)]
+        if slot != len(parts):
+            raise ValueError(f"segment {slot} of chunk {chunk} ({level}) put out of order")
+        self._file.write(blob)
+        parts.append((self._end, len(blob)))
+        self._end += len(blob)
+        self._hash[(chunk, level)].update(blob)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def index(self, header: dict, attachments: dict[str, bytes] | None = None) -> dict:
+        """``header`` with chunks, attachments and data_length, as build() would complete it (level-major)."""
+        entries: list[dict[str, dict]] = [{} for _ in self.bounds]
+        at = 0
+        for level in self.levels:
+            for c in range(len(self.bounds)):
+                parts = self._parts[(c, level)]
+                if len(parts) != self.slots:
+                    raise ValueError(f"chunk {c} ({level}) has {len(parts)} of {self.slots} segments")
+                length = sum(n for _, n in parts)
+                entries[c][level] = {"level": level, "offset": at, "length": length,
+                                     "sha256": self._hash[(c, level)].hexdigest(), "segments": [n for _, n in parts]}
+                at += length
+        index = [{"start": start, "end": end, "encodings": [entries[c][level] for level in self.levels]}
+                 for c, (start, end) in enumerate(self.bounds)]  # fmt: skip
+        atts = []
+        for name, blob in (attachments or {}).items():
+            atts.append({"name": name, "offset": at, "length": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+            at += len(blob)
+        full = dict(header, payload_order="level", chunks=index, data_length=at)
+        if atts:
+            full["attachments"] = atts
+        return full
+
+    def write_to(self, out: BinaryIO, header: dict, attachments: dict[str, bytes] | None = None) -> int:
+        """Write the whole container to ``out``; returns its size in bytes. May be called more than once
+        (the same payloads under different headers: a duplicate document under its own name)."""
+        full = self.index(header, attachments)
+        text = json.dumps(full, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+        if len(text) > layout.MAX_HEADER_BYTES:
+            raise InputError(f"the header would be {len(text)} bytes, over the {layout.MAX_HEADER_BYTES}-byte limit")
+        try:  # never write what a reader would refuse
+            header_schema.validate(header_schema.parse_json(text, "the header"), full["data_length"])
+        except FormatError as exc:
+            raise InputError(f"refusing to write an invalid file: {exc}") from None
+        head = layout.PREAMBLE.pack(layout.MAGIC, layout.MAJOR, layout.MINOR, len(text)) + text
+        out.write(head + hashlib.sha256(head).digest())
+        self._file.flush()
+        for level in self.levels:
+            for c in range(len(self.bounds)):
+                for offset, length in self._parts[(c, level)]:
+                    if length:
+                        self._file.seek(offset)
+                        out.write(self._file.read(length))
+        for blob in (attachments or {}).values():
+            out.write(blob)
+        self._file.seek(0, os.SEEK_END)
+        return len(head) + layout.DIGEST_BYTES + full["data_length"]
+
+
 class _Source:
     """Random-access bytes from a file or a buffer, never read past their end."""
 
@@ -243,6 +321,15 @@ class Container:
 def open_container(source: str | Path | bytes | bytearray | memoryview) -> Container:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return Container(_Source(buffer=bytes(source)), "<bytes>")
+    if isinstance(source, str) and "://" in source and not source.startswith("file://"):
+        from kvc.batch.storage import open_read  # any fsspec URL: s3://, gs://, memory://, http(s)://
+
+        handle = open_read(source)
+        try:
+            return Container(_Source(handle=handle), source)
+        except BaseException:
+            handle.close()
+            raise
     path = Path(source)
     if not path.exists():
         raise InputError(f"no such file: {path}")

@@ -5,6 +5,7 @@ bytes, and back. The CLI is a thin shell over these functions."""
 
 from __future__ import annotations
 
+import io
 import platform
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from kvc.codec.base import Segment
 from kvc.codec.registry import LOSSLESS, build_codec, level_entry, level_names
 from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_SLICE_TOKENS
 from kvc.errors import FormatError, InputError, LimitError, ProfileError
-from kvc.formats.container import EncodedChunk, build, write_atomic
+from kvc.formats.container import PayloadSpool, write_atomic
 from kvc.index import KvcIndex
 from kvc.runtime.identity import check_same_model, model_identity
 from kvc.runtime.kv import ContextKV, LayerKV
@@ -74,7 +75,59 @@ def encode_kv(
     embed_profile: bool = False,
     on_chunk: Callable[[int], None] | None = None,
 ) -> bytes:
-    """Container bytes for an already computed KV cache."""
+    """Container bytes for an already computed KV cache (encode_kv_to into memory: the same file)."""
+    out = io.BytesIO()
+    encode_kv_to(out, kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile)
+    if on_chunk is not None:
+        for start in range(0, kv.num_tokens, chunk_tokens):
+            on_chunk(min(chunk_tokens, kv.num_tokens - start))
+    return out.getvalue()
+
+
+def encode_kv_to(
+    out,
+    kv: ContextKV,
+    model: dict,
+    levels: Iterable[str] = (LOSSLESS,),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    profile=None,
+    context: dict | None = None,
+    prefill_info: dict | None = None,
+    embed_profile: bool = False,
+    group_layers: int | None = None,
+) -> dict:
+    """Encode like :func:`encode_kv`, streaming: payloads go to a temporary spool file as each group of
+    (layer, kind) tensors is coded, then the container is written to ``out`` (a binary file object, or
+    a list of file objects that all get the same file). Memory beyond ``kv`` is a few layers'
+    encoded bytes, never the whole container. Returns the complete header written.
+
+    ``group_layers`` (layer, kind) tensors are coded per codec call (default: two per pool thread,
+    which keeps every thread busy)."""
+    spool, header, attachments = encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_info,
+                                                 embed_profile, group_layers)  # fmt: skip
+    try:
+        for target in out if isinstance(out, list) else [out]:
+            spool.write_to(target, header, attachments)
+        return spool.index(header, attachments)
+    finally:
+        spool.close()
+
+
+def encode_kv_spool(
+    kv: ContextKV,
+    model: dict,
+    levels: Iterable[str] = (LOSSLESS,),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    profile=None,
+    context: dict | None = None,
+    prefill_info: dict | None = None,
+    embed_profile: bool = False,
+    group_layers: int | None = None,
+) -> tuple[PayloadSpool, dict, dict | None]:
+    """The encoded payloads of ``kv`` in a :class:`PayloadSpool`, with the header and attachments that
+    complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool)."""
+    from kvc.workers import default_threads
+
     levels = list(dict.fromkeys(levels))
     if not levels:
         raise InputError("give at least one level")
@@ -87,44 +140,56 @@ def encode_kv(
         raise InputError("only a whole context (from token 0) can be encoded")
     profile = _resolve_profile(levels, model, profile)
     entries = {name: level_entry(name, profile) for name in levels}
-    codecs = {name: build_codec(entry, profile) for name, entry in entries.items()}
     dtype = kv.layers[0].key.dtype
     bounds = [(a, min(a + chunk_tokens, kv.num_tokens)) for a in range(0, kv.num_tokens, chunk_tokens)]
-    encoded = {name: _encode_level(codec, kv, bounds, dtype) for name, codec in codecs.items()}
-    chunks = []
-    for c, (start, end) in enumerate(bounds):
-        chunks.append(EncodedChunk(start=start, end=end, encodings={name: encoded[name][c] for name in codecs}))
-        if on_chunk is not None:
-            on_chunk(end - start)
-    header = {
+    size = group_layers or 2 * default_threads()
+    spool = PayloadSpool(bounds, levels, 2 * len(kv.layers))
+    try:
+        for name, entry in entries.items():
+            codec = build_codec(entry, profile)
+            slots = list(_slot_groups(kv, bounds, dtype))
+            for g in range(0, len(slots), size):
+                batch = slots[g : g + size]
+                work = [(tensor, segs) for _, tensor, segs, _ in batch if segs]
+                if hasattr(codec, "encode_many"):
+                    results = iter(codec.encode_many(work))
+                else:
+                    results = iter([[codec.encode(t[:, a : a + s.shape[1]], s) for s, a in zip(segs, _offsets(segs))]
+                                    for t, segs in work])  # fmt: skip
+                for slot, _, segs, cs in batch:
+                    blobs = dict(zip(cs, next(results))) if segs else {}
+                    for c in range(len(bounds)):
+                        spool.put(c, name, slot, blobs.get(c, b""))
+    except BaseException:
+        spool.close()
+        raise
+    header = _container_header(kv, model, dtype, chunk_tokens, entries, context, prefill_info)
+    attachments = {"profile": profile.to_bytes()} if embed_profile and profile is not None else None
+    return spool, header, attachments
+
+
+def _container_header(kv, model, dtype, chunk_tokens, entries, context, prefill_info) -> dict:
+    """What encode_kv puts in a header before build() adds the index (kept identical to it)."""
+    return {
         "created_by": f"kvc {kvc.__version__}",
         "model": model,
         "dtype": str(dtype).removeprefix("torch."),
         "layout": {
             "layers": [
-                {
-                    "kv_heads": layer.key.shape[0],
-                    "key_dim": layer.key.shape[2],
-                    "value_dim": layer.value.shape[2],
-                    "start": layer.start,
-                }
+                {"kv_heads": layer.key.shape[0], "key_dim": layer.key.shape[2], "value_dim": layer.value.shape[2],
+                 "start": layer.start}
                 for layer in kv.layers
             ]
-        },
+        },  # fmt: skip
         "context": {"num_tokens": kv.num_tokens, "token_ids": list(kv.token_ids), **(context or {})},
         "prefill": prefill_info or {},
         "chunk_tokens": chunk_tokens,
         "levels": entries,
     }
-    attachments = {"profile": profile.to_bytes()} if embed_profile and profile is not None else None
-    return build(header, chunks, attachments)
 
 
-def _encode_level(codec, kv: ContextKV, bounds: list[tuple[int, int]], dtype) -> list[list[bytes]]:
-    """One level's segment bytes, ``[chunk][2 × layer + kind]``: through the codec's encode_many (one
-    pass per layer, in parallel) where it has one, else segment by segment."""
-    per_chunk: list[list[bytes]] = [[b""] * (2 * len(kv.layers)) for _ in bounds]
-    groups, where = [], []
+def _slot_groups(kv: ContextKV, bounds: list[tuple[int, int]], dtype):
+    """(slot, tensor, segments, chunk indices) for every (layer, kind), in slot order (2 × layer + kind)."""
     for i, layer in enumerate(kv.layers):
         for kind, tensor in zip((0, 1), (layer.key, layer.value)):
             segs, cs = [], []
@@ -135,19 +200,8 @@ def _encode_level(codec, kv: ContextKV, bounds: list[tuple[int, int]], dtype) ->
                     segs.append(Segment(layer=i, kind=KINDS[kind], start=lo, shape=(tensor.shape[0], count,
                                         tensor.shape[2]), dtype=dtype))  # fmt: skip
                     cs.append(c)
-            if segs:
-                first = segs[0].start - layer.start
-                groups.append((tensor[:, first : first + sum(s.shape[1] for s in segs)], segs))
-                where.append((2 * i + kind, cs))
-    if hasattr(codec, "encode_many"):
-        results = codec.encode_many(groups)
-    else:
-        results = [[codec.encode(t[:, a : a + s.shape[1]], s) for s, a in zip(segs, _offsets(segs))]
-                   for t, segs in groups]  # fmt: skip
-    for (slot, cs), blobs in zip(where, results):
-        for c, blob in zip(cs, blobs):
-            per_chunk[c][slot] = blob
-    return per_chunk
+            first = segs[0].start - layer.start if segs else 0
+            yield 2 * i + kind, tensor[:, first : first + sum(s.shape[1] for s in segs)], segs, cs
 
 
 def _offsets(segs: list[Segment]) -> list[int]:
@@ -171,6 +225,13 @@ def encode_tokens(
 ) -> bytes:
     """Prefill ``token_ids`` with ``lm`` and return the .kvc bytes holding its cache."""
     kv = prefill(lm, token_ids, slice_tokens, on_progress)
+    info = prefill_record(lm, slice_tokens)
+    return encode_kv(kv, model_identity(lm), levels, chunk_tokens, profile, context, info, embed_profile)
+
+
+def prefill_record(lm, slice_tokens: int, batch: int | None = None) -> dict:
+    """The header's ``prefill`` field: how the cache was computed, so a deep verify can repeat it.
+    ``batch`` is set when the cache came from a padded batch of documents (kvc.batch, lossy levels)."""
     info = {
         "slice_tokens": slice_tokens,
         "dtype": str(lm.dtype).removeprefix("torch."),  # what a deep verify or eval loads the model in
@@ -179,7 +240,9 @@ def encode_tokens(
         "transformers": _transformers_version(),
         "machine": platform.machine(),
     }
-    return encode_kv(kv, model_identity(lm), levels, chunk_tokens, profile, context, info, embed_profile)
+    if batch is not None:
+        info["batch"] = batch
+    return info
 
 
 def encode_text(

@@ -47,3 +47,9 @@ class LimitError(FormatError):
     by default 512 MiB + 1024 × the bytes read): a file may not make its reader allocate what it likes."""
 
     exit_code = 3
+
+
+class BatchError(KvcError):
+    """A batch finished, but some of its documents failed (each is named in the summary and manifest)."""
+
+    exit_code = 8

@@ -45,6 +45,69 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _folder_key(folder, dtype: str) -> str | None:
+    """A key that changes whenever a weight file in ``folder`` (or the load dtype) does: names, sizes
+    and modification times, the way make decides what is stale. None if there is nothing to key."""
+    from pathlib import Path
+
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith((*_WEIGHT_FILES, ".json")))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if not p.name.startswith("kvc-")]
+    if not any(name.endswith(_WEIGHT_FILES) for name, _, _ in stats):
+        return None
+    return hashlib.sha256(json.dumps([dtype, stats]).encode()).hexdigest()
+
+
+def _fingerprint_file(folder):
+    """Where a folder's weights fingerprint is kept: beside a converted model (kvc's own cache folder),
+    else under the kvc cache (a user's model folder is never written to)."""
+    from pathlib import Path
+
+    from kvc.runtime.loading import cache_dir
+
+    folder = Path(folder).resolve()
+    root = cache_dir().resolve()
+    if root in folder.parents:
+        return folder / "kvc-weights-sha256.json"
+    return root / "fingerprints" / (hashlib.sha256(str(folder).encode()).hexdigest()[:24] + ".json")
+
+
+def cached_weights_fingerprint(model: torch.nn.Module, folder) -> str:
+    """weights_fingerprint(model), remembered on disk for the folder it was loaded from, keyed by the
+    weight files' names, sizes and mtimes and the load dtype: a batch worker or a new `kvc` process
+    skips the ~0.7 s hash. Falls back to hashing when the folder is unknown or the cache unwritable."""
+    import os
+    import tempfile
+
+    if folder is None:
+        return weights_fingerprint(model)
+    try:
+        key = _folder_key(folder, str(next(model.parameters()).dtype))
+    except (OSError, StopIteration):
+        key = None
+    if key is None:
+        return weights_fingerprint(model)
+    store = _fingerprint_file(folder)
+    try:
+        known = json.loads(store.read_text())
+        if known.get("key") == key and isinstance(known.get("weights_sha256"), str):
+            return known["weights_sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = weights_fingerprint(model)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fp-", dir=store.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "weights_sha256": digest}, f)
+        os.replace(tmp, store)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return digest
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -80,7 +143,7 @@ def model_identity(lm) -> dict:
         "architecture": (config.architectures or [type(lm.model).__name__])[0],
         "model_type": config.model_type,
         "config_sha256": config_fingerprint(config),
-        "weights_sha256": weights_fingerprint(lm.model),
+        "weights_sha256": cached_weights_fingerprint(lm.model, getattr(lm, "folder", None)),
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
         "dtype": str(lm.dtype).removeprefix("torch."),
         **rope_info(config),

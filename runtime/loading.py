@@ -34,6 +34,7 @@ class LoadedModel:
     name: str  # a short human name, e.g. SmolLM2-135M-Instruct
     source: str  # where the weights were read from
     device: torch.device
+    folder: str | None = None  # the Hugging Face folder the weights were read from (keys the fingerprint cache)
 
     @property
     def config(self):
@@ -110,24 +111,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = parse_dtype(dtype)
-    if spec in (None, "", DEFAULT_MODEL, "default"):
-        folder, name, source = _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise InputError(f"model not found: {spec} (give a local folder, a .gguf file, or 'smollm2')")
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise InputError(f"model file {spec} is not a .gguf; give a Hugging Face folder or a .gguf file")
-            folder, name = _converted(path), path.stem
-        elif (path / "config.json").exists():
-            folder, name = path, path.name
-        else:
-            ggufs = sorted(path.glob("*.gguf"))
-            if not ggufs:
-                raise InputError(f"{spec} holds neither a config.json nor a .gguf file")
-            folder, name = _converted(ggufs[0]), ggufs[0].stem
-        source = str(path.resolve())
+    folder, name, source = resolve_model(spec)
     dev = resolve_device(device)
     try:
         with _quiet_transformers(show_bars=False):  # a sub-second load needs no bar
@@ -138,7 +122,29 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, device=dev, folder=str(folder))
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str, str]:
+    """(Hugging Face folder, short name, source) for a --model spec, converting a GGUF on first use;
+    loads nothing (kvc.batch keys its resume check on the folder without importing transformers)."""
+    if spec in (None, "", DEFAULT_MODEL, "default"):
+        return _converted(default_gguf()), DEFAULT_MODEL_NAME, DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"model not found: {spec} (give a local folder, a .gguf file, or 'smollm2')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"model file {spec} is not a .gguf; give a Hugging Face folder or a .gguf file")
+        folder, name = _converted(path), path.stem
+    elif (path / "config.json").exists():
+        folder, name = path, path.name
+    else:
+        ggufs = sorted(path.glob("*.gguf"))
+        if not ggufs:
+            raise InputError(f"{spec} holds neither a config.json nor a .gguf file")
+        folder, name = _converted(ggufs[0]), ggufs[0].stem
+    return folder, name, str(path.resolve())
 
 
 def recorded_dtype(header: dict) -> str:
@@ -193,10 +199,34 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _gguf_digest(gguf: Path) -> str:
+    """The GGUF's SHA-256, remembered under the cache keyed by its path, size and mtime: hashing the
+    embedded model's ~100 MB on every start cost a re-run of a finished batch most of its time."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    store = cache_dir() / "models" / "gguf-sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = _sha256_file(gguf)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gguf-sha-", dir=store.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**(known if isinstance(known, dict) else {}), key: digest}, f)
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return digest
+
+
 def _converted(gguf: Path) -> Path:
     """The plain HF folder for a GGUF, converting it on first use (atomically: a killed conversion
     leaves only a temp folder that the next run ignores)."""
-    target = cache_dir() / "models" / _sha256_file(gguf)[:24]
+    target = cache_dir() / "models" / _gguf_digest(gguf)[:24]
     if (target / "kvc-converted.json").exists():
         return target
     from safetensors.torch import save_model

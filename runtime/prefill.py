@@ -13,7 +13,7 @@ import torch
 from kvc.defaults import DEFAULT_SLICE_TOKENS
 from kvc.errors import InputError
 from kvc.runtime.cache import from_transformers_cache
-from kvc.runtime.kv import ContextKV
+from kvc.runtime.kv import ContextKV, LayerKV
 
 
 def tokenize(lm, text: str, max_tokens: int | None = None, add_special_tokens: bool = True) -> list[int]:
@@ -64,3 +64,48 @@ def prefill(
     cache = new_cache(lm.model.config)
     run_slices(lm.model, token_ids, cache, slice_tokens, on_progress)
     return from_transformers_cache(cache, token_ids)
+
+
+@torch.no_grad()
+def prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
+    """The KV of several short documents from one forward pass: right-padded to the longest, with an
+    attention mask and per-document positions, each document's rows cut back out.
+
+    Padding sits after every real token, so under the causal mask no real token attends to one; each
+    document sees exactly its own tokens at positions 0.. as in a lone prefill. The values are not
+    bit-identical to a lone prefill all the same: batched matmuls and the masked attention kernel sum
+    in another order (measured: max |diff| 1.2e-7 on the tiny test models, 2.7e-5 on SmolLM2 in
+    float32). kvc.batch therefore uses this only for lossy levels, whose error is orders larger, and
+    prefills lone wherever a lossless level is asked for."""
+    if not docs or any(not d for d in docs):
+        raise InputError("cannot prefill an empty context")
+    device = lm.device
+    longest = max(len(d) for d in docs)
+    ids = torch.zeros((len(docs), longest), dtype=torch.long)
+    mask = torch.zeros((len(docs), longest), dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d)
+        mask[i, : len(d)] = 1
+    positions = torch.arange(longest).expand(len(docs), longest)
+    cache = new_cache(lm.model.config)
+    if not can_batch(lm):
+        raise InputError("batched prefill needs full-attention layers (see can_batch)")
+    lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+             past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    out = []
+    for i, d in enumerate(docs):
+        layers = []
+        for layer in cache.layers:
+            key, value = layer.keys[i], layer.values[i]  # [kv_heads, longest, dim]
+            if key.shape[1] != longest:
+                raise InputError("batched prefill needs full-attention layers (see can_batch)")
+            layers.append(LayerKV(key=key[:, : len(d)].to("cpu").contiguous(),
+                                  value=value[:, : len(d)].to("cpu").contiguous()))  # fmt: skip
+        out.append(ContextKV(token_ids=list(d), layers=layers))
+    return out
+
+
+def can_batch(lm) -> bool:
+    """Whether :func:`prefill_batch` applies: every cache layer keeps every token (a sliding-window
+    layer keeps the padded batch's tail, which is not a short document's own window)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in new_cache(lm.model.config).layers)

@@ -97,7 +97,9 @@ def test_folder_input_writes_one_file_per_document(llama, tmp_path):
     report = json.loads(
         run("encode", docs, "--out-dir", tmp_path / "out", "--model", llama, "--level", "lossless", "--json").stdout
     )
-    assert sorted(r["output"] for r in report) == [str(tmp_path / "out" / "a.kvc"), str(tmp_path / "out/sub/b.kvc")]
+    rows = report["documents"]
+    assert sorted(r["output"] for r in rows) == [str(tmp_path / "out" / "a.kvc"), str(tmp_path / "out/sub/b.kvc")]
+    assert report["summary"]["encoded"] == 2 and report["summary"]["failed"] == 0
 
 
 def test_dataset_input(llama, tmp_path):
@@ -108,7 +110,7 @@ def test_dataset_input(llama, tmp_path):
             "encode", "--dataset", rows, "--out-dir", tmp_path / "o", "--model", llama, "--level", "lossless", "--json"
         ).stdout
     )
-    assert len(report) == 3 and all(os.path.exists(r["output"]) for r in report)
+    assert len(report["documents"]) == 3 and all(os.path.exists(r["output"]) for r in report["documents"])
     one_line_error(
         run("encode", "--dataset", rows, "--text-field", "body", "--model", llama, check_rc=None), 2, "no column 'body'"
     )

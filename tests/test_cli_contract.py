@@ -463,7 +463,10 @@ def test_a_signal_mid_encode_exits_with_one_line_and_no_partial_file(tmp_path, l
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code and stderr.decode() == f"kvc: {word}\n" and not stdout, stderr.decode()
-    assert sorted(p.name for p in out.iterdir()) == ["a.kvc"]  # complete files stay; no temp, no b.kvc
+    # complete files stay, with their manifest rows; no temp file, no b.kvc
+    assert sorted(p.name for p in out.iterdir()) == ["a.kvc", "kvc-manifest.jsonl"]
+    rows = [json.loads(line) for line in (out / "kvc-manifest.jsonl").read_text().splitlines()]
+    assert [(r["output"].rsplit("/", 1)[-1], r["status"]) for r in rows] == [("a.kvc", "ok")]
     assert kvc.open(out / "a.kvc").num_tokens > 0
 
 
