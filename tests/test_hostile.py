@@ -502,3 +502,21 @@ def test_every_frame_zstd_writes_passes_the_frame_walk():
                 assert decompress_exact(writer.compress(data), n, "test") == data
     with pytest.raises(FormatError, match="content size"):  # a streamed frame states no size
         decompress_exact(zstandard.ZstdCompressor(write_content_size=False).compress(b"abc"), 3, "test")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_hardened_cachegen_round_trip_is_within_half_a_step(dtype):
+    """The channel-by-channel decoder: every element within half its token's quantiser step (anchors
+    and deltas alike, deltas being coded against the reconstructed anchor), in every dtype, and the
+    segment never shorter than the plausibility bound."""
+    codec = CacheGenCodec({"group": 4, "anchor_bits": 8, "delta_bits": [5]})
+    x = (torch.randn(3, 23, 8, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    seg = Segment(0, "key", 0, (3, 23, 8), dtype)
+    data = codec.encode(x, seg)
+    assert len(data) >= codec.min_segment_bytes(seg)
+    out = codec.decode(data, seg)
+    assert out.dtype == dtype and out.shape == x.shape
+    steps = torch.from_numpy(np.frombuffer(data, "<f2", 23, 3).astype(np.float32)).double()
+    err = (out.double() - x.double()).abs().amax(dim=(0, 2))
+    slack = {torch.float16: 2e-2, torch.bfloat16: 1e-1}.get(dtype, 1e-5)
+    assert torch.all(err <= 0.5 * steps * (1 + 1e-3) + slack), (err, steps)
