@@ -520,3 +520,19 @@ def test_hardened_cachegen_round_trip_is_within_half_a_step(dtype):
     err = (out.double() - x.double()).abs().amax(dim=(0, 2))
     slack = {torch.float16: 2e-2, torch.bfloat16: 1e-1}.get(dtype, 1e-5)
     assert torch.all(err <= 0.5 * steps * (1 + 1e-3) + slack), (err, steps)
+
+
+def test_null_where_a_value_is_used_is_refused(files):
+    """Found by bench/fuzz.py: `prefill.slice_tokens: null` reached verify --deep's prefill."""
+    for section, key in (("prefill", "slice_tokens"), ("context", "add_special_tokens"), ("context", "source")):
+        refused_by_library(forge(files["lossless"], lambda h, raw, s=section, k=key: h[s].update({k: None})), key)
+
+
+def test_cachegen_words_constriction_refuses_outright_are_a_format_error(files):
+    """Found by bench/fuzz.py: an ANS stream whose last word is 0 is refused by constriction's
+    constructor, before any decoding."""
+    parts = split(files["cachegen"])
+    seg = parts.payloads[(1, "cachegen")][2]
+    codec = CacheGenCodec(kvc.open(files["cachegen"]).header["levels"]["cachegen"]["params"])
+    with pytest.raises(FormatError, match="corrupt cachegen"):
+        codec.decode(seg[:-4] + b"\0\0\0\0", Segment(1, "key", 16, (2, 16, 16), torch.float32))
