@@ -70,7 +70,10 @@ def _decode_channels(tables: list[tuple[int, np.ndarray]], words: bytes, tokens:
     coded with that channel's table (entropy.encode_with_chunk_tables is the encoder)."""
     if len(words) % 4:
         raise FormatError("corrupt cachegen payload length")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").copy())
+    try:  # constriction refuses some streams outright (a last word of 0), before any decoding
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").copy())
+    except _CODER_ERRORS as exc:
+        raise FormatError(f"corrupt cachegen {what} data: {exc}") from None
     for lo, counts in tables:
         try:
             symbols = coder.decode(_chunk_model(counts.astype(np.float64)), tokens)
@@ -129,8 +132,7 @@ class CacheGenCodec:
         table_d, words_d = (b"", b"")
         if len(deltas):
             table_d, words_d = encode_with_chunk_tables(qd.transpose(0, 2, 1).reshape(H * D, -1))
-        tables = zstandard.ZstdCompressor(level=19).compress(
-            struct.pack("<I", len(table_a)) + table_a + table_d)
+        tables = zstandard.ZstdCompressor(level=19).compress(struct.pack("<I", len(table_a)) + table_a + table_d)
         out = bytearray(struct.pack("<BH", VERSION, 0)) + scales.astype("<f2").tobytes()
         out += struct.pack("<I", len(tables)) + tables
         out += struct.pack("<I", len(words_a) // 4) + words_a

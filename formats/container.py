@@ -294,13 +294,6 @@ class Container:
         run_tasks(check, found, threads)
         return [(enc, data) for _, enc, data in found]
 
-    def attachment_entry(self, name: str) -> dict | None:
-        """The index entry of attachment ``name`` (names are unique), without reading its bytes."""
-        for att in self.header.get("attachments", []):
-            if att["name"] == name:
-                return att
-        return None
-
     def attachment(self, name: str, sha256: str | None = None) -> bytes | None:
         """The checked bytes of attachment ``name``; None when there is none, or when ``sha256`` is given
         and the attachment's recorded hash is another (its bytes are then never read)."""

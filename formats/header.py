@@ -139,8 +139,9 @@ def _int(value, low: int, high: int, what: str) -> int:
     return value
 
 
-def _optional(mapping: dict, key: str, kinds: tuple[type, ...], what: str) -> None:
-    if key in mapping and mapping[key] is not None:
+def _optional(mapping: dict, key: str, kinds: tuple[type, ...], what: str, nullable: bool = False) -> None:
+    """A field that may be absent; when present it has one of ``kinds`` (or is null, if ``nullable``)."""
+    if key in mapping and not (nullable and mapping[key] is None):
         _need(type(mapping[key]) in kinds, f"{what}.{key} has the wrong type")
 
 
@@ -162,15 +163,15 @@ def validate(header: dict, data_bytes: int) -> None:
 
     model = header["model"]
     for key in _MODEL_STRINGS:
-        _optional(model, key, (str,), "model")
+        _optional(model, key, (str,), "model", nullable=True)
     for key in _MODEL_HASHES:
         if model.get(key) is not None:
             _sha(model[key], f"model.{key}")
-    _optional(model, "keys_post_rotary", (bool,), "model")
-    _optional(model, "rope_theta", (int, float), "model")
+    _optional(model, "keys_post_rotary", (bool,), "model", nullable=True)
+    _optional(model, "rope_theta", (int, float), "model", nullable=True)
 
     prefill = header.get("prefill", {})
-    if prefill.get("slice_tokens") is not None:
+    if "slice_tokens" in prefill:  # verify --deep repeats the prefill with it
         _int(prefill["slice_tokens"], 1, layout.MAX_TOKENS, "prefill.slice_tokens")
     for key in ("device", "torch", "transformers", "machine"):
         _optional(prefill, key, (str,), "prefill")

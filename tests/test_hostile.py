@@ -502,3 +502,37 @@ def test_every_frame_zstd_writes_passes_the_frame_walk():
                 assert decompress_exact(writer.compress(data), n, "test") == data
     with pytest.raises(FormatError, match="content size"):  # a streamed frame states no size
         decompress_exact(zstandard.ZstdCompressor(write_content_size=False).compress(b"abc"), 3, "test")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_hardened_cachegen_round_trip_is_within_half_a_step(dtype):
+    """The channel-by-channel decoder: every element within half its token's quantiser step (anchors
+    and deltas alike, deltas being coded against the reconstructed anchor), in every dtype, and the
+    segment never shorter than the plausibility bound."""
+    codec = CacheGenCodec({"group": 4, "anchor_bits": 8, "delta_bits": [5]})
+    x = (torch.randn(3, 23, 8, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    seg = Segment(0, "key", 0, (3, 23, 8), dtype)
+    data = codec.encode(x, seg)
+    assert len(data) >= codec.min_segment_bytes(seg)
+    out = codec.decode(data, seg)
+    assert out.dtype == dtype and out.shape == x.shape
+    steps = torch.from_numpy(np.frombuffer(data, "<f2", 23, 3).astype(np.float32)).double()
+    err = (out.double() - x.double()).abs().amax(dim=(0, 2))
+    slack = {torch.float16: 2e-2, torch.bfloat16: 1e-1}.get(dtype, 1e-5)
+    assert torch.all(err <= 0.5 * steps * (1 + 1e-3) + slack), (err, steps)
+
+
+def test_null_where_a_value_is_used_is_refused(files):
+    """Found by bench/fuzz.py: `prefill.slice_tokens: null` reached verify --deep's prefill."""
+    for section, key in (("prefill", "slice_tokens"), ("context", "add_special_tokens"), ("context", "source")):
+        refused_by_library(forge(files["lossless"], lambda h, raw, s=section, k=key: h[s].update({k: None})), key)
+
+
+def test_cachegen_words_constriction_refuses_outright_are_a_format_error(files):
+    """Found by bench/fuzz.py: an ANS stream whose last word is 0 is refused by constriction's
+    constructor, before any decoding."""
+    parts = split(files["cachegen"])
+    seg = parts.payloads[(1, "cachegen")][2]
+    codec = CacheGenCodec(kvc.open(files["cachegen"]).header["levels"]["cachegen"]["params"])
+    with pytest.raises(FormatError, match="corrupt cachegen"):
+        codec.decode(seg[:-4] + b"\0\0\0\0", Segment(1, "key", 16, (2, 16, 16), torch.float32))
