@@ -104,10 +104,10 @@ class ChannelBank:
         """int32 symbols ``[channels, tokens]`` (escapes re-attached; |q| ≤ 2³⁰ + 4096 fits int32)."""
         C = self.channels
         q = np.zeros((C, tokens), dtype=np.int32)
-        coder = constriction.stream.stack.AnsCoder(words)
-        decode, models = coder.decode, self.models
         chans = np.flatnonzero(flags).tolist()
-        try:
+        try:  # the constructor too: it refuses a stream whose last word is 0
+            coder = constriction.stream.stack.AnsCoder(words)
+            decode, models = coder.decode, self.models
             for c in chans:
                 q[c] = decode(models[c], tokens)
         except _CODER_ERRORS as exc:  # constriction raises on an exhausted or garbled stream

@@ -549,9 +549,11 @@ class KvqCodec:
         H, T, D = segment.shape
         if len(data) < 4:
             raise FormatError("truncated kvq segment")
-        version, flags_byte, _ = struct.unpack_from("<BBH", data, 0)
+        version, flags_byte, reserved = struct.unpack_from("<BBH", data, 0)
         if version != 1:
             raise FormatError(f"unknown kvq segment version {version}")
+        if reserved:
+            raise FormatError("kvq segment reserved bytes set")
         n_sink = sink_count(segment.start, T, self.sinks)
         if flags_byte != (1 if n_sink else 0):
             raise FormatError("kvq segment flags do not match its position")
