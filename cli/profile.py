@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from kvc.cli._io import write_output
 from kvc.cli._output import Output, human_bytes
@@ -33,6 +34,10 @@ def profile_command(
     Examples:
 
       kvc profile --model ./my-model essays/*.txt -o my-model.kvcp
+
+    A part of the fit that cannot be done for this model (keys whose rotary embedding kvq cannot undo,
+    heads whose sensitivity cannot be measured) prints one warning line each and is recorded in the
+    profile (fit.warnings); the profile still works, with less compression at a given quality.
 
     Put the result in $KVC_CACHE_DIR/profiles/ to have it found automatically, or pass --profile
     to encode, decode, verify and eval.
@@ -71,7 +76,11 @@ def profile_command(
         "dtype": str(lm.dtype).removeprefix("torch."),
         "texts": len(bodies),
         "seconds": round(time.perf_counter() - started, 1),
+        "rotary": prof.rotary,
+        "warnings": list(prof.fit.get("warnings") or []),
     }
+    for line in result["warnings"]:  # a profile that could not do part of its job says so, one line each
+        out.err.print(f"[yellow]warning:[/yellow] {escape('profile: ' + line)}", soft_wrap=True)
     out.result(
         result,
         lambda c: c.print(

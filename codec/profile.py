@@ -284,19 +284,43 @@ def _pre_frame(tensor: torch.Tensor, kind: str, start: int, rotary: dict | None)
     return x
 
 
+def rotary_plan(lm) -> tuple[dict | None, str | None]:
+    """``(rotary, reason)``: the settings with which keys are un-rotated before coding, or None and, when
+    the keys do carry a rotary embedding that kvq cannot undo exactly, why (one line). kvq un-rotates
+    with one plain (``default``) rope over the whole head, one base for every layer
+    (transforms.py); anything else is coded post-rotary, which is correct but compresses less."""
+    from kvc.runtime.identity import rope_info, rope_layers
+
+    config = lm.model.config
+    info = rope_info(config)
+    if not info.get("keys_post_rotary"):
+        return None, None
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layers = rope_layers(config) or []
+    partial = getattr(text, "partial_rotary_factor", None)
+    for entry in layers:  # transformers 5 may keep it beside the rope type
+        partial = entry.get("partial_rotary_factor", partial)
+    if not layers or all(e.get("rope_theta") is None for e in layers):
+        return None, "the config names no rotary base (rope_theta): keys are coded with the rotary embedding in them"
+    thetas = sorted({float(e["rope_theta"]) for e in layers if e.get("rope_theta") is not None})
+    types = sorted({str(e.get("rope_type", "default")) for e in layers})
+    if types != ["default"]:
+        return None, (f"rotary type {'/'.join(types)} (scaled rope) is not undone by kvq: keys are coded with the "
+                      f"rotary embedding in them")
+    if len(thetas) > 1:
+        return None, (f"layers use different rotary bases ({', '.join(f'{t:g}' for t in thetas)}); kvq un-rotates "
+                      f"with one: keys are coded with the rotary embedding in them")
+    if partial not in (None, 1, 1.0):
+        return None, f"rotary covers {partial:g} of each head (partial rotary): keys are coded with it in them"
+    if head_dim % 2:
+        return None, f"odd head dim {head_dim}: keys are coded with the rotary embedding in them"
+    return {"theta": thetas[0], "dim": int(head_dim)}, None
+
+
 def rotary_for(lm) -> dict | None:
     """Un-rotate keys only for plain default rope over the whole head (what transforms.py implements)."""
-    from kvc.runtime.identity import rope_info
-
-    info = rope_info(lm.model.config)
-    text = lm.model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    partial = getattr(text, "partial_rotary_factor", 1.0) or 1.0
-    if not info.get("keys_post_rotary") or info.get("rope_type") != "default" or partial != 1.0:
-        return None
-    if info.get("rope_theta") is None or head_dim % 2:
-        return None
-    return {"theta": float(info["rope_theta"]), "dim": int(head_dim)}
+    return rotary_plan(lm)[0]
 
 
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
@@ -314,7 +338,8 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
         raise ProfileError("fitting a profile needs at least one calibration text")
     progress = on_progress or (lambda stage, done, total: None)
     identity = model_identity(lm)
-    rotary = rotary_for(lm)
+    rotary, rotary_reason = rotary_plan(lm)
+    warnings = [f"rotary: {rotary_reason}"] if rotary_reason else []
     kvs = []
     for i, text in enumerate(texts):
         ids = tokenize(lm, text)
@@ -375,11 +400,15 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
             for h in range(H):
                 basis[layer, k, h, dim:, dim:] = np.eye(D - dim, dtype=np.float16)
 
-    sens = _sensitivity(lm, kvs, sensitivity_texts, sensitivity_tokens, continuation, sinks, seed, progress)
+    sens, sens_warnings = _sensitivity(lm, kvs, sensitivity_texts, sensitivity_tokens, continuation, sinks, seed,
+                                       progress)
+    warnings += sens_warnings
     base = 1.0 / np.sqrt(np.maximum(sens, 1e-12 * max(float(sens.max()), 1e-30)))
     base = base / math.exp(float(np.log(base).mean()))  # geometric mean 1: levels scale it
     fit = {"texts": len(texts), "tokens": tokens, "sensitivity_texts": sensitivity_texts,
-           "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed}
+           "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed,
+           "sliding_layers": [i for i, lay in enumerate(first.layers) if lay.start > 0],
+           "warnings": warnings}
     ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
     return Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
                    arrays={"mean": mean, "basis": basis, "sigma": sigma, "cdf": cdf,
@@ -387,48 +416,67 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
                    fit=fit)
 
 
-def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progress) -> np.ndarray:
-    """KL per unit noise variance for each (layer, kind, head): the model's own sensitivity.
+def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progress) -> tuple[np.ndarray, list[str]]:
+    """KL per unit noise variance for each (layer, kind, head): the model's own sensitivity, and the
+    warnings of any part that could not be measured (it then falls back to uniform, and says so).
 
-    Gaussian noise of std 0.1·rms of the head is added to every non-sink token of one head at a
-    time; KL(ref‖perturbed) over a continuation, divided by the noise variance, is the slope in
-    the small-noise (quadratic) regime where quantisation operates."""
+    Each chosen text's first ``ctx_tokens`` tokens are prefilled afresh, so every layer holds what it
+    would for that context: all of it, or, for a sliding-window layer, the suffix it keeps. Gaussian
+    noise of std 0.1·rms of the head is added to every kept non-sink token of one head at a time;
+    KL(ref‖perturbed) over a continuation, divided by the noise variance, is the slope in the
+    small-noise (quadratic) regime where quantisation operates."""
     from kvc.evaluation.quality import compare, continuation_logprobs
-    from kvc.runtime.kv import ContextKV, LayerKV
+    from kvc.runtime.prefill import prefill
 
-    chosen = [(ids, kv) for ids, kv in kvs if len(ids) >= 32 + continuation][:n_texts] or kvs[:1]
     L = len(kvs[0][1].layers)
     H = kvs[0][1].layers[0].key.shape[0]
+    chosen = [ids for ids, _ in kvs if len(ids) >= 32 + continuation][:n_texts]
+    if not chosen:
+        longest = max(len(ids) for ids, _ in kvs)
+        return np.ones((L, 2, H)), [
+            f"sensitivity: no calibration text has the {32 + continuation} tokens a context and its continuation "
+            f"need (the longest has {longest}): every head gets the same step"]
     sens = np.zeros((L, 2, H))
+    counts = np.zeros((L, 2, H))
     gen = torch.Generator().manual_seed(seed)
     total = len(chosen) * L * 2 * H
     done = 0
-    for ids, full in chosen:
-        n_ctx = min(ctx_tokens, len(ids) - continuation) if len(ids) > continuation + 1 else max(1, len(ids) - 1)
+    for ids in chosen:
+        n_ctx = min(ctx_tokens, len(ids) - continuation)
         cont = ids[n_ctx : n_ctx + continuation]
-        ctx = ContextKV(token_ids=ids[:n_ctx], layers=[
-            LayerKV(key=lay.key[:, :n_ctx].clone(), value=lay.value[:, :n_ctx].clone(), start=0)
-            for lay in full.layers])
-        if any(lay.start for lay in full.layers) or not cont:
-            # sliding-window layers keep a suffix only; sensitivity then defaults to uniform
-            return np.ones((L, 2, H))
+        ctx = prefill(lm, ids[:n_ctx])
         ref = continuation_logprobs(lm, ctx, cont)
         for layer in range(L):
+            lay = ctx.layers[layer]
+            skip = max(0, sinks - lay.start)  # sinks are stored raw: never perturbed
             for k, kind in enumerate(("key", "value")):
-                orig = getattr(ctx.layers[layer], kind)
+                orig = getattr(lay, kind)
                 for h in range(H):
-                    rms = float(orig[h, sinks:].float().pow(2).mean().sqrt()) if orig.shape[1] > sinks else 0.0
-                    eps = 0.1 * rms if rms > 0 else 1e-3
-                    noisy = orig.clone()
-                    noise = torch.randn(noisy[h, sinks:].shape, generator=gen, dtype=torch.float32) * eps
-                    noisy[h, sinks:] += noise.to(noisy.dtype)
-                    setattr(ctx.layers[layer], kind, noisy)
-                    kl = compare(ref, continuation_logprobs(lm, ctx, cont), cont).kl
-                    setattr(ctx.layers[layer], kind, orig)
-                    sens[layer, k, h] += max(kl, 1e-12) / (eps * eps) / len(chosen)
                     done += 1
                     progress("sensitivity", done, total)
-    return sens
+                    if orig.shape[1] <= skip:
+                        continue
+                    rms = float(orig[h, skip:].float().pow(2).mean().sqrt())
+                    eps = 0.1 * rms if rms > 0 else 1e-3
+                    noisy = orig.clone()
+                    noise = torch.randn(noisy[h, skip:].shape, generator=gen, dtype=torch.float32) * eps
+                    noisy[h, skip:] += noise.to(noisy.dtype)
+                    setattr(lay, kind, noisy)
+                    kl = compare(ref, continuation_logprobs(lm, ctx, cont), cont).kl
+                    setattr(lay, kind, orig)
+                    sens[layer, k, h] += max(kl, 1e-12) / (eps * eps)
+                    counts[layer, k, h] += 1
+        progress("sensitivity", done, total)
+    measured = counts > 0
+    sens = np.where(measured, sens / np.maximum(counts, 1), 0.0)
+    warnings = []
+    if not measured.all():
+        missing = sorted({int(i) for i in np.argwhere(~measured)[:, 0]})
+        fill = float(np.exp(np.log(sens[measured]).mean())) if measured.any() else 1.0
+        sens[~measured] = fill
+        warnings.append(f"sensitivity: layers {missing} keep no codable tokens in the calibration context; "
+                        f"their heads get the geometric-mean sensitivity")
+    return sens, warnings
 
 
 def default_progress() -> Callable[[str, int, int], None] | None:

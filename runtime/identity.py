@@ -117,19 +117,73 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def rope_info(config) -> dict:
-    """Whether cached keys carry rotary position embedding, and its base, as far as the config says."""
+def _rope_dict(value) -> dict:
+    """A rope settings object (dict, or a config-like object) as a plain dict."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    to_dict = getattr(value, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {}
+
+
+def rope_layers(config) -> list[dict] | None:
+    """Each decoder layer's rotary settings ``{"rope_type", "rope_theta", ...}`` as the config states
+    them, wherever it states them: a text sub-config, ``rope_parameters`` (transformers 5), possibly one
+    entry per layer type (``{"sliding_attention": {...}, "full_attention": {...}}`` with
+    ``layer_types``), or the older ``rope_scaling`` plus a top-level ``rope_theta``. None when the
+    config names no rotary base at all."""
     text = config.get_text_config(decoder=True)
-    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    theta = (rope or {}).get("rope_theta", getattr(text, "rope_theta", None))
-    if theta is None and getattr(text, "model_type", "") in ("gpt2", "opt", "bloom"):
-        return {"position_encoding": "learned" if text.model_type != "bloom" else "alibi", "keys_post_rotary": False}
-    return {
-        "position_encoding": "rotary",
-        "keys_post_rotary": True,
-        "rope_theta": theta,
-        "rope_type": (rope or {}).get("rope_type", "default"),
-    }
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    params = _rope_dict(getattr(text, "rope_parameters", None))
+    scaling = _rope_dict(getattr(text, "rope_scaling", None))
+    top_theta = getattr(text, "rope_theta", None)
+
+    def settings(entry: dict) -> dict:
+        entry = dict(entry)
+        if "type" in entry and "rope_type" not in entry:  # transformers 4's older spelling
+            entry["rope_type"] = entry.pop("type")
+        entry.setdefault("rope_type", "default")
+        if entry.get("rope_theta") is None:
+            entry["rope_theta"] = top_theta
+        return entry
+
+    if params and layer_types and all(isinstance(params.get(t), dict) for t in set(layer_types)):
+        per_type = {t: settings(params[t]) for t in set(layer_types)}
+        out = [per_type[t] for t in layer_types]
+    else:
+        base = params if params and not any(isinstance(v, dict) for v in params.values()) else scaling
+        out = [settings(base)] * max(layers, 1)
+    if all(e.get("rope_theta") is None for e in out):
+        return None
+    return out
+
+
+def rope_info(config) -> dict:
+    """Whether cached keys carry rotary position embedding, and its base, as far as the config says.
+    ``rope_theta``/``rope_type`` are the model's when every layer shares them; when layers differ
+    (e.g. Gemma 3: one base for sliding-window layers, another for global ones) ``rope_type`` is
+    ``"per-layer"``, ``rope_theta`` is null and ``rope_layer_types`` holds each layer type's settings."""
+    text = config.get_text_config(decoder=True)
+    layers = rope_layers(config)
+    if layers is None:
+        if getattr(text, "model_type", "") in ("gpt2", "opt", "bloom"):
+            return {"position_encoding": "learned" if text.model_type != "bloom" else "alibi",
+                    "keys_post_rotary": False}
+        return {"position_encoding": "rotary", "keys_post_rotary": True, "rope_theta": None, "rope_type": "default"}
+    info = {"position_encoding": "rotary", "keys_post_rotary": True}
+    distinct = {json.dumps(e, sort_keys=True, default=str) for e in layers}
+    if len(distinct) == 1:
+        info["rope_theta"] = layers[0]["rope_theta"]
+        info["rope_type"] = layers[0]["rope_type"]
+    else:
+        info["rope_theta"] = None
+        info["rope_type"] = "per-layer"
+        types = list(getattr(text, "layer_types", None) or [])
+        info["rope_layer_types"] = {t: {"rope_type": e["rope_type"], "rope_theta": e["rope_theta"]}
+                                    for t, e in zip(types, layers)}
+    return info
 
 
 def model_identity(lm) -> dict:

@@ -74,10 +74,47 @@ def _config(arch: str):
             pad_token_id=0,
             **common,
         )
+    if arch in ("gemma3", "gemma3-one-base"):  # per-layer-type rope nested in rope_parameters
+        from transformers import Gemma3TextConfig
+
+        full = 10000.0 if arch == "gemma3-one-base" else 1000000.0
+        return Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": full}},
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            **common,
+        )
+    if arch == "qwen2-sw":  # sliding window of 16 on layers 1 and 2 (max_window_layers=1)
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+            max_position_embeddings=1024,
+            **common,
+        )
     raise ValueError(arch)
 
 
+# Built by the session fixture for every test; the architectures below it are built by the tests that use them.
 ARCHES = ("gpt2", "llama", "llama-mqa", "gemma2")
+MORE_ARCHES = ("gemma3", "gemma3-one-base", "qwen2-sw")
 
 
 def build_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
