@@ -1,6 +1,14 @@
 """Codec benchmark: baselines and our levels side by side on held-out essays.
 
     .venv/bin/python bench/codec.py [--contexts 4 --tokens 2048 --continuation 128 --json out.json]
+    .venv/bin/python bench/codec.py --texts code,legal,technical --continuation 256 --only "kvq balanced" \
+        --target-kl 0.001,0.003,0.01,0.03 --json target.json
+
+``--texts`` takes files (read at run time, never stored) or the genre names of HELD_OUT below, which
+name text every Linux/Python install has: a Python standard library module, a license, a CMake manual.
+``--target-kl`` adds one row per target: ``kvc encode --target-kl X`` (kvc.codec.targeting picks the
+scale per context from the context's own tail), scored on the held-out continuation like every row;
+the JSON gives each context's KL, estimate and whether it is inside [0.5X, 1.3X].
 
 Every method sees the same contexts (evaluation_essays() only; the profile never saw them), is
 encoded segment by segment exactly as a .kvc chunk would be (256-token chunks, one segment per
@@ -16,6 +24,8 @@ import math
 import struct
 import sys
 import time
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,6 +111,34 @@ class Kivi:
         return struct.unpack_from("<I", b)[0]
 
 
+def _held_out() -> dict[str, str]:
+    import sysconfig
+
+    return {
+        "code": str(Path(sysconfig.get_paths()["stdlib"]) / "subprocess.py"),
+        "legal": "/usr/share/common-licenses/GPL-3",
+        "technical": "/usr/share/cmake-3.25/Help/manual/cmake-buildsystem.7.rst",
+        "code2": str(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"),
+        "legal2": "/usr/share/common-licenses/Apache-2.0",
+    }
+
+
+def text_contexts(lm, specs, tokens, continuation):
+    """Contexts from files (or HELD_OUT genre names), each cut to ``tokens`` plus its continuation."""
+    out = []
+    for spec in specs:
+        path = Path(_held_out().get(spec, spec))
+        if not path.is_file():
+            print(f"skipping {spec}: no file at {path}", file=sys.stderr)
+            continue
+        ids = tokenize(lm, path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) < tokens + continuation:
+            print(f"skipping {spec}: {len(ids)} tokens < {tokens + continuation}", file=sys.stderr)
+            continue
+        out.append((spec if spec in _held_out() else path.name, ids[:tokens], ids[tokens : tokens + continuation]))
+    return out
+
+
 def contexts(lm, n, tokens, continuation):
     out = []
     for name in evaluation_essays():
@@ -162,10 +200,17 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--texts", default="", help="comma-separated files or genre names (code, legal, technical, "
+                    "code2, legal2) to use instead of the held-out essays")
+    ap.add_argument("--target-kl", default="", help="comma-separated KL targets: one kvc encode --target-kl row each")
+    ap.add_argument("--level", default="balanced", help="the level --target-kl rows tune")
     args = ap.parse_args(argv)
     lm = load_model(None, device="cpu")
     profile = find_profile(model_identity(lm), args.profile)
-    ctxs = contexts(lm, args.contexts, args.tokens, args.continuation)
+    if args.texts:
+        ctxs = text_contexts(lm, args.texts.split(","), args.tokens, args.continuation)[: args.contexts]
+    else:
+        ctxs = contexts(lm, args.contexts, args.tokens, args.continuation)
     prepared = []
     for name, ids, cont in ctxs:
         t0 = time.perf_counter()
@@ -179,9 +224,12 @@ def main(argv=None):
         meths = [m for m in meths if any(k in m[0] for k in keys)]
     for label, codec, size_fn in meths:
         tot = {"bytes": 0, "elems": 0, "enc": 0.0, "dec": 0.0, "kl": [], "top1": [], "ppl": []}
+        per = []
         for _name, kv, cont, ref, _ in prepared:
             dec, nbytes, es, ds = run_codec(codec, kv, size_fn)
             q = compare(ref, continuation_logprobs(lm, dec, cont), cont)
+            elems = sum(lay.key.numel() + lay.value.numel() for lay in kv.layers)
+            per.append({"context": _name, "kl": q.kl, "top1": q.top1_agreement, "ratio_vs_fp16": 2 * elems / nbytes})
             tot["bytes"] += nbytes
             tot["elems"] += sum(lay.key.numel() + lay.value.numel() for lay in kv.layers)
             tot["enc"] += es
@@ -194,11 +242,14 @@ def main(argv=None):
                "ratio_vs_fp16": fp16 / tot["bytes"],
                "kl": float(np.mean(tot["kl"])), "kl_max": float(np.max(tot["kl"])),
                "top1": float(np.mean(tot["top1"])), "ppl_ratio": float(np.mean(tot["ppl"])),
-               "encode_MBps": fp16 / tot["enc"] / 1e6, "decode_MBps": fp16 / tot["dec"] / 1e6}
+               "encode_MBps": fp16 / tot["enc"] / 1e6, "decode_MBps": fp16 / tot["dec"] / 1e6,
+               "per_context": per}
         rows.append(row)
         print(f"{label:18s} {row['bits_per_element']:6.3f} b/elt {row['ratio_vs_fp16']:6.2f}x  KL {row['kl']:.5f} "
               f"top1 {row['top1']:.4f} ppl× {row['ppl_ratio']:.4f}  enc {row['encode_MBps']:6.1f} MB/s "
               f"dec {row['decode_MBps']:6.1f} MB/s", file=sys.stderr, flush=True)
+    for target in [float(x) for x in args.target_kl.split(",") if x]:
+        rows.append(target_row(lm, profile, prepared, target, args.level))
     prefill_s = float(np.mean([p[4] for p in prepared]))
     print(f"\n{len(prepared)} held-out contexts × {args.tokens} tokens, continuation {args.continuation}; "
           f"mean prefill {prefill_s:.2f} s; profile {profile.sha256[:16] if profile else None}")
@@ -207,10 +258,50 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['method']} | {r['bits_per_element']:.3f} | {r['ratio_vs_fp16']:.2f} | {r['kl']:.5f} | "
               f"{r['top1']:.4f} | {r['ppl_ratio']:.4f} | {r['encode_MBps']:.1f} | {r['decode_MBps']:.1f} |")
+    for r in rows:
+        if "target_kl" in r:
+            print(f"\n{r['method']}: " + "; ".join(
+                f"{c['context']} KL {c['kl']:.5f} (est. {c['estimate']:.5f}, scale {c['scale']:g}, "
+                f"{c['ratio_vs_fp16']:.2f}×){'' if c['in_band'] else ' OUT OF BAND'}" for c in r["per_context"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"contexts": [p[0] for p in prepared], "tokens": args.tokens, "prefill_s": prefill_s,
-                       "rows": rows}, f, indent=1)
+            json.dump({"contexts": [p[0] for p in prepared], "tokens": args.tokens,
+                       "continuation": args.continuation, "prefill_s": prefill_s, "rows": rows}, f, indent=1)
+
+
+def target_row(lm, profile, prepared, target, level):
+    """``kvc encode --target-kl target`` on every context (the file path exactly: tune, encode, open,
+    read), scored on the held-out continuation."""
+    import kvc
+    from kvc.api import encode_kv
+    from kvc.codec.targeting import targeted_entries
+
+    model = model_identity(lm)
+    per, total_bytes, total_fp16, enc = [], 0, 0, 0.0
+    for name, kv, cont, ref, _ in prepared:
+        t0 = time.perf_counter()
+        entries = targeted_entries(lm, kv, [level], CHUNK, profile, target_kl=target)
+        data = encode_kv(kv, model, [level], CHUNK, profile, level_entries=entries)
+        enc += time.perf_counter() - t0
+        with kvc.open(data, profile=profile) as f:
+            dec, nbytes, fp16 = f.read(level), f.level_bytes(level), f.fp16_bytes()
+        q = compare(ref, continuation_logprobs(lm, dec, cont), cont)
+        rec = entries[level]["target"]
+        per.append({"context": name, "kl": q.kl, "top1": q.top1_agreement, "ratio_vs_fp16": fp16 / nbytes,
+                    "estimate": rec["estimate"], "scale": entries[level]["params"]["scale"], "tries": rec["tries"],
+                    "in_band": 0.5 * target <= q.kl <= 1.3 * target})
+        total_bytes += nbytes
+        total_fp16 += fp16
+    elems = total_fp16 / 2
+    row = {"method": f"kvq target-kl {target:g}", "target_kl": target,
+           "bits_per_element": 8 * total_bytes / elems, "ratio_vs_fp16": total_fp16 / total_bytes,
+           "kl": float(np.mean([c["kl"] for c in per])), "kl_max": float(np.max([c["kl"] for c in per])),
+           "top1": float(np.mean([c["top1"] for c in per])), "ppl_ratio": float("nan"),
+           "encode_MBps": total_fp16 / enc / 1e6, "decode_MBps": float("nan"),
+           "all_in_band": all(c["in_band"] for c in per), "per_context": per}
+    print(f"{row['method']:18s} {row['ratio_vs_fp16']:6.2f}x  KL {row['kl']:.5f} max {row['kl_max']:.5f} "
+          f"in band: {row['all_in_band']}", file=sys.stderr, flush=True)
+    return row
 
 
 if __name__ == "__main__":

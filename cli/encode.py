@@ -10,6 +10,7 @@ import typer
 
 from kvc.cli._io import read_input_bytes, write_output
 from kvc.cli._output import Output, human_bytes, vs_fp16
+from kvc.cli.inspect import describe_target
 from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SLICE_TOKENS
 from kvc.errors import InputError
 
@@ -153,6 +154,16 @@ def encode_command(
     batch_tokens: int = typer.Option(
         4096, "--batch-tokens", help="Padded tokens per batched prefill of short documents (lossy levels; 0: never)."
     ),
+    target_kl: float = typer.Option(
+        None, "--target-kl", help="Tune the lossy level's scale for this document so the KL its cache causes "
+        "(nats/token, measured with the model on the document's own last tokens) is about this; e.g. 0.01."
+    ),
+    max_bytes: str = typer.Option(
+        None, "--max-bytes", help="Tune the lossy level's scale so its stored bytes fit this (e.g. 2MiB, 500000)."
+    ),
+    ratio: float = typer.Option(
+        None, "--ratio", help="Tune the lossy level's scale so it is at least this many times smaller than fp16."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON report (a batch: summary and manifest rows)."),
 ) -> None:
     """Prefill documents with a model and store their KV caches as .kvc files.
@@ -172,6 +183,11 @@ def encode_command(
       kvc encode --dataset corpus.jsonl --text-field text --out-dir caches/
 
       kvc encode s3://bucket/docs/ --glob '*.md' --out-dir s3://bucket/caches/ --ray auto
+
+      kvc encode report.txt --target-kl 0.01 -o report.kvc
+
+    --target-kl, --max-bytes and --ratio tune one lossy level per document (one document, -o FILE);
+    the header records the target and the KL or size measured (`kvc inspect` shows them).
 
     A batch (--out-dir, a folder, several files or a dataset) records every document in
     kvc-manifest.jsonl beside the outputs, skips what an earlier run finished (--overwrite forces),
@@ -199,6 +215,16 @@ def encode_command(
         labels.update({str(essays_dir() / name): f"{name} (sample essay)" for name in essay})
     if dataset is None and not inputs:
         raise InputError("nothing to encode: give files, folders, - for stdin, --essay, or --dataset")
+    targets = [flag for flag, v in (("--target-kl", target_kl), ("--max-bytes", max_bytes), ("--ratio", ratio))
+               if v is not None]
+    if len(targets) > 1:
+        raise InputError(f"give one of {', '.join(targets)}, not several")
+    if targets and output is None:
+        raise InputError(f"{targets[0]} tunes one document at a time: give one input and -o FILE")
+    if max_bytes is not None:
+        from kvc.api import parse_byte_size
+
+        max_bytes = parse_byte_size(max_bytes, "--max-bytes")
     if output is None:
         if inputs and "-" in inputs and out_dir is None:
             raise InputError("reading stdin: say where the .kvc goes with -o FILE (or -o - for stdout)")
@@ -229,6 +255,9 @@ def encode_command(
                 embed_profile=embed_profile,
                 context={"add_special_tokens": True, "source": _source_name(doc.name)},
                 on_progress=advance,
+                target_kl=target_kl,
+                max_bytes=max_bytes,
+                ratio=ratio,
             )
             if doc.output != "-":  # folders are made only when there is a file to put in them
                 Path(doc.output).parent.mkdir(parents=True, exist_ok=True)
@@ -256,11 +285,16 @@ def encode_command(
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
+            targeted = {name: e["target"] for name, e in f.header["levels"].items() if "target" in e}
+            if targeted:
+                reports[-1]["targets"] = targeted
 
     def render(console):
         for r in reports:
             where = "stdout" if r["output"] == "-" else r["output"]
             sizes = "; ".join(f"{s['level']} {human_bytes(s['bytes'])}, {s['vs_fp16']}" for s in r["sizes"])
+            for name, t in (r.get("targets") or {}).items():
+                sizes += f"; {name} tuned for {describe_target(t)}"
             console.print(
                 f"{labels.get(r['input'], r['input'])} → {where}: {r['tokens']} tokens, {human_bytes(r['bytes'])} "
                 f"({r['dtype']} cache; {sizes}), {r['seconds']:.1f} s",

@@ -10,6 +10,20 @@ from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output, human_bytes, vs_fp16
 
 
+def describe_target(target: dict) -> str:
+    """A level's ``target`` record (docs/FORMAT.md) in a few words: what was asked, what was measured."""
+    kind, value = target.get("kind"), target.get("value")
+    if kind == "kl":
+        est = target.get("estimate")
+        shown = f"{est:.4g}" if isinstance(est, (int, float)) else "?"
+        return f"KL {value:g} (estimated {shown} on its last {target.get('tail_tokens')} tokens)"
+    if kind == "ratio":
+        return f"{value:g}× vs fp16 ({human_bytes(target.get('bytes') or 0)})"
+    if kind == "bytes":
+        return f"≤ {human_bytes(value)} ({human_bytes(target.get('bytes') or 0)})"
+    return str(kind)
+
+
 def inspect_command(
     file: str = typer.Argument(..., help="A .kvc file, or - for stdin."),
     layers: bool = typer.Option(False, "--layers", help="Show the per-layer byte breakdown."),
@@ -32,6 +46,10 @@ def inspect_command(
 
     with open_kvc_arg(file, header_only=True) as f:
         info = describe(f, with_chunks=chunks)
+        for lv in info["levels"]:  # a level tuned for this file (kvc encode --target-kl ...) says to what
+            target = f.header["levels"][lv["name"]].get("target")
+            if isinstance(target, dict):
+                lv["target"] = target
     info["payloads_checked"] = False  # inspect reads the header; `kvc verify` reads and checks every payload
 
     def render(console):
@@ -56,14 +74,20 @@ def inspect_command(
         table = Table("level", "codec")
         for header in ("bytes", "vs fp16", "bits/elem"):
             table.add_column(header, justify="right")
+        tuned = any("target" in lv for lv in info["levels"])
+        if tuned:
+            table.add_column("tuned for")
         for lv in info["levels"]:
-            table.add_row(
+            row = [
                 lv["name"],
                 lv["codec"],
                 human_bytes(lv["bytes"]),
                 vs_fp16(lv["bytes"], info["fp16_bytes"], short=True),
                 f"{lv['bits_per_element']:.2f}",
-            )
+            ]
+            if tuned:
+                row.append(escape(describe_target(lv["target"])) if "target" in lv else "")
+            table.add_row(*row)
         console.print(table)
         if layers:
             names = [lv["name"] for lv in info["levels"]]

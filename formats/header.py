@@ -149,6 +149,27 @@ def _sha(value, what: str) -> None:
     _need(type(value) is str and _SHA256.match(value) is not None, f"{what} must be 64 lowercase hex digits")
 
 
+_TARGET_KINDS = ("kl", "bytes", "ratio")
+
+
+def _number(value, low: float, high: float) -> bool:
+    return type(value) in (int, float) and low <= value <= high
+
+
+def _target(target, name: str) -> None:
+    """A level's optional ``target`` (format 1.2: what the level was tuned for in this file, informative)."""
+    where = f"level {name!r} target"
+    _need(type(target) is dict, f"{where} must be an object")
+    _need(target.get("kind") in _TARGET_KINDS, f"{where}.kind must be one of {', '.join(_TARGET_KINDS)}")
+    _need(_number(target.get("value"), 0, 1e18) and target["value"] > 0, f"{where}.value must be a positive number")
+    for key, high in (("estimate", 1e6), ("aim", 1e6)):
+        if target.get(key) is not None:
+            _need(_number(target[key], 0, high), f"{where}.{key} must be a non-negative number")
+    for key in ("tail_tokens", "tries", "bytes"):
+        if target.get(key) is not None:
+            _int(target[key], 0, _INT64 - 1, f"{where}.{key}")
+
+
 def validate(header: dict, data_bytes: int) -> None:
     """Raise FormatError unless ``header`` satisfies every rule of docs/FORMAT.md for a data section of
     ``data_bytes`` bytes."""
@@ -209,6 +230,8 @@ def validate(header: dict, data_bytes: int) -> None:
         if entry.get("profile") is not None:
             _sha(entry["profile"], f"level {name!r} profile")
         _need(dtype in _CODEC_DTYPES.get(codec, _DTYPES), f"level {name!r}: codec {codec!r} cannot decode {dtype}")
+        if "target" in entry:
+            _target(entry["target"], name)
 
     chunk_tokens = _int(header.get("chunk_tokens"), 1, layout.MAX_CHUNK_TOKENS, "chunk_tokens")
     starts = [layer["start"] for layer in layers]

@@ -74,10 +74,12 @@ def encode_kv(
     prefill_info: dict | None = None,
     embed_profile: bool = False,
     on_chunk: Callable[[int], None] | None = None,
+    level_entries: dict[str, dict] | None = None,
 ) -> bytes:
     """Container bytes for an already computed KV cache (encode_kv_to into memory: the same file)."""
     out = io.BytesIO()
-    encode_kv_to(out, kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile)
+    encode_kv_to(out, kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile,
+                 level_entries=level_entries)
     if on_chunk is not None:
         for start in range(0, kv.num_tokens, chunk_tokens):
             on_chunk(min(chunk_tokens, kv.num_tokens - start))
@@ -95,6 +97,7 @@ def encode_kv_to(
     prefill_info: dict | None = None,
     embed_profile: bool = False,
     group_layers: int | None = None,
+    level_entries: dict[str, dict] | None = None,
 ) -> dict:
     """Encode like :func:`encode_kv`, streaming: payloads go to a temporary spool file as each group of
     (layer, kind) tensors is coded, then the container is written to ``out`` (a binary file object, or
@@ -104,7 +107,7 @@ def encode_kv_to(
     ``group_layers`` (layer, kind) tensors are coded per codec call (default: two per pool thread,
     which keeps every thread busy)."""
     spool, header, attachments = encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_info,
-                                                 embed_profile, group_layers)  # fmt: skip
+                                                 embed_profile, group_layers, level_entries)  # fmt: skip
     try:
         for target in out if isinstance(out, list) else [out]:
             spool.write_to(target, header, attachments)
@@ -123,9 +126,12 @@ def encode_kv_spool(
     prefill_info: dict | None = None,
     embed_profile: bool = False,
     group_layers: int | None = None,
+    level_entries: dict[str, dict] | None = None,
 ) -> tuple[PayloadSpool, dict, dict | None]:
     """The encoded payloads of ``kv`` in a :class:`PayloadSpool`, with the header and attachments that
-    complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool)."""
+    complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool).
+    ``level_entries`` replaces the header entries of the named levels (a level retuned per file by
+    kvc.codec.targeting: its own scale and a ``target`` record)."""
     from kvc.workers import default_threads
 
     levels = list(dict.fromkeys(levels))
@@ -139,7 +145,7 @@ def encode_kv_spool(
     if kv.first_token != 0:
         raise InputError("only a whole context (from token 0) can be encoded")
     profile = _resolve_profile(levels, model, profile)
-    entries = {name: level_entry(name, profile) for name in levels}
+    entries = {name: (level_entries or {}).get(name) or level_entry(name, profile) for name in levels}
     dtype = kv.layers[0].key.dtype
     bounds = [(a, min(a + chunk_tokens, kv.num_tokens)) for a in range(0, kv.num_tokens, chunk_tokens)]
     size = group_layers or 2 * default_threads()
@@ -222,11 +228,25 @@ def encode_tokens(
     context: dict | None = None,
     embed_profile: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    target_kl: float | None = None,
+    max_bytes: int | None = None,
+    ratio: float | None = None,
 ) -> bytes:
-    """Prefill ``token_ids`` with ``lm`` and return the .kvc bytes holding its cache."""
+    """Prefill ``token_ids`` with ``lm`` and return the .kvc bytes holding its cache.
+
+    ``target_kl`` (nats/token), ``max_bytes`` or ``ratio`` (× smaller than fp16) retune the one lossy
+    level in ``levels`` for this file: its kvq scale is chosen with the model (kvc.codec.targeting) and
+    the header's level entry records the target and what was measured."""
     kv = prefill(lm, token_ids, slice_tokens, on_progress)
     info = prefill_record(lm, slice_tokens)
-    return encode_kv(kv, model_identity(lm), levels, chunk_tokens, profile, context, info, embed_profile)
+    entries = None
+    if target_kl is not None or max_bytes is not None or ratio is not None:
+        from kvc.codec.targeting import targeted_entries
+
+        entries = targeted_entries(lm, kv, list(levels), chunk_tokens, profile, target_kl=target_kl,
+                                   max_bytes=max_bytes, ratio=ratio)
+    return encode_kv(kv, model_identity(lm), levels, chunk_tokens, profile, context, info, embed_profile,
+                     level_entries=entries)
 
 
 def prefill_record(lm, slice_tokens: int, batch: int | None = None) -> dict:
