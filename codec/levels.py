@@ -25,6 +25,15 @@ LEVEL_SCALES: dict[str, float] = {
     "tiny": 2.5,
 }
 
+# level name -> the mean KL it gave on the held-out essays (docs/CODEC.md's table): where
+# `--target-kl` starts its search (kvc.codec.targeting), not a promise
+LEVEL_KL: dict[str, float] = {
+    "high": 0.00077,
+    "balanced": 0.0092,
+    "compact": 0.049,
+    "tiny": 0.22,
+}
+
 
 def _kvq_factory(params: dict, profile):
     from kvc.codec.kvq import KvqCodec

@@ -30,7 +30,7 @@ AIM = 0.8  # the estimate is steered to AIM × target (see the module docstring)
 TAIL = 128  # tokens of the context's own tail that score a candidate scale
 MIN_TOKENS = 32  # shorter contexts leave too few tail tokens to measure anything
 MAX_TRIES = 5
-TOLERANCE = 1.12  # stop once the estimate is within this factor of the aim
+TOLERANCE = 1.25  # stop once the estimate is within this factor of the aim (the band allows 0.63–1.63× the aim)
 SCALE_RANGE = (0.01, 40.0)
 MAX_STEP = 4.0
 
@@ -167,6 +167,7 @@ def targeted_entries(lm, kv, levels: list[str], chunk_tokens: int, profile, targ
     (docs/FORMAT.md). Other levels (lossless beside it) are left to their defaults."""
     import kvc
     from kvc.api import _resolve_profile, encode_kv
+    from kvc.codec.levels import LEVEL_KL
     from kvc.codec.registry import level_entry, level_names
     from kvc.runtime.identity import model_identity
 
@@ -185,6 +186,9 @@ def targeted_entries(lm, kv, levels: list[str], chunk_tokens: int, profile, targ
                          "optionally beside lossless")
     name, base = lossy[0]
     start = float(base["params"]["scale"])
+    if target_kl is not None and name in LEVEL_KL and 0 < target_kl < 10:
+        # first guess: the level's scale moved by KL ∝ scale² from the KL it gives on essays
+        start *= math.sqrt(AIM * target_kl / LEVEL_KL[name])
 
     def entry_at(scale: float) -> dict:
         return {**base, "params": {**base["params"], "scale": _round(scale)}}
