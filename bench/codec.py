@@ -290,6 +290,9 @@ def target_row(lm, profile, prepared, target, level):
         per.append({"context": name, "kl": q.kl, "top1": q.top1_agreement, "ratio_vs_fp16": fp16 / nbytes,
                     "estimate": rec["estimate"], "scale": entries[level]["params"]["scale"], "tries": rec["tries"],
                     "in_band": 0.5 * target <= q.kl <= 1.3 * target})
+        print(f"  target {target:g} {name}: KL {q.kl:.5f} est {rec['estimate']:.5f} scale "
+              f"{entries[level]['params']['scale']:g} tries {rec['tries']} {fp16 / nbytes:.2f}x "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         total_bytes += nbytes
         total_fp16 += fp16
     elems = total_fp16 / 2
