@@ -4,7 +4,7 @@
     .venv/bin/python bench/codec.py --texts code,legal,technical --continuation 256 --only "kvq balanced" \
         --target-kl 0.001,0.003,0.01,0.03 --json target.json
 
-``--texts`` takes files (read at run time, never stored) or the genre names of HELD_OUT below, which
+``--texts`` takes files (read at run time, never stored) or the genre names of _held_out() below, which
 name text every Linux/Python install has: a Python standard library module, a license, a CMake manual.
 ``--target-kl`` adds one row per target: ``kvc encode --target-kl X`` (kvc.codec.targeting picks the
 scale per context from the context's own tail), scored on the held-out continuation like every row;
@@ -119,7 +119,8 @@ def _held_out() -> dict[str, str]:
         "legal": "/usr/share/common-licenses/GPL-3",
         "technical": "/usr/share/cmake-3.25/Help/manual/cmake-buildsystem.7.rst",
         "code2": str(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"),
-        "legal2": "/usr/share/common-licenses/Apache-2.0",
+        "legal2": "/usr/share/common-licenses/MPL-2.0",
+        "technical2": "/usr/share/doc/dpkg/spec/triggers.txt",
     }
 
 
@@ -201,9 +202,13 @@ def main(argv=None):
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--texts", default="", help="comma-separated files or genre names (code, legal, technical, "
-                    "code2, legal2) to use instead of the held-out essays")
+                    "code2, legal2, technical2) to use instead of the held-out essays")
     ap.add_argument("--target-kl", default="", help="comma-separated KL targets: one kvc encode --target-kl row each")
     ap.add_argument("--level", default="balanced", help="the level --target-kl rows tune")
+    ap.add_argument("--aim", type=float, default=None, help="steer the tail estimate to aim × target "
+                    "(default: kvc.codec.targeting.AIM)")
+    ap.add_argument("--tail", type=int, default=None, help="tail tokens the estimate is measured on "
+                    "(default: kvc.codec.targeting.TAIL)")
     args = ap.parse_args(argv)
     lm = load_model(None, device="cpu")
     profile = find_profile(model_identity(lm), args.profile)
@@ -249,7 +254,7 @@ def main(argv=None):
               f"top1 {row['top1']:.4f} ppl× {row['ppl_ratio']:.4f}  enc {row['encode_MBps']:6.1f} MB/s "
               f"dec {row['decode_MBps']:6.1f} MB/s", file=sys.stderr, flush=True)
     for target in [float(x) for x in args.target_kl.split(",") if x]:
-        rows.append(target_row(lm, profile, prepared, target, args.level))
+        rows.append(target_row(lm, profile, prepared, target, args.level, args.aim, args.tail))
     prefill_s = float(np.mean([p[4] for p in prepared]))
     print(f"\n{len(prepared)} held-out contexts × {args.tokens} tokens, continuation {args.continuation}; "
           f"mean prefill {prefill_s:.2f} s; profile {profile.sha256[:16] if profile else None}")
@@ -269,18 +274,20 @@ def main(argv=None):
                        "continuation": args.continuation, "prefill_s": prefill_s, "rows": rows}, f, indent=1)
 
 
-def target_row(lm, profile, prepared, target, level):
+def target_row(lm, profile, prepared, target, level, aim=None, tail=None):
     """``kvc encode --target-kl target`` on every context (the file path exactly: tune, encode, open,
     read), scored on the held-out continuation."""
     import kvc
     from kvc.api import encode_kv
+    from kvc.codec import targeting
     from kvc.codec.targeting import targeted_entries
 
     model = model_identity(lm)
     per, total_bytes, total_fp16, enc = [], 0, 0, 0.0
     for name, kv, cont, ref, _ in prepared:
         t0 = time.perf_counter()
-        entries = targeted_entries(lm, kv, [level], CHUNK, profile, target_kl=target)
+        entries = targeted_entries(lm, kv, [level], CHUNK, profile, target_kl=target, aim=aim or targeting.AIM,
+                                   tail=tail or targeting.TAIL)
         data = encode_kv(kv, model, [level], CHUNK, profile, level_entries=entries)
         enc += time.perf_counter() - t0
         with kvc.open(data, profile=profile) as f:
