@@ -24,7 +24,6 @@ import math
 import struct
 import sys
 import time
-
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,8 @@ exactly as the file's chunks are, decoded, and the model scores the held-back to
 after the exact and after the decoded prefix; the KL between the two next-token distributions,
 averaged over those tokens, is the estimate for that scale. KL grows about as scale², so a secant on
 log-scale/log-KL (slope clamped to [1, 3], at most ×4 per step, kept inside the bracket of scales
-already measured) reaches the aim in 2–4 encodes. The scale whose estimate is nearest the aim is used for the whole context.
+already measured) reaches the aim in 1–4 encodes. The scale whose estimate is nearest the aim is
+used for the whole context.
 
 The aim is ``AIM × target`` (1.0). An estimate from the context's own tail is not the KL on the text
 that follows it: on three development contexts (argparse.py, the MPL-2.0 text, dpkg's triggers.txt;
