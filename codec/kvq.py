@@ -401,7 +401,11 @@ class KvqCodec:
             job, bank, _ = self._lane_job(jobs)
             self._check_lanes(cpu.decode(job, bank, coef, threads=1), layer, k)
         c = torch.from_numpy(coef).view(H, T - lead, D)
-        out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+        first = parsed[0].segment.start + lead
+        if out.dtype == torch.float32 and out.is_contiguous():
+            self._synthesise_into(c, layer, k, first, out, lead)
+        else:
+            out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
 
     def _decode_on_gpu(self, groups) -> None:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
@@ -536,6 +540,18 @@ class KvqCodec:
             x = rot
         big = _finite_range(dtype)
         return torch.nan_to_num_(x, nan=0.0, posinf=big, neginf=-big).clamp_(-big, big).to(dtype)
+
+    def _synthesise_into(self, coef: torch.Tensor, layer: int, k: int, first: int, out: torch.Tensor, lead: int):
+        """:meth:`_synthesise` for a contiguous float32 CPU output, bit-identical: the matrix product in
+        torch, then re-rotation and clamping fused into one pass that writes ``out[:, lead:]``."""
+        from kvc.codec.finish import finish_into
+
+        _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
+        x = torch.baddbmm(mean32[:, None, :], coef, synth)
+        cos = sin = None
+        if k == 0 and self._inv_freq is not None:
+            cos, sin = (t.numpy() for t in self._cos_sin(first, coef.shape[1]))
+        finish_into(x.numpy(), out.numpy(), lead, cos, sin)
 
     def _on_device(self, key, tensors: tuple, device: torch.device) -> tuple:
         """Copies of per-(layer, kind) matrices on ``device``, made once."""
