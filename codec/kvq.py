@@ -17,7 +17,7 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -63,8 +63,10 @@ def _shared_state(profile: Profile, scale: float) -> dict:
 class _ParsedV2(NamedTuple):
     segment: Segment
     sinks: torch.Tensor | None  # [H, n_sink, D] float32
-    lanes: kvq_segment.SegmentLanes | None  # None when no channel is flagged (or no body)
-    body: int  # tokens past the sinks
+    data: bytes
+    pos: int  # where the body (channel flags, lane table, words) starts in data
+    lanes: int  # rANS lanes in the body (0 when no channel is flagged)
+    body: int  # tokens past the sinks (0: the segment is all sinks and has no body)
 
 
 def _finite_range(dtype: torch.dtype) -> float:
@@ -386,19 +388,10 @@ class KvqCodec:
         if T == lead:
             return
         coef = np.empty(H * (T - lead) * D, dtype=np.float32)
-        jobs, t0 = [], 0
-        for p in parsed:
-            if p.body:
-                idle = np.ones(H * D, dtype=bool)
-                if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, 0, T - lead, D, t0, p.body))
-                    idle[p.lanes.flagged] = False
-                h, d = np.divmod(np.flatnonzero(idle), D)
-                if len(h):  # unflagged channels are all zero: only they are cleared
-                    cpu.zero_channels(coef, (h * (T - lead) + t0) * D + d, np.full(len(h), p.body), D)
-            t0 += p.body
-        if jobs:
-            job, bank, _ = self._lane_job(jobs)
+        job, _, zero = self._lane_job([(p, layer, k, 0, T - lead) for p in self._bodies(parsed)])
+        cpu.zero_channels(coef, zero["at"], zero["tokens"], D)  # channels no lane writes are all zero
+        if len(job["word_lo"]):
+            bank, _ = self.channel_models(layer, k)
             self._check_lanes(cpu.decode(job, bank, coef, threads=1), layer, k)
         c = torch.from_numpy(coef).view(H, T - lead, D)
         first = parsed[0].segment.start + lead
@@ -411,7 +404,7 @@ class KvqCodec:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
         from kvc.codec.rans import gpu
 
-        plans, offset, jobs = [], 0, []
+        plans, offset, bodies = [], 0, []
         for parts, out in groups:
             parsed = self._parse_group(parts, out)
             if parsed is None:
@@ -419,25 +412,47 @@ class KvqCodec:
             layer, k, _ = self._dims(parts[0][1])
             H, T, D = out.shape
             lead = self._place_sinks(parsed, out)
-            t0 = 0
-            for p in parsed:
-                if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, offset, T - lead, D, t0, p.body))
-                t0 += p.body
+            bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
             plans.append((out, layer, k, parsed, offset, lead))
             offset += H * (T - lead) * D
-        coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)
-        if jobs:
-            job, bank, owners = self._lane_job(jobs)
-            status = gpu.decode(job, bank, coef)
-            bad = np.flatnonzero(status)
-            if len(bad):
-                self._check_lanes(status[bad[:1]], *owners[bad[0]])
+        coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)  # unflagged channels: 0
+        if bodies:
+            job, owners, _ = self._lane_job(bodies)
+            if len(job["word_lo"]):
+                bank, _ = self.channel_models(0, 0)
+                status = gpu.decode(job, bank, coef)
+                bad = np.flatnonzero(status)
+                if len(bad):
+                    self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for out, layer, k, parsed, off, lead in plans:
             H, T, D = out.shape
             if T > lead:
                 c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
                 out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+
+    @staticmethod
+    def _bodies(parsed: list[_ParsedV2]) -> list[tuple[_ParsedV2, int]]:
+        """(segment, its first token in the layer's coefficient block) for segments with a body."""
+        bodies, t0 = [], 0
+        for p in parsed:
+            if p.body:
+                bodies.append((p, t0))
+            t0 += p.body
+        return bodies
+
+    def _lane_job(self, bodies) -> tuple[dict, Callable[[int], tuple[int, int]], dict]:
+        """(the lane job, lane → the (layer, kind) owning it, the unflagged channels) for bodies given as
+        ((segment, t0), layer, kind, offset of its coefficient block, tokens in that block)."""
+        from kvc.codec.kvq_lanes import Body, build_job
+
+        spec, owner_of = [], []
+        for (p, t0), layer, k, off, span in bodies:
+            H, _, D = p.segment.shape
+            _, model0 = self.channel_models(layer, k)
+            spec.append(Body(p.data, p.pos, p.body, p.lanes, H * D, D, span, t0, off, model0))
+            owner_of.append((layer, k))
+        job, lane_seg, zero = build_job(spec)
+        return job, lambda lane: owner_of[int(lane_seg[lane])], zero
 
     def _parse_group(self, parts, out: torch.Tensor) -> list[_ParsedV2] | None:
         """The group's version-2 segments, parsed and checked; a version-1 group is decoded right here
@@ -487,41 +502,9 @@ class KvqCodec:
         if n_sink:
             sinks, pos = unpack_sinks(data, pos, (H, n_sink, D))
         body = T - n_sink
-        if body == 0:
-            if pos != len(data) or n_lanes:
-                raise FormatError("kvq segment holds bytes past its sinks")
-            return _ParsedV2(segment, sinks, None, 0)
-        lanes = kvq_segment.parse_body(data, pos, H * D, body, n_lanes)
-        return _ParsedV2(segment, sinks, lanes if n_lanes else None, body)
-
-    def _lane_job(self, jobs):
-        """Flat lane arrays for kvc.codec.rans.cpu over every segment's lanes."""
-        words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok = [], [], [], [], [], [], [], []
-        owners, w_at, c_at, bank = [], 0, 0, None
-        for lanes, layer, k, off, body_total, D, t0, body in jobs:
-            bank, model0 = self.channel_models(layer, k)
-            n = len(lanes.lane_words)
-            ends = w_at + np.cumsum(lanes.lane_words)
-            word_lo.append(ends - lanes.lane_words)
-            word_hi.append(ends)
-            w_at = int(ends[-1])
-            words.append(lanes.words)
-            ch_lo.append(c_at + lanes.lane_bounds[:-1])
-            ch_hi.append(c_at + lanes.lane_bounds[1:])
-            c_at += len(lanes.flagged)
-            h, d = np.divmod(lanes.flagged, D)
-            ch_model.append(model0 + lanes.flagged)
-            ch_out.append(off + (h * body_total + t0) * D + d)
-            ch_tok.append(np.full(len(lanes.flagged), body, np.int64))
-            owners += [(layer, k)] * n
-        flagged = np.concatenate(ch_model)
-        job = {
-            "words": np.concatenate(words).astype(np.uint16), "word_lo": np.concatenate(word_lo),
-            "word_hi": np.concatenate(word_hi), "ch_lo": np.concatenate(ch_lo), "ch_hi": np.concatenate(ch_hi),
-            "ch_model": flagged, "ch_out": np.concatenate(ch_out), "ch_tokens": np.concatenate(ch_tok),
-        }  # fmt: skip
-        job["ch_stride"] = np.concatenate([np.full(len(j[0].flagged), j[5], np.int64) for j in jobs])
-        return job, bank, owners
+        if body == 0 and (pos != len(data) or n_lanes):
+            raise FormatError("kvq segment holds bytes past its sinks")
+        return _ParsedV2(segment, sinks, data, pos, n_lanes, body)  # the body is checked by kvq_lanes
 
     def _synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, dtype: torch.dtype) -> torch.Tensor:
         """Coefficients ``[H, T, D]`` (float32) → keys/values at absolute positions ``first..``, in ``dtype``."""

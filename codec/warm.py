@@ -11,7 +11,8 @@ import numpy as np
 
 
 def warm_up() -> None:
-    from kvc.codec import byteplanes
+    from kvc.codec import byteplanes, kvq_segment
+    from kvc.codec.kvq_lanes import Body, build_job
     from kvc.codec.finish import finish_into
     from kvc.codec.rans import cpu
     from kvc.codec.rans.tables import build_bank, quantize_frequencies
@@ -26,6 +27,8 @@ def warm_up() -> None:
     ends = np.cumsum([len(w) for w in lanes]).astype(np.int64)
     job.update(words=np.concatenate(lanes), word_lo=ends - [len(w) for w in lanes], word_hi=ends)
     cpu.decode(job, bank, np.zeros(16, np.float32), threads=1)
+    body = kvq_segment.write(None, 4, np.array([0]), [lanes[0]])  # a one-channel, one-lane segment body
+    build_job([Body(body, 4, 4, 1, 4, 4, 4, 0, 0, 0)])
     x = np.zeros((1, 2, 4), np.float32)
     finish_into(x, np.zeros((1, 3, 4), np.float32), 1, np.ones((2, 4), np.float32), np.ones((2, 4), np.float32))
     finish_into(x, np.zeros((1, 2, 4), np.float32), 0, None, None)
