@@ -17,7 +17,8 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 from __future__ import annotations
 
 import struct
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch

@@ -12,8 +12,8 @@ import numpy as np
 
 def warm_up() -> None:
     from kvc.codec import byteplanes, kvq_segment
-    from kvc.codec.kvq_lanes import Body, build_job
     from kvc.codec.finish import finish_into
+    from kvc.codec.kvq_lanes import Body, build_job
     from kvc.codec.rans import cpu
     from kvc.codec.rans.tables import build_bank, quantize_frequencies
 

@@ -116,7 +116,8 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
     common = ch_hi[lane] - ch_lo[lane]
     for j in range(1, 4):
         common = min(common, ch_hi[lane + j] - ch_lo[lane + j])
-    T0, T1, T2, T3 = ch_tokens[ch_lo[lane]], ch_tokens[ch_lo[lane + 1]], ch_tokens[ch_lo[lane + 2]], ch_tokens[ch_lo[lane + 3]]
+    T0, T1 = ch_tokens[ch_lo[lane]], ch_tokens[ch_lo[lane + 1]]
+    T2, T3 = ch_tokens[ch_lo[lane + 2]], ch_tokens[ch_lo[lane + 3]]
     T = min(min(T0, T1), min(T2, T3))
     x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
     p0, p1, p2, p3 = ps[0], ps[1], ps[2], ps[3]
@@ -155,7 +156,7 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
         l3 = m3 * LUT_SIZE
         A3 = np.int64(alphabet[m3])
         R3 = (A3 - 1) // 2
-        for t in range(T):
+        for _ in range(T):
             # lane 0
             slot = x0 & 0xFFFF
             s = np.int64(lut[np.uint64(l0 + (slot >> LUT_SHIFT))])
@@ -253,19 +254,23 @@ def _lanes4(lane, xs, ps, words, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok
             out[np.uint64(q3)] = v
             q3 += t3
         if T0 > T:
-            x0, p0, b = _channel_run(x0, p0, e0, b0, l0, A0, ch_out[ch_lo[lane + 0] + i], t0, T, T0, words, cum, lut, out)
+            o = ch_out[ch_lo[lane + 0] + i]
+            x0, p0, b = _channel_run(x0, p0, e0, b0, l0, A0, o, t0, T, T0, words, cum, lut, out)
             if b:
                 bad |= 1
         if T1 > T:
-            x1, p1, b = _channel_run(x1, p1, e1, b1, l1, A1, ch_out[ch_lo[lane + 1] + i], t1, T, T1, words, cum, lut, out)
+            o = ch_out[ch_lo[lane + 1] + i]
+            x1, p1, b = _channel_run(x1, p1, e1, b1, l1, A1, o, t1, T, T1, words, cum, lut, out)
             if b:
                 bad |= 2
         if T2 > T:
-            x2, p2, b = _channel_run(x2, p2, e2, b2, l2, A2, ch_out[ch_lo[lane + 2] + i], t2, T, T2, words, cum, lut, out)
+            o = ch_out[ch_lo[lane + 2] + i]
+            x2, p2, b = _channel_run(x2, p2, e2, b2, l2, A2, o, t2, T, T2, words, cum, lut, out)
             if b:
                 bad |= 4
         if T3 > T:
-            x3, p3, b = _channel_run(x3, p3, e3, b3, l3, A3, ch_out[ch_lo[lane + 3] + i], t3, T, T3, words, cum, lut, out)
+            o = ch_out[ch_lo[lane + 3] + i]
+            x3, p3, b = _channel_run(x3, p3, e3, b3, l3, A3, o, t3, T, T3, words, cum, lut, out)
             if b:
                 bad |= 8
     xs[0], xs[1], xs[2], xs[3] = x0, x1, x2, x3
