@@ -37,47 +37,10 @@ from kvc.workers import default_threads, run_tasks
 
 
 @njit(nogil=True, cache=True)
-def _lane_tail(x, p, end, c_lo, c_hi, words, ch_model, ch_out, ch_tokens, ch_stride, cum, start, alphabet, lut,
-               out):  # fmt: skip
-    """Channels c_lo..c_hi of one lane from state (x, p): returns (x, p, excess too large)."""
-    bad = False
-    for ch in range(c_lo, c_hi):
-        m = ch_model[ch]
-        base = start[m]
-        A = np.int64(alphabet[m])
-        R = (A - 1) // 2
-        lb = m * LUT_SIZE
-        o = ch_out[ch]
-        st = ch_stride[ch]
-        for t in range(ch_tokens[ch]):
-            slot = x & 0xFFFF
-            s = np.int64(lut[lb + (slot >> LUT_SHIFT)])
-            while np.int64(cum[base + s + 1]) <= slot:
-                s += 1
-            c = np.int64(cum[base + s])
-            x = (np.int64(cum[base + s + 1]) - c) * (x >> 16) + slot - c
-            w = np.int64(words[min(p, end - 1)])  # branch-free refill: a clamped read, then a select
-            n = x < STATE_LOWER
-            x = ((x << 16) | w) if n else x
-            p += n
-            v = s - R
-            if s == 0 or s == A - 1:
-                hi = x & 0xFFFF
-                x = ((x >> 16) << 16) | (np.int64(words[p]) if p < end else 0)
-                lo = x & 0xFFFF
-                x = ((x >> 16) << 16) | (np.int64(words[p + 1]) if p + 1 < end else 0)
-                p += 2
-                e = (hi << 16) | lo
-                bad |= e > MAX_EXCESS
-                v = R + e if s else -(R + e)
-            out[o + t * st] = v
-    return x, p, bad
-
-
-@njit(nogil=True, cache=True)
 def _channel_run(x, p, end, base, lb, A, o, st, t_lo, t_hi, words, cum, lut, out):
-    """Tokens t_lo..t_hi of one channel from state (x, p): returns (x, p, excess too large). Used for
-    the few tokens a lane has past its lockstep partners (a segment with sinks has fewer body tokens)."""
+    """Tokens t_lo..t_hi of one channel (model at ``cum[base]``, ``lut[lb]``, A symbols; values at
+    ``out[o + t * st]``) from state (x, p): returns (x, p, excess too large). A single lane's loop,
+    and the tokens a lane has past its lockstep partners (the chunk with sinks has fewer)."""
     bad = False
     R = (A - 1) // 2
     for t in range(t_lo, t_hi):
@@ -102,6 +65,19 @@ def _channel_run(x, p, end, base, lb, A, o, st, t_lo, t_hi, words, cum, lut, out
             bad |= e > MAX_EXCESS
             v = R + e if s else -(R + e)
         out[o + t * st] = v
+    return x, p, bad
+
+
+@njit(nogil=True, cache=True)
+def _lane_tail(x, p, end, c_lo, c_hi, words, ch_model, ch_out, ch_tokens, ch_stride, cum, start, alphabet, lut,
+               out):  # fmt: skip
+    """Channels c_lo..c_hi of one lane from state (x, p): returns (x, p, excess too large)."""
+    bad = False
+    for ch in range(c_lo, c_hi):
+        m = ch_model[ch]
+        x, p, b = _channel_run(x, p, end, start[m], m * LUT_SIZE, np.int64(alphabet[m]), ch_out[ch], ch_stride[ch],
+                               0, ch_tokens[ch], words, cum, lut, out)  # fmt: skip
+        bad |= b
     return x, p, bad
 
 
