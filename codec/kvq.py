@@ -40,6 +40,7 @@ from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes; 1 and 2 both decode
+BATCH_COEFFICIENTS = 1 << 20  # a CPU decode task's share: ~4 MB of float32 coefficients (L2-sized)
 _KINDS = {"key": 0, "value": 1}
 
 
@@ -359,11 +360,13 @@ class KvqCodec:
         """Decode many segments straight into their output tensors.
 
         Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
-        segments' dtype) they tile in order. On the CPU every group is one task on a pool of
-        ``threads`` (default: every core): its lanes are decoded by the numba kernel (GIL released)
-        into float32 coefficients, then synthesised by torch (GIL released), so the Python glue of
-        one group overlaps the compiled work of another. On a CUDA device all lanes of all groups go
-        to the GPU in one launch. Version-1 groups decode segment by segment."""
+        segments' dtype) they tile in order. On the CPU groups are packed into batches of a few MB of
+        coefficients (a whole read: a few layers; a streamed chunk: a third of its layers), and every
+        batch is one task on a pool of ``threads`` (default: every core): its segments are parsed and
+        all its lanes decoded by numba kernels (GIL released) into float32 coefficients, then each
+        group is synthesised, so one task's Python glue overlaps another's compiled work and a
+        chunk's short lanes still run four at a time. On a CUDA device all lanes of all groups go to
+        the GPU in one launch. Version-1 groups decode segment by segment."""
 
         if not groups:
             return
@@ -374,32 +377,51 @@ class KvqCodec:
         if device.type != "cpu":
             self._decode_on_gpu(groups)
             return
-        run_tasks(self._decode_group, list(groups), threads, torch_single=True)
+        batches, batch, size = [], [], 0
+        for group in groups:
+            batch.append(group)
+            size += group[1].numel()
+            if size >= BATCH_COEFFICIENTS:
+                batches.append((batch,))
+                batch, size = [], 0
+        if batch:
+            batches.append((batch,))
+        run_tasks(self._decode_batch, batches, threads, torch_single=True)
 
-    def _decode_group(self, parts: list[tuple[bytes, Segment]], out: torch.Tensor) -> None:
-        """One (layer, kind)'s segments into ``out`` on the CPU."""
+    def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
+        """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
+        synthesis per group."""
         from kvc.codec.rans import cpu
 
-        parsed = self._parse_group(parts, out)
-        if parsed is None:
+        plans, offset, bodies = [], 0, []
+        for parts, out in groups:
+            parsed = self._parse_group(parts, out)
+            if parsed is None:
+                continue
+            layer, k, _ = self._dims(parts[0][1])
+            H, T, D = out.shape
+            lead = self._place_sinks(parsed, out)
+            if T > lead:
+                bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
+                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
+                offset += H * (T - lead) * D
+        if not plans:
             return
-        layer, k, _ = self._dims(parts[0][1])
-        H, T, D = out.shape
-        lead = self._place_sinks(parsed, out)
-        if T == lead:
-            return
-        coef = np.empty(H * (T - lead) * D, dtype=np.float32)
-        job, _, zero = self._lane_job([(p, layer, k, 0, T - lead) for p in self._bodies(parsed)])
-        cpu.zero_channels(coef, zero["at"], zero["tokens"], D)  # channels no lane writes are all zero
+        coef = np.empty(offset, dtype=np.float32)
+        job, owners, zero = self._lane_job(bodies)
+        cpu.zero_channels(coef, zero["at"], zero["tokens"], zero["stride"])  # channels no lane writes are 0
         if len(job["word_lo"]):
-            bank, _ = self.channel_models(layer, k)
-            self._check_lanes(cpu.decode(job, bank, coef, threads=1), layer, k)
-        c = torch.from_numpy(coef).view(H, T - lead, D)
-        first = parsed[0].segment.start + lead
-        if out.dtype == torch.float32 and out.is_contiguous():
-            self._synthesise_into(c, layer, k, first, out, lead)
-        else:
-            out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+            status = cpu.decode(job, self.channel_models(0, 0)[0], coef, threads=1)
+            bad = np.flatnonzero(status)
+            if len(bad):
+                self._check_lanes(status[bad[:1]], *owners(bad[0]))
+        for out, layer, k, first, off, lead in plans:
+            H, T, D = out.shape
+            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+            if out.dtype == torch.float32 and out.is_contiguous():
+                self._synthesise_into(c, layer, k, first, out, lead)
+            else:
+                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
 
     def _decode_on_gpu(self, groups) -> None:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""

@@ -32,7 +32,7 @@ def warm_up() -> None:
     x = np.zeros((1, 2, 4), np.float32)
     finish_into(x, np.zeros((1, 3, 4), np.float32), 1, np.ones((2, 4), np.float32), np.ones((2, 4), np.float32))
     finish_into(x, np.zeros((1, 2, 4), np.float32), 0, None, None)
-    cpu.zero_channels(np.zeros(3, np.float32), np.array([0]), np.array([3]), 1)
+    cpu.zero_channels(np.zeros(3, np.float32), np.array([0]), np.array([3]), np.array([1]))
     for width in (np.uint16, np.uint32, np.uint64):
         size = np.dtype(width).itemsize
         byteplanes.join_into(np.zeros(size * 4, np.uint8), np.zeros(4, width), (1, 2, 2), 4, 2, 0)

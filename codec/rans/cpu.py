@@ -358,13 +358,13 @@ def _encode_lanes(a, b, values, ch_lo, ch_hi, ch_model, ch_out, ch_tokens, ch_st
 def _zero_channels(out, at, tokens, stride):
     for i in range(len(at)):
         for t in range(tokens[i]):
-            out[at[i] + t * stride] = 0
+            out[at[i] + t * stride[i]] = 0
 
 
-def zero_channels(out: np.ndarray, at: np.ndarray, tokens: np.ndarray, stride: int) -> None:
-    """Clear ``tokens[i]`` values from ``out[at[i]]`` every ``stride`` (the channels no lane writes)."""
+def zero_channels(out: np.ndarray, at: np.ndarray, tokens: np.ndarray, stride: np.ndarray) -> None:
+    """Clear ``tokens[i]`` values from ``out[at[i]]`` every ``stride[i]`` (the channels no lane writes)."""
     if len(at):
-        _zero_channels(out, at.astype(np.int64), tokens.astype(np.int64), stride)
+        _zero_channels(out, at.astype(np.int64), tokens.astype(np.int64), stride.astype(np.int64))
 
 
 def _shares(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
