@@ -16,6 +16,7 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 
 from __future__ import annotations
 
+import numbers
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
@@ -87,10 +88,13 @@ class KvqCodec:
         want = params.get("profile")
         if want and want != profile.sha256:
             raise ProfileError(f"this level was encoded with profile {str(want)[:16]}…, not {profile.sha256[:16]}…")
+        scale = params.get("scale")
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # a number: not a string, not a bool
+            raise FormatError("kvq level parameters lack a numeric scale")
         try:
-            self.scale = float(params["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError("kvq level parameters lack a numeric scale") from None
+            self.scale = float(scale)
+        except OverflowError:  # an integer past float range (a library caller's params, not JSON's)
+            raise FormatError("kvq scale out of range") from None
         if not (1e-6 <= self.scale <= 1e6):
             raise FormatError("kvq scale out of range")
         self.profile = profile
