@@ -27,6 +27,7 @@ from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
 from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
+    SYMBOL_LIMIT,
     pack_sinks,
     quantize_uniform,
     read_u32,
@@ -279,6 +280,34 @@ class KvqCodec:
         run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
+    def _symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> np.ndarray:
+        """The quantised PCA coefficients ``[H, T, D]`` (int64) of body tokens ``x`` starting at ``start``.
+
+        The same operations, in the same order, as ``quantize_uniform(bmm(unrotate_keys(clamp(nan_to_num(
+        x.double()))) - mean, analysis), step)`` (so the same bits), but done in place on one float64
+        working copy: a layer's encode holds two float64 frames at a time instead of six."""
+        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
+        torch.nan_to_num(w, nan=0.0, out=w)
+        big = _finite_range(x.dtype)
+        w.clamp_(-big, big)
+        if k == 0 and self._inv_freq is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq)
+            half = w.shape[-1] // 2
+            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
+            r.mul_(sin)
+            w.mul_(cos)
+            w.sub_(r)
+            del r
+        mean, analysis, *_ = self._matrices(layer, k, dim)
+        w.sub_(mean[:, None, :])
+        coef = torch.bmm(w, analysis)
+        del w
+        coef.div_(self.steps(layer, k)[:, None, None])  # quantize_uniform, in place
+        coef.round_()
+        torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
+        coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+        return coef.to(torch.int64).numpy()
+
     def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
         from kvc.codec.rans import cpu
 
@@ -287,15 +316,7 @@ class KvqCodec:
         layer, k, dim = self._dims(segments[0])
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
-        q = None
-        if T > lead:
-            x = torch.nan_to_num(tensor[:, lead:].double(), nan=0.0)
-            big = _finite_range(tensor.dtype)
-            x = x.clamp(-big, big)
-            if k == 0 and self._inv_freq is not None:
-                x = unrotate_keys(x, segments[0].start + lead, self._inv_freq)
-            mean, analysis, *_ = self._matrices(layer, k, dim)
-            q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))  # [H, T-lead, D]
+        q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
         pieces, at, body_at = [], 0, 0
         for seg in segments:
             t = seg.shape[1]
