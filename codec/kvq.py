@@ -323,23 +323,20 @@ class KvqCodec:
             n_sink = sink_count(seg.start, t, self.sinks)
             sinks = pack_sinks(tensor[:, at : at + n_sink]) if n_sink else None
             body = t - n_sink
-            sym = None
-            if body:
-                sym = np.ascontiguousarray(q[:, body_at : body_at + body].transpose(0, 2, 1).reshape(H * D, body))
-            pieces.append((sinks, sym))
+            pieces.append((sinks, body_at, body))  # the segment's body: q[:, body_at : body_at + body]
             at += t
             body_at += body
-        # every lane of the layer in one call
+        # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
         bank, model0 = self.channel_models(layer, k)
-        lo, hi, models, outs, tokens, values, owners, offset = [], [], [], [], [], [], [], 0
+        lo, hi, models, outs, tokens, coded, owners, offset = [], [], [], [], [], [], [], 0
         flagged_per = []
-        for i, (_, sym) in enumerate(pieces):
-            if sym is None:
+        for i, (_, b0, body) in enumerate(pieces):
+            if not body:
                 flagged_per.append(None)
                 continue
-            flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
+            flagged = np.flatnonzero(np.any(q[:, b0 : b0 + body] != 0, axis=1).reshape(-1)).astype(np.int64)
             flagged_per.append(flagged)
-            n_lanes = kvq_segment.choose_lanes(len(flagged), sym.shape[1])
+            n_lanes = kvq_segment.choose_lanes(len(flagged), body)
             if n_lanes == 0:
                 continue
             bounds = kvq_segment.lane_bounds(len(flagged), n_lanes)
@@ -347,25 +344,32 @@ class KvqCodec:
             lo.append(base + bounds[:-1])
             hi.append(base + bounds[1:])
             models.append(model0 + flagged)
-            outs.append(offset + flagged * sym.shape[1])
-            tokens.append(np.full(len(flagged), sym.shape[1], np.int64))
-            values.append(sym.reshape(-1))
+            outs.append(offset + flagged * body)
+            tokens.append(np.full(len(flagged), body, np.int64))
+            coded.append((b0, body))
             owners += [i] * n_lanes
-            offset += sym.size
+            offset += H * D * body
         lanes_of: dict[int, list[np.ndarray]] = {}
         if lo:
+            # the coded segments' symbols, transposed straight into one buffer (no per-segment copies)
+            values, at = np.empty(offset, np.int64), 0
+            for b0, body in coded:
+                values[at : at + H * D * body].reshape(H, D, body)[...] = q[:, b0 : b0 + body].transpose(0, 2, 1)
+                at += H * D * body
+            q = None  # the lanes need only `values` now
             job = {"ch_lo": np.concatenate(lo), "ch_hi": np.concatenate(hi), "ch_model": np.concatenate(models),
                    "ch_out": np.concatenate(outs), "ch_tokens": np.concatenate(tokens)}  # fmt: skip
             job["ch_stride"] = np.ones(len(job["ch_model"]), np.int64)
-            words, status = cpu.encode(job, bank, np.concatenate(values), threads=1)
+            words, status = cpu.encode(job, bank, values, threads=1)
+            del values
             if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
                 raise RuntimeError("kvq lane encoder refused its own symbols")
             for owner, w in zip(owners, words):
                 lanes_of.setdefault(owner, []).append(w)
         return [
-            kvq_segment.write(sinks, H * D if sym is not None else 0,
+            kvq_segment.write(sinks, H * D if body else 0,
                               flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []))
-            for i, ((sinks, sym), flagged) in enumerate(zip(pieces, flagged_per))
+            for i, ((sinks, _, body), flagged) in enumerate(zip(pieces, flagged_per))
         ]  # fmt: skip
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
