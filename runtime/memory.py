@@ -39,8 +39,9 @@ def bound_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
         return False  # the user's own threshold wins
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl and others differ in what mallopt does
-        _state["done"] = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        pass
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False  # glibc only: musl and others differ in what mallopt does
+    _state["done"] = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
     return _state["done"]
