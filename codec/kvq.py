@@ -29,6 +29,7 @@ from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
 from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
+    SYMBOL_LIMIT,
     pack_sinks,
     quantize_uniform,
     read_u32,
@@ -287,6 +288,34 @@ class KvqCodec:
         run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
+    def _symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> np.ndarray:
+        """The quantised PCA coefficients ``[H, T, D]`` (int64) of body tokens ``x`` starting at ``start``.
+
+        The same operations, in the same order, as ``quantize_uniform(bmm(unrotate_keys(clamp(nan_to_num(
+        x.double()))) - mean, analysis), step)`` (so the same bits), but done in place on one float64
+        working copy: a layer's encode holds two float64 frames at a time instead of six."""
+        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
+        torch.nan_to_num(w, nan=0.0, out=w)
+        big = _finite_range(x.dtype)
+        w.clamp_(-big, big)
+        if k == 0 and self._inv_freq is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq)
+            half = w.shape[-1] // 2
+            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
+            r.mul_(sin)
+            w.mul_(cos)
+            w.sub_(r)
+            del r
+        mean, analysis, *_ = self._matrices(layer, k, dim)
+        w.sub_(mean[:, None, :])
+        coef = torch.bmm(w, analysis)
+        del w
+        coef.div_(self.steps(layer, k)[:, None, None])  # quantize_uniform, in place
+        coef.round_()
+        torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
+        coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+        return coef.to(torch.int64).numpy()
+
     def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
         from kvc.codec.rans import cpu
 
@@ -295,38 +324,27 @@ class KvqCodec:
         layer, k, dim = self._dims(segments[0])
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
-        q = None
-        if T > lead:
-            x = torch.nan_to_num(tensor[:, lead:].double(), nan=0.0)
-            big = _finite_range(tensor.dtype)
-            x = x.clamp(-big, big)
-            if k == 0 and self._inv_freq is not None:
-                x = unrotate_keys(x, segments[0].start + lead, self._inv_freq)
-            mean, analysis, *_ = self._matrices(layer, k, dim)
-            q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))  # [H, T-lead, D]
+        q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
         pieces, at, body_at = [], 0, 0
         for seg in segments:
             t = seg.shape[1]
             n_sink = sink_count(seg.start, t, self.sinks)
             sinks = pack_sinks(tensor[:, at : at + n_sink]) if n_sink else None
             body = t - n_sink
-            sym = None
-            if body:
-                sym = np.ascontiguousarray(q[:, body_at : body_at + body].transpose(0, 2, 1).reshape(H * D, body))
-            pieces.append((sinks, sym))
+            pieces.append((sinks, body_at, body))  # the segment's body: q[:, body_at : body_at + body]
             at += t
             body_at += body
-        # every lane of the layer in one call
+        # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
         bank, model0 = self.channel_models(layer, k)
-        lo, hi, models, outs, tokens, values, owners, offset = [], [], [], [], [], [], [], 0
+        lo, hi, models, outs, tokens, coded, owners, offset = [], [], [], [], [], [], [], 0
         flagged_per = []
-        for i, (_, sym) in enumerate(pieces):
-            if sym is None:
+        for i, (_, b0, body) in enumerate(pieces):
+            if not body:
                 flagged_per.append(None)
                 continue
-            flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
+            flagged = np.flatnonzero(np.any(q[:, b0 : b0 + body] != 0, axis=1).reshape(-1)).astype(np.int64)
             flagged_per.append(flagged)
-            n_lanes = kvq_segment.choose_lanes(len(flagged), sym.shape[1])
+            n_lanes = kvq_segment.choose_lanes(len(flagged), body)
             if n_lanes == 0:
                 continue
             bounds = kvq_segment.lane_bounds(len(flagged), n_lanes)
@@ -334,25 +352,32 @@ class KvqCodec:
             lo.append(base + bounds[:-1])
             hi.append(base + bounds[1:])
             models.append(model0 + flagged)
-            outs.append(offset + flagged * sym.shape[1])
-            tokens.append(np.full(len(flagged), sym.shape[1], np.int64))
-            values.append(sym.reshape(-1))
+            outs.append(offset + flagged * body)
+            tokens.append(np.full(len(flagged), body, np.int64))
+            coded.append((b0, body))
             owners += [i] * n_lanes
-            offset += sym.size
+            offset += H * D * body
         lanes_of: dict[int, list[np.ndarray]] = {}
         if lo:
+            # the coded segments' symbols, transposed straight into one buffer (no per-segment copies)
+            values, at = np.empty(offset, np.int64), 0
+            for b0, body in coded:
+                values[at : at + H * D * body].reshape(H, D, body)[...] = q[:, b0 : b0 + body].transpose(0, 2, 1)
+                at += H * D * body
+            q = None  # the lanes need only `values` now
             job = {"ch_lo": np.concatenate(lo), "ch_hi": np.concatenate(hi), "ch_model": np.concatenate(models),
                    "ch_out": np.concatenate(outs), "ch_tokens": np.concatenate(tokens)}  # fmt: skip
             job["ch_stride"] = np.ones(len(job["ch_model"]), np.int64)
-            words, status = cpu.encode(job, bank, np.concatenate(values), threads=1)
+            words, status = cpu.encode(job, bank, values, threads=1)
+            del values
             if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
                 raise RuntimeError("kvq lane encoder refused its own symbols")
             for owner, w in zip(owners, words):
                 lanes_of.setdefault(owner, []).append(w)
         return [
-            kvq_segment.write(sinks, H * D if sym is not None else 0,
+            kvq_segment.write(sinks, H * D if body else 0,
                               flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []))
-            for i, ((sinks, sym), flagged) in enumerate(zip(pieces, flagged_per))
+            for i, ((sinks, _, body), flagged) in enumerate(zip(pieces, flagged_per))
         ]  # fmt: skip
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:

@@ -126,8 +126,10 @@ def encode_kv_spool(
 ) -> tuple[PayloadSpool, dict, dict | None]:
     """The encoded payloads of ``kv`` in a :class:`PayloadSpool`, with the header and attachments that
     complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool)."""
+    from kvc.runtime.memory import bound_freed_memory
     from kvc.workers import default_threads
 
+    bound_freed_memory()  # a layer's working tensors, freed, go back to the system (runtime/memory.py)
     levels = list(dict.fromkeys(levels))
     if not levels:
         raise InputError("give at least one level")
