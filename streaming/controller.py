@@ -158,12 +158,25 @@ class Estimates:
         if nbytes >= 4096 and transfer > 0:
             self.link_bytes_per_s.add(nbytes / transfer)
 
+    def link_rate_with(self, rate: float) -> float:
+        """The link estimate if a fetch that shows ``rate`` (lower than believed) were taken into account.
+
+        Before any payload was timed the estimate is only the optimistic prior: the rate shown replaces
+        it. Once fetches have been timed it is one more sample of the moving average, so one fetch
+        stalled for a moment (on a shared machine, the process descheduled) does not make the link look
+        slow for the rest of the load."""
+        ewma = self.link_bytes_per_s
+        if not (rate > 0 and math.isfinite(rate)) or rate >= ewma.value:
+            return ewma.value
+        if ewma.samples == 0:
+            return rate
+        return (1 - _ALPHA) * ewma.value + _ALPHA * rate
+
     def observe_partial(self, nbytes: int, elapsed: float) -> None:
-        """A fetch still under way (or abandoned): its rate so far replaces the estimate if lower."""
+        """A fetch given up (or still under way): the rate it showed, if lower than believed, taken into
+        account as :meth:`link_rate_with` says."""
         if nbytes > 0 and elapsed > 0:
-            rate = nbytes / elapsed
-            if rate < self.link_bytes_per_s.value:
-                self.link_bytes_per_s.value = rate
+            self.link_bytes_per_s.value = self.link_rate_with(nbytes / elapsed)
 
     def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
         """One chunk decoded. The first decode of a level in a process also builds its tables: that

@@ -494,7 +494,9 @@ class _Load:
         if self.inflight is not flight or self.claims[flight.index] != flight.level:
             return False
         saved, back = self.est.link_bytes_per_s.value, self.back
-        self.est.link_bytes_per_s.value = min(saved, rate)
+        # The fetch in flight is projected at the rate it shows (_snapshot); the chunks after it at the
+        # estimate that rate would leave (the rate itself only while the link is known by its prior alone).
+        self.est.link_bytes_per_s.value = self.est.link_rate_with(rate)
         try:
             keep = self.controller.choose(self._snapshot())
             self.inflight, self.back = None, max(self.back, flight.index)

@@ -85,3 +85,22 @@ def test_a_cold_level_pays_its_table_cost_once():
 def test_forced_modes():
     assert setup(1e3, Policy.make(level="high")).choose(start()).fetch == 8
     assert setup(1e10, Policy.make(level="text")).choose(start()).fetch == 0
+
+
+def test_one_stalled_fetch_does_not_make_a_measured_link_look_slow():
+    # A fetch that shows 1/20 of the link's measured rate (the process descheduled for a moment on a shared
+    # machine) counts as one more sample of the average: the plan stays with the fastest-decoding level.
+    ctl = setup(3.75e8, Policy())  # 3 Gbit/s, measured (one sample)
+    assert ctl.choose(start()).level == "lossless"
+    stalled = 3.75e8 / 20
+    assert ctl.est.link_rate_with(stalled) == pytest.approx((3.75e8 + stalled) / 2)
+    ctl.est.observe_partial(int(stalled * 0.1), 0.1)
+    assert ctl.choose(start()).level == "lossless"
+    # The same rate shown while the link is known only by its optimistic prior replaces the prior.
+    prior = setup(3.75e8, Policy())
+    prior.est.link_bytes_per_s = Ewma(3.75e8)
+    assert prior.est.link_rate_with(stalled) == stalled
+    prior.est.observe_partial(int(stalled * 0.1), 0.1)
+    assert prior.choose(start()).level != "lossless"
+    # A rate above the estimate changes nothing (a partial fetch cannot tell a faster link).
+    assert ctl.est.link_rate_with(1e12) == ctl.est.link_bytes_per_s.value
