@@ -176,7 +176,10 @@ class Estimates:
         """A fetch given up (or still under way): the rate it showed, if lower than believed, taken into
         account as :meth:`link_rate_with` says."""
         if nbytes > 0 and elapsed > 0:
-            self.link_bytes_per_s.value = self.link_rate_with(nbytes / elapsed)
+            if self.link_bytes_per_s.samples == 0:
+                self.link_bytes_per_s.add(min(nbytes / elapsed, self.link_bytes_per_s.value))  # a measurement now
+            else:
+                self.link_bytes_per_s.value = self.link_rate_with(nbytes / elapsed)
 
     def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
         """One chunk decoded. The first decode of a level in a process also builds its tables: that
@@ -281,7 +284,7 @@ class Controller:
         est = self.est
         rate, latency = est.link_bytes_per_s.value, est.latency_s.value
         prefill = est.prefill_s_per_token.value
-        order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first
+        order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
         text_costs = [c.tokens * prefill for c in order]
         text_total = sum(text_costs)
         mean_text = text_total / len(order) if order else 0.0
@@ -313,20 +316,22 @@ class Controller:
                 arrival += latency + size / rate
                 gap = max(gap, arrival - decoded)
                 decoded += chunk.elements * per_element
-                text_left = max(text_left - text_costs[n - 1], 0.0)
+                # Exactly 0 once every chunk is fetched: a rounding remainder would count as a text chunk
+                # still to recompute and add the half-chunk penalty to every all-fetch plan.
+                text_left = max(text_left - text_costs[n - 1], 0.0) if n < len(order) else 0.0
                 distortion += chunk.elements * info.distortion
                 t = finish(busy + text_left + decoded, gap + decoded, text_left, True)
                 out.append(Plan(n, name, s.now + t + first, distortion))
         return out
 
     def choose(self, s: Snapshot) -> Plan:
-        if s.back < s.front:
-            return Plan(0, None, s.now, 0.0)
         p = self.policy
         if p.mode == "text":
             return Plan(0, None, math.nan, 0.0)
         if p.mode == "level":
-            return Plan(s.back - s.front + 1, p.level, math.nan, 0.0)
+            return Plan(max(s.back - s.front + 1, 0), p.level, math.nan, 0.0)
+        # With nothing undecided the one plan is to finish what is under way (the step, the queue, the fetch
+        # in flight): what keeping a slow fetch is weighed against when nothing else is left to decide.
         plans = self.plans(s)
         fastest = min(plans, key=lambda x: x.ttft)
         if p.mode == "slo" and p.slo is not None:

@@ -41,6 +41,7 @@ HEADER_PREFIX_BYTES = 16 * 1024
 DEFAULT_PREFETCH = 4  # payloads waiting to be decoded, at most (a recompute leaves the link busy meanwhile)
 DEFAULT_STALL_TIMEOUT_S = 60.0
 _WAKE_S = 0.02  # how often an idle thread re-plans when nothing happens
+PROBE_WAIT_S = 0.15  # at most this long the model thread waits for the link's first measurement
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
@@ -686,6 +687,8 @@ class _Load:
         if self.front <= self.back:  # the front chunk is undecided
             if self.link_done:
                 return self._take_text(self._advance_front())
+            if self._probing():
+                return None
             plan = self.controller.choose(self._snapshot())
             if self.policy.mode == "slo":
                 self._slo_infeasible = plan.meets_slo is False
@@ -704,6 +707,15 @@ class _Load:
                 self.back = min(self.back, f.index - 1)
                 return self._take_text(self._advance_front())
         return None
+
+    def _probing(self) -> bool:
+        """Under the lock: whether the link is still known only by its optimistic prior while its first fetch
+        is under way and not yet weighed (its first 30 ms of transfer). The model thread does not commit a
+        chunk to text before that: the prior says the fetch will soon land, and if the link turns out slow
+        the fetch is dropped for a smaller level, not for a text chunk decided on a rate nobody measured."""
+        f = self.inflight
+        return (self.est.link_bytes_per_s.samples == 0 and f is not None and not f.checked
+                and time.perf_counter() - f.started < PROBE_WAIT_S)
 
     def _advance_front(self) -> int:
         index = self.front
