@@ -482,7 +482,7 @@ class _Load:
             f = self.inflight
             rate = self.est.link_bytes_per_s.value
             receiving = time.perf_counter() - (f.first or f.started)
-            if f.got and receiving > 0.03:  # the rate this fetch shows, once it can be told
+            if f.got and receiving > self._probe_s():  # the rate this fetch shows, once it can be told
                 rate = min(rate, f.got / receiving)
             arrival = (0.0 if f.first else self.est.latency_s.value) + (f.size - f.got) / rate
             decode = self._decode_cost(f.index, f.level)
@@ -576,10 +576,11 @@ class _Load:
             flight.got += n
             self.last_progress = now
             # A fetch that runs far slower than planned (the link got slower, or the estimate was too kind):
-            # once 30 ms of its transfer have been seen, and at most every 20 ms, re-plan at the rate it shows
-            # with and without it, and give it up if dropping it is predicted clearly sooner.
+            # once 30 ms of its transfer have been seen (10 ms for the first fetch, a probe), and at most every
+            # 20 ms, re-plan at the rate it shows with and without it, and give it up if dropping it is predicted
+            # clearly sooner.
             receiving = now - flight.first
-            if (self.policy.mode in ("fastest", "slo") and receiving > 0.03 and flight.got < flight.size
+            if (self.policy.mode in ("fastest", "slo") and receiving > self._probe_s() and flight.got < flight.size
                     and now - flight.checked > 0.02):
                 flight.checked = now
                 projected = (flight.first - flight.started) + receiving * flight.size / flight.got
@@ -708,9 +709,15 @@ class _Load:
                 return self._take_text(self._advance_front())
         return None
 
+    def _probe_s(self) -> float:
+        """Seconds of a fetch's transfer after which the rate it shows is believed: 30 ms once the link has
+        been measured (shorter stalls are noise), 10 ms while it is known only by its optimistic prior (the
+        first fetch is then a probe, and on a slow link each ms of it is wasted)."""
+        return 0.03 if self.est.link_bytes_per_s.samples else 0.01
+
     def _probing(self) -> bool:
         """Under the lock: whether the link is still known only by its optimistic prior while its first fetch
-        is under way and not yet weighed (its first 30 ms of transfer). The model thread does not commit a
+        is under way and not yet weighed (its first 10 ms of transfer). The model thread does not commit a
         chunk to text before that: the prior says the fetch will soon land, and if the link turns out slow
         the fetch is dropped for a smaller level, not for a text chunk decided on a rate nobody measured."""
         f = self.inflight
