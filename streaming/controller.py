@@ -42,7 +42,9 @@ stored ladder is built on; it is not the KL itself."""
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 import threading
 from dataclasses import dataclass, field
 
@@ -98,6 +100,26 @@ def level_infos(header: dict, chunks: list[ChunkInfo]) -> dict[str, LevelInfo]:
     return out
 
 
+class Recent:
+    """The median of the last ``size`` samples, this load's and the earlier loads' in this process (the
+    prior until there is one). For compute speeds on a machine shared with other work: one chunk decoded
+    while the process was descheduled is an outlier, not the new speed. An exponential average with weight
+    ½ followed the last two samples, so on a loaded 2-core machine the estimates of two levels that decode
+    alike differed 3× from load to load, and the controller's choices between them with them."""
+
+    def __init__(self, prior: float, history=(), size: int = 16):
+        self.history = collections.deque(history, maxlen=size)
+        self.samples = 0  # this load's
+        self.value = statistics.median(self.history) if self.history else prior
+
+    def add(self, sample: float) -> None:
+        if not math.isfinite(sample) or sample <= 0:
+            return
+        self.history.append(sample)
+        self.samples += 1
+        self.value = statistics.median(self.history)
+
+
 class Ewma:
     def __init__(self, value: float, samples: int = 0):
         self.value, self.samples = value, samples
@@ -115,9 +137,9 @@ class Estimates:
 
     link_bytes_per_s: Ewma
     latency_s: Ewma
-    prefill_s_per_token: Ewma
-    decode_s_per_element: dict[str, Ewma]
-    first_token_s: Ewma
+    prefill_s_per_token: Ewma | Recent
+    decode_s_per_element: dict[str, Ewma | Recent]
+    first_token_s: Ewma | Recent
     cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
@@ -130,14 +152,13 @@ class Estimates:
         flops = _FLOPS.get(device, _FLOPS["cpu"])
         key = (model_key, device)
         with _REMEMBERED_LOCK:
-            prefill = _REMEMBERED.get((*key, "prefill"), 2.0 * params / flops)
-            first = _REMEMBERED.get((*key, "first"), 0.02 + 2.0 * params / flops * 4)
+            prefill = Recent(2.0 * params / flops, _REMEMBERED.get((*key, "prefill"), ()))
+            first = Recent(0.02 + 2.0 * params / flops * 4, _REMEMBERED.get((*key, "first"), ()), size=8)
             level_keys = {name: (device, repr(sorted(entry.items()))) for name, entry in levels.items()}
             decode, cold = {}, {}
             for name, entry in levels.items():
                 prior = _DECODE_S_PER_ELEMENT.get(entry.get("codec"), _DEFAULT_DECODE_S_PER_ELEMENT)
-                remembered = _REMEMBERED.get((*level_keys[name], "decode"))
-                decode[name] = Ewma(remembered if remembered is not None else prior, 1 if remembered else 0)
+                decode[name] = Recent(prior, _REMEMBERED.get((*level_keys[name], "decode"), ()))
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
         return cls(
@@ -145,9 +166,9 @@ class Estimates:
             # wants, and on a slow one it is abandoned within ~50 ms and re-planned at the rate it showed.
             link_bytes_per_s=Ewma(max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S)),
             latency_s=Ewma(max(latency_s, 0.0)),
-            prefill_s_per_token=Ewma(prefill, 1 if (*key, "prefill") in _REMEMBERED else 0),
+            prefill_s_per_token=prefill,
             decode_s_per_element=decode,
-            first_token_s=Ewma(first),
+            first_token_s=first,
             cold_s=cold,
             key=key,
             level_keys=level_keys,
@@ -201,14 +222,17 @@ class Estimates:
 
     def remember(self) -> None:
         """Keep the compute speeds measured in this load for the next one in this process."""
+        def kept(est):  # the samples behind a Recent estimate; a lone value otherwise
+            return list(est.history) if isinstance(est, Recent) else [est.value]
+
         with _REMEMBERED_LOCK:
             if self.prefill_s_per_token.samples:
-                _REMEMBERED[(*self.key, "prefill")] = self.prefill_s_per_token.value
+                _REMEMBERED[(*self.key, "prefill")] = kept(self.prefill_s_per_token)
             if self.first_token_s.samples:
-                _REMEMBERED[(*self.key, "first")] = self.first_token_s.value
+                _REMEMBERED[(*self.key, "first")] = kept(self.first_token_s)
             for name, ewma in self.decode_s_per_element.items():
                 if ewma.samples:
-                    _REMEMBERED[(*self.level_keys[name], "decode")] = ewma.value
+                    _REMEMBERED[(*self.level_keys[name], "decode")] = kept(ewma)
             for name, ewma in self.cold_s.items():
                 if ewma.samples:
                     _REMEMBERED[(*self.level_keys[name], "cold")] = ewma.value

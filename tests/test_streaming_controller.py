@@ -137,3 +137,26 @@ def test_an_all_fetch_plan_is_predicted_without_any_text_penalty():
         # the link brings chunk 1 before chunk 0 is decoded: the decodes are the critical path after the first arrival
         expected = max(arrival + 15e-3, (1e-3 + SIZES["lossless"] / 1.25e9) + decode) + 0.1
         assert plan.ttft == pytest.approx(expected, rel=1e-6)
+
+
+def test_compute_speeds_are_the_median_of_recent_samples_and_carry_over_to_the_next_load():
+    from kvc.streaming import controller
+
+    levels = {"high": {"codec": "kvq"}}
+    key = ("test-weights", "cpu")
+    controller._REMEMBERED.pop((*key, "prefill"), None)
+    est = Estimates.seed("test-weights", "cpu", 135_000_000, levels, 1e9, 1e-3)
+    assert est.prefill_s_per_token.value == pytest.approx(2 * 135e6 / 5e10)  # the nominal prior
+    for seconds in (1.0, 1.1, 0.9, 5.0):  # 256-token chunks; one recomputed while the machine was busy
+        est.observe_prefill(256, seconds)
+    assert est.prefill_s_per_token.value == pytest.approx(1.05 / 256)
+    for seconds in (0.1, 0.1, 0.1, 0.6):  # one decode five times slower than the others
+        est.observe_decode("high", 1_000_000, seconds)
+    assert est.decode_s_per_element["high"].value == pytest.approx(0.1 / 1e6)
+    est.remember()
+    again = Estimates.seed("test-weights", "cpu", 135_000_000, levels, 1e9, 1e-3)
+    assert again.prefill_s_per_token.value == pytest.approx(1.05 / 256)
+    assert again.decode_s_per_element["high"].value == pytest.approx(0.1 / 1e6)
+    assert again.prefill_s_per_token.samples == 0  # this load has measured nothing yet
+    controller._REMEMBERED.pop((*key, "prefill"), None)
+    controller._REMEMBERED.pop((*again.level_keys["high"], "decode"), None)
