@@ -160,3 +160,16 @@ def test_compute_speeds_are_the_median_of_recent_samples_and_carry_over_to_the_n
     assert again.prefill_s_per_token.samples == 0  # this load has measured nothing yet
     controller._REMEMBERED.pop((*key, "prefill"), None)
     controller._REMEMBERED.pop((*again.level_keys["high"], "decode"), None)
+
+
+def test_a_payload_whose_transfer_looks_instant_does_not_make_the_link_look_fast():
+    ctl = setup(1.25e8, Policy())  # 1 Gbit/s measured, 1 ms usual latency
+    # 425 KB whose first byte was seen 15 ms after the request and the rest "0.3 ms" later: the reading
+    # thread was held up while the bytes arrived. Its time counts from the request, less the usual latency.
+    ctl.est.observe_fetch(425_000, 0.015, 0.0003)
+    assert ctl.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 425_000 / (0.0153 - 1e-3)) / 2)
+    assert ctl.est.link_bytes_per_s.value < 1.25e8
+    # A normal fetch: its transfer time is what counts.
+    fresh = setup(1.25e8, Policy())
+    fresh.est.observe_fetch(10_000_000, 0.001, 0.08)
+    assert fresh.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 10_000_000 / 0.08) / 2)
