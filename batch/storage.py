@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvc.errors import InputError
+from kvc.formats.container import new_file_mode
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -112,12 +113,6 @@ def exists(path: str) -> bool:
     return fs.exists(inner)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def atomic_writer(path: str):
     """A binary file object whose bytes land at ``path`` only if the block ends without an exception."""
@@ -130,7 +125,7 @@ def atomic_writer(path: str):
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
+            os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give the mode open() would
             os.replace(tmp, target)
         except BaseException:
             try:

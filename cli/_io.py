@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -54,17 +53,8 @@ def write_output(path: str, data: bytes) -> None:
         raise InputError(f"folder {p.parent} does not exist")
     try:
         write_atomic(p, data)
-        # write_atomic's temporary file is made by mkstemp, always 0600; give the result the mode
-        # open() would have. (Better done inside write_atomic, before the rename: see notes/issue-12.md.)
-        os.chmod(p, 0o666 & ~_umask())
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def parse_token_range(text: str | None, num_tokens: int) -> tuple[int, int] | None:

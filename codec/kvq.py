@@ -16,7 +16,9 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 
 from __future__ import annotations
 
+import numbers
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -27,6 +29,7 @@ from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
 from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
+    SYMBOL_LIMIT,
     pack_sinks,
     quantize_uniform,
     read_u32,
@@ -39,6 +42,7 @@ from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes; 1 and 2 both decode
+BATCH_COEFFICIENTS = 1 << 20  # a CPU decode task's share: ~4 MB of float32 coefficients (L2-sized)
 _KINDS = {"key": 0, "value": 1}
 
 
@@ -63,8 +67,10 @@ def _shared_state(profile: Profile, scale: float) -> dict:
 class _ParsedV2(NamedTuple):
     segment: Segment
     sinks: torch.Tensor | None  # [H, n_sink, D] float32
-    lanes: kvq_segment.SegmentLanes | None  # None when no channel is flagged (or no body)
-    body: int  # tokens past the sinks
+    data: bytes
+    pos: int  # where the body (channel flags, lane table, words) starts in data
+    lanes: int  # rANS lanes in the body (0 when no channel is flagged)
+    body: int  # tokens past the sinks (0: the segment is all sinks and has no body)
 
 
 def _finite_range(dtype: torch.dtype) -> float:
@@ -83,10 +89,13 @@ class KvqCodec:
         want = params.get("profile")
         if want and want != profile.sha256:
             raise ProfileError(f"this level was encoded with profile {str(want)[:16]}…, not {profile.sha256[:16]}…")
+        scale = params.get("scale")
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # a number: not a string, not a bool
+            raise FormatError("kvq level parameters lack a numeric scale")
         try:
-            self.scale = float(params["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError("kvq level parameters lack a numeric scale") from None
+            self.scale = float(scale)
+        except OverflowError:  # an integer past float range (a library caller's params, not JSON's)
+            raise FormatError("kvq scale out of range") from None
         if not (1e-6 <= self.scale <= 1e6):
             raise FormatError("kvq scale out of range")
         self.profile = profile
@@ -279,6 +288,34 @@ class KvqCodec:
         run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
+    def _symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> np.ndarray:
+        """The quantised PCA coefficients ``[H, T, D]`` (int64) of body tokens ``x`` starting at ``start``.
+
+        The same operations, in the same order, as ``quantize_uniform(bmm(unrotate_keys(clamp(nan_to_num(
+        x.double()))) - mean, analysis), step)`` (so the same bits), but done in place on one float64
+        working copy: a layer's encode holds two float64 frames at a time instead of six."""
+        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
+        torch.nan_to_num(w, nan=0.0, out=w)
+        big = _finite_range(x.dtype)
+        w.clamp_(-big, big)
+        if k == 0 and self._inv_freq is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq)
+            half = w.shape[-1] // 2
+            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
+            r.mul_(sin)
+            w.mul_(cos)
+            w.sub_(r)
+            del r
+        mean, analysis, *_ = self._matrices(layer, k, dim)
+        w.sub_(mean[:, None, :])
+        coef = torch.bmm(w, analysis)
+        del w
+        coef.div_(self.steps(layer, k)[:, None, None])  # quantize_uniform, in place
+        coef.round_()
+        torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
+        coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+        return coef.to(torch.int64).numpy()
+
     def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
         from kvc.codec.rans import cpu
 
@@ -287,38 +324,27 @@ class KvqCodec:
         layer, k, dim = self._dims(segments[0])
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
-        q = None
-        if T > lead:
-            x = torch.nan_to_num(tensor[:, lead:].double(), nan=0.0)
-            big = _finite_range(tensor.dtype)
-            x = x.clamp(-big, big)
-            if k == 0 and self._inv_freq is not None:
-                x = unrotate_keys(x, segments[0].start + lead, self._inv_freq)
-            mean, analysis, *_ = self._matrices(layer, k, dim)
-            q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))  # [H, T-lead, D]
+        q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
         pieces, at, body_at = [], 0, 0
         for seg in segments:
             t = seg.shape[1]
             n_sink = sink_count(seg.start, t, self.sinks)
             sinks = pack_sinks(tensor[:, at : at + n_sink]) if n_sink else None
             body = t - n_sink
-            sym = None
-            if body:
-                sym = np.ascontiguousarray(q[:, body_at : body_at + body].transpose(0, 2, 1).reshape(H * D, body))
-            pieces.append((sinks, sym))
+            pieces.append((sinks, body_at, body))  # the segment's body: q[:, body_at : body_at + body]
             at += t
             body_at += body
-        # every lane of the layer in one call
+        # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
         bank, model0 = self.channel_models(layer, k)
-        lo, hi, models, outs, tokens, values, owners, offset = [], [], [], [], [], [], [], 0
+        lo, hi, models, outs, tokens, coded, owners, offset = [], [], [], [], [], [], [], 0
         flagged_per = []
-        for i, (_, sym) in enumerate(pieces):
-            if sym is None:
+        for i, (_, b0, body) in enumerate(pieces):
+            if not body:
                 flagged_per.append(None)
                 continue
-            flagged = np.flatnonzero(np.any(sym != 0, axis=1)).astype(np.int64)
+            flagged = np.flatnonzero(np.any(q[:, b0 : b0 + body] != 0, axis=1).reshape(-1)).astype(np.int64)
             flagged_per.append(flagged)
-            n_lanes = kvq_segment.choose_lanes(len(flagged), sym.shape[1])
+            n_lanes = kvq_segment.choose_lanes(len(flagged), body)
             if n_lanes == 0:
                 continue
             bounds = kvq_segment.lane_bounds(len(flagged), n_lanes)
@@ -326,25 +352,32 @@ class KvqCodec:
             lo.append(base + bounds[:-1])
             hi.append(base + bounds[1:])
             models.append(model0 + flagged)
-            outs.append(offset + flagged * sym.shape[1])
-            tokens.append(np.full(len(flagged), sym.shape[1], np.int64))
-            values.append(sym.reshape(-1))
+            outs.append(offset + flagged * body)
+            tokens.append(np.full(len(flagged), body, np.int64))
+            coded.append((b0, body))
             owners += [i] * n_lanes
-            offset += sym.size
+            offset += H * D * body
         lanes_of: dict[int, list[np.ndarray]] = {}
         if lo:
+            # the coded segments' symbols, transposed straight into one buffer (no per-segment copies)
+            values, at = np.empty(offset, np.int64), 0
+            for b0, body in coded:
+                values[at : at + H * D * body].reshape(H, D, body)[...] = q[:, b0 : b0 + body].transpose(0, 2, 1)
+                at += H * D * body
+            q = None  # the lanes need only `values` now
             job = {"ch_lo": np.concatenate(lo), "ch_hi": np.concatenate(hi), "ch_model": np.concatenate(models),
                    "ch_out": np.concatenate(outs), "ch_tokens": np.concatenate(tokens)}  # fmt: skip
             job["ch_stride"] = np.ones(len(job["ch_model"]), np.int64)
-            words, status = cpu.encode(job, bank, np.concatenate(values), threads=1)
+            words, status = cpu.encode(job, bank, values, threads=1)
+            del values
             if status.any():  # symbols are clamped to ±2**30, so this is a bug, not bad input
                 raise RuntimeError("kvq lane encoder refused its own symbols")
             for owner, w in zip(owners, words):
                 lanes_of.setdefault(owner, []).append(w)
         return [
-            kvq_segment.write(sinks, H * D if sym is not None else 0,
+            kvq_segment.write(sinks, H * D if body else 0,
                               flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []))
-            for i, ((sinks, sym), flagged) in enumerate(zip(pieces, flagged_per))
+            for i, ((sinks, _, body), flagged) in enumerate(zip(pieces, flagged_per))
         ]  # fmt: skip
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
@@ -356,11 +389,13 @@ class KvqCodec:
         """Decode many segments straight into their output tensors.
 
         Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
-        segments' dtype) they tile in order. On the CPU every group is one task on a pool of
-        ``threads`` (default: every core): its lanes are decoded by the numba kernel (GIL released)
-        into float32 coefficients, then synthesised by torch (GIL released), so the Python glue of
-        one group overlaps the compiled work of another. On a CUDA device all lanes of all groups go
-        to the GPU in one launch. Version-1 groups decode segment by segment."""
+        segments' dtype) they tile in order. On the CPU groups are packed into batches of a few MB of
+        coefficients (a whole read: a few layers; a streamed chunk: a third of its layers), and every
+        batch is one task on a pool of ``threads`` (default: every core): its segments are parsed and
+        all its lanes decoded by numba kernels (GIL released) into float32 coefficients, then each
+        group is synthesised, so one task's Python glue overlaps another's compiled work and a
+        chunk's short lanes still run four at a time. On a CUDA device all lanes of all groups go to
+        the GPU in one launch. Version-1 groups decode segment by segment."""
 
         if not groups:
             return
@@ -371,43 +406,23 @@ class KvqCodec:
         if device.type != "cpu":
             self._decode_on_gpu(groups)
             return
-        run_tasks(self._decode_group, list(groups), threads, torch_single=True)
+        batches, batch, size = [], [], 0
+        for group in groups:
+            batch.append(group)
+            size += group[1].numel()
+            if size >= BATCH_COEFFICIENTS:
+                batches.append((batch,))
+                batch, size = [], 0
+        if batch:
+            batches.append((batch,))
+        run_tasks(self._decode_batch, batches, threads, torch_single=True)
 
-    def _decode_group(self, parts: list[tuple[bytes, Segment]], out: torch.Tensor) -> None:
-        """One (layer, kind)'s segments into ``out`` on the CPU."""
+    def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
+        """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
+        synthesis per group."""
         from kvc.codec.rans import cpu
 
-        parsed = self._parse_group(parts, out)
-        if parsed is None:
-            return
-        layer, k, _ = self._dims(parts[0][1])
-        H, T, D = out.shape
-        lead = self._place_sinks(parsed, out)
-        if T == lead:
-            return
-        coef = np.empty(H * (T - lead) * D, dtype=np.float32)
-        jobs, t0 = [], 0
-        for p in parsed:
-            if p.body:
-                idle = np.ones(H * D, dtype=bool)
-                if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, 0, T - lead, D, t0, p.body))
-                    idle[p.lanes.flagged] = False
-                h, d = np.divmod(np.flatnonzero(idle), D)
-                if len(h):  # unflagged channels are all zero: only they are cleared
-                    cpu.zero_channels(coef, (h * (T - lead) + t0) * D + d, np.full(len(h), p.body), D)
-            t0 += p.body
-        if jobs:
-            job, bank, _ = self._lane_job(jobs)
-            self._check_lanes(cpu.decode(job, bank, coef, threads=1), layer, k)
-        c = torch.from_numpy(coef).view(H, T - lead, D)
-        out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
-
-    def _decode_on_gpu(self, groups) -> None:
-        """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
-        from kvc.codec.rans import gpu
-
-        plans, offset, jobs = [], 0, []
+        plans, offset, bodies = [], 0, []
         for parts, out in groups:
             parsed = self._parse_group(parts, out)
             if parsed is None:
@@ -415,25 +430,81 @@ class KvqCodec:
             layer, k, _ = self._dims(parts[0][1])
             H, T, D = out.shape
             lead = self._place_sinks(parsed, out)
-            t0 = 0
-            for p in parsed:
-                if p.lanes is not None:
-                    jobs.append((p.lanes, layer, k, offset, T - lead, D, t0, p.body))
-                t0 += p.body
-            plans.append((out, layer, k, parsed, offset, lead))
-            offset += H * (T - lead) * D
-        coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)
-        if jobs:
-            job, bank, owners = self._lane_job(jobs)
-            status = gpu.decode(job, bank, coef)
+            if T > lead:
+                bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
+                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
+                offset += H * (T - lead) * D
+        if not plans:
+            return
+        coef = np.empty(offset, dtype=np.float32)
+        job, owners, zero = self._lane_job(bodies)
+        cpu.zero_channels(coef, zero["at"], zero["tokens"], zero["stride"])  # channels no lane writes are 0
+        if len(job["word_lo"]):
+            status = cpu.decode(job, self.channel_models(0, 0)[0], coef, threads=1)
             bad = np.flatnonzero(status)
             if len(bad):
-                self._check_lanes(status[bad[:1]], *owners[bad[0]])
+                self._check_lanes(status[bad[:1]], *owners(bad[0]))
+        for out, layer, k, first, off, lead in plans:
+            H, T, D = out.shape
+            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+            if out.dtype == torch.float32 and out.is_contiguous():
+                self._synthesise_into(c, layer, k, first, out, lead)
+            else:
+                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+
+    def _decode_on_gpu(self, groups) -> None:
+        """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
+        from kvc.codec.rans import gpu
+
+        plans, offset, bodies = [], 0, []
+        for parts, out in groups:
+            parsed = self._parse_group(parts, out)
+            if parsed is None:
+                continue
+            layer, k, _ = self._dims(parts[0][1])
+            H, T, D = out.shape
+            lead = self._place_sinks(parsed, out)
+            bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
+            plans.append((out, layer, k, parsed, offset, lead))
+            offset += H * (T - lead) * D
+        coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)  # unflagged channels: 0
+        if bodies:
+            job, owners, _ = self._lane_job(bodies)
+            if len(job["word_lo"]):
+                bank, _ = self.channel_models(0, 0)
+                status = gpu.decode(job, bank, coef)
+                bad = np.flatnonzero(status)
+                if len(bad):
+                    self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for out, layer, k, parsed, off, lead in plans:
             H, T, D = out.shape
             if T > lead:
                 c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
                 out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+
+    @staticmethod
+    def _bodies(parsed: list[_ParsedV2]) -> list[tuple[_ParsedV2, int]]:
+        """(segment, its first token in the layer's coefficient block) for segments with a body."""
+        bodies, t0 = [], 0
+        for p in parsed:
+            if p.body:
+                bodies.append((p, t0))
+            t0 += p.body
+        return bodies
+
+    def _lane_job(self, bodies) -> tuple[dict, Callable[[int], tuple[int, int]], dict]:
+        """(the lane job, lane → the (layer, kind) owning it, the unflagged channels) for bodies given as
+        ((segment, t0), layer, kind, offset of its coefficient block, tokens in that block)."""
+        from kvc.codec.kvq_lanes import Body, build_job
+
+        spec, owner_of = [], []
+        for (p, t0), layer, k, off, span in bodies:
+            H, _, D = p.segment.shape
+            _, model0 = self.channel_models(layer, k)
+            spec.append(Body(p.data, p.pos, p.body, p.lanes, H * D, D, span, t0, off, model0))
+            owner_of.append((layer, k))
+        job, lane_seg, zero = build_job(spec)
+        return job, lambda lane: owner_of[int(lane_seg[lane])], zero
 
     def _parse_group(self, parts, out: torch.Tensor) -> list[_ParsedV2] | None:
         """The group's version-2 segments, parsed and checked; a version-1 group is decoded right here
@@ -483,41 +554,9 @@ class KvqCodec:
         if n_sink:
             sinks, pos = unpack_sinks(data, pos, (H, n_sink, D))
         body = T - n_sink
-        if body == 0:
-            if pos != len(data) or n_lanes:
-                raise FormatError("kvq segment holds bytes past its sinks")
-            return _ParsedV2(segment, sinks, None, 0)
-        lanes = kvq_segment.parse_body(data, pos, H * D, body, n_lanes)
-        return _ParsedV2(segment, sinks, lanes if n_lanes else None, body)
-
-    def _lane_job(self, jobs):
-        """Flat lane arrays for kvc.codec.rans.cpu over every segment's lanes."""
-        words, word_lo, word_hi, ch_lo, ch_hi, ch_model, ch_out, ch_tok = [], [], [], [], [], [], [], []
-        owners, w_at, c_at, bank = [], 0, 0, None
-        for lanes, layer, k, off, body_total, D, t0, body in jobs:
-            bank, model0 = self.channel_models(layer, k)
-            n = len(lanes.lane_words)
-            ends = w_at + np.cumsum(lanes.lane_words)
-            word_lo.append(ends - lanes.lane_words)
-            word_hi.append(ends)
-            w_at = int(ends[-1])
-            words.append(lanes.words)
-            ch_lo.append(c_at + lanes.lane_bounds[:-1])
-            ch_hi.append(c_at + lanes.lane_bounds[1:])
-            c_at += len(lanes.flagged)
-            h, d = np.divmod(lanes.flagged, D)
-            ch_model.append(model0 + lanes.flagged)
-            ch_out.append(off + (h * body_total + t0) * D + d)
-            ch_tok.append(np.full(len(lanes.flagged), body, np.int64))
-            owners += [(layer, k)] * n
-        flagged = np.concatenate(ch_model)
-        job = {
-            "words": np.concatenate(words).astype(np.uint16), "word_lo": np.concatenate(word_lo),
-            "word_hi": np.concatenate(word_hi), "ch_lo": np.concatenate(ch_lo), "ch_hi": np.concatenate(ch_hi),
-            "ch_model": flagged, "ch_out": np.concatenate(ch_out), "ch_tokens": np.concatenate(ch_tok),
-        }  # fmt: skip
-        job["ch_stride"] = np.concatenate([np.full(len(j[0].flagged), j[5], np.int64) for j in jobs])
-        return job, bank, owners
+        if body == 0 and (pos != len(data) or n_lanes):
+            raise FormatError("kvq segment holds bytes past its sinks")
+        return _ParsedV2(segment, sinks, data, pos, n_lanes, body)  # the body is checked by kvq_lanes
 
     def _synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, dtype: torch.dtype) -> torch.Tensor:
         """Coefficients ``[H, T, D]`` (float32) → keys/values at absolute positions ``first..``, in ``dtype``."""
@@ -536,6 +575,18 @@ class KvqCodec:
             x = rot
         big = _finite_range(dtype)
         return torch.nan_to_num_(x, nan=0.0, posinf=big, neginf=-big).clamp_(-big, big).to(dtype)
+
+    def _synthesise_into(self, coef: torch.Tensor, layer: int, k: int, first: int, out: torch.Tensor, lead: int):
+        """:meth:`_synthesise` for a contiguous float32 CPU output, bit-identical: the matrix product in
+        torch, then re-rotation and clamping fused into one pass that writes ``out[:, lead:]``."""
+        from kvc.codec.finish import finish_into
+
+        _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
+        x = torch.baddbmm(mean32[:, None, :], coef, synth)
+        cos = sin = None
+        if k == 0 and self._inv_freq is not None:
+            cos, sin = (t.numpy() for t in self._cos_sin(first, coef.shape[1]))
+        finish_into(x.numpy(), out.numpy(), lead, cos, sin)
 
     def _on_device(self, key, tensors: tuple, device: torch.device) -> tuple:
         """Copies of per-(layer, kind) matrices on ``device``, made once."""

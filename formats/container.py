@@ -76,8 +76,17 @@ def build(header: dict, chunks: list[EncodedChunk], attachments: dict[str, bytes
     return head + hashlib.sha256(head).digest() + data.getvalue()
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file (0666 less the umask). mkstemp makes 0600, so a
+    temporary file gets this before it is renamed into place."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the name only ever holds a complete file."""
+    """Write ``data`` to ``path`` so that the name only ever holds a complete file (with the mode a
+    plain write would give it)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
@@ -86,6 +95,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

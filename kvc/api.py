@@ -132,8 +132,10 @@ def encode_kv_spool(
     complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool).
     ``level_entries`` replaces the header entries of the named levels (a level retuned per file by
     kvc.codec.targeting: its own scale and a ``target`` record)."""
+    from kvc.runtime.memory import bound_freed_memory
     from kvc.workers import default_threads
 
+    bound_freed_memory()  # a layer's working tensors, freed, go back to the system (runtime/memory.py)
     levels = list(dict.fromkeys(levels))
     if not levels:
         raise InputError("give at least one level")

@@ -31,7 +31,8 @@ at level L (from the back), recompute the rest from text". Its predicted finish 
 (a two-machine flow shop whose idle time the text chunks fill). Modes pick among plans:
 
 * ``fastest``: the smallest predicted time to first token (ties within 1% go to higher quality);
-* ``slo``: the highest quality predicted to meet ``slo`` seconds with a 8% margin, else the
+* ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin of 5% of the time still
+  to go (+10 ms), else the
   fastest plan (and the report says the budget could not be met);
 * ``min_level``: ``fastest`` among the levels at least as good as the floor (text always qualifies).
 
@@ -42,12 +43,15 @@ stored ladder is built on; it is not the KL itself."""
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 import threading
 from dataclasses import dataclass, field
 
 TEXT = "text"
-SLO_MARGIN = 0.92  # a plan meets the budget when its predicted TTFT is within 92% of it
+SLO_MARGIN = 0.95  # a plan meets the budget when the time it predicts still to go, over 95%, fits what is left
+SLO_SLACK_S = 0.01  # and 10 ms more
 TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
 
 # Nominal speeds for the priors (replaced by measurements as soon as there are any).
@@ -98,6 +102,26 @@ def level_infos(header: dict, chunks: list[ChunkInfo]) -> dict[str, LevelInfo]:
     return out
 
 
+class Recent:
+    """The median of the last ``size`` samples, this load's and the earlier loads' in this process (the
+    prior until there is one). For compute speeds on a machine shared with other work: one chunk decoded
+    while the process was descheduled is an outlier, not the new speed. An exponential average with weight
+    ½ followed the last two samples, so on a loaded 2-core machine the estimates of two levels that decode
+    alike differed 3× from load to load, and the controller's choices between them with them."""
+
+    def __init__(self, prior: float, history=(), size: int = 16):
+        self.history = collections.deque(history, maxlen=size)
+        self.samples = 0  # this load's
+        self.value = statistics.median(self.history) if self.history else prior
+
+    def add(self, sample: float) -> None:
+        if not math.isfinite(sample) or sample <= 0:
+            return
+        self.history.append(sample)
+        self.samples += 1
+        self.value = statistics.median(self.history)
+
+
 class Ewma:
     def __init__(self, value: float, samples: int = 0):
         self.value, self.samples = value, samples
@@ -115,9 +139,9 @@ class Estimates:
 
     link_bytes_per_s: Ewma
     latency_s: Ewma
-    prefill_s_per_token: Ewma
-    decode_s_per_element: dict[str, Ewma]
-    first_token_s: Ewma
+    prefill_s_per_token: Ewma | Recent
+    decode_s_per_element: dict[str, Ewma | Recent]
+    first_token_s: Ewma | Recent
     cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
@@ -130,14 +154,13 @@ class Estimates:
         flops = _FLOPS.get(device, _FLOPS["cpu"])
         key = (model_key, device)
         with _REMEMBERED_LOCK:
-            prefill = _REMEMBERED.get((*key, "prefill"), 2.0 * params / flops)
-            first = _REMEMBERED.get((*key, "first"), 0.02 + 2.0 * params / flops * 4)
+            prefill = Recent(2.0 * params / flops, _REMEMBERED.get((*key, "prefill"), ()))
+            first = Recent(0.02 + 2.0 * params / flops * 4, _REMEMBERED.get((*key, "first"), ()), size=8)
             level_keys = {name: (device, repr(sorted(entry.items()))) for name, entry in levels.items()}
             decode, cold = {}, {}
             for name, entry in levels.items():
                 prior = _DECODE_S_PER_ELEMENT.get(entry.get("codec"), _DEFAULT_DECODE_S_PER_ELEMENT)
-                remembered = _REMEMBERED.get((*level_keys[name], "decode"))
-                decode[name] = Ewma(remembered if remembered is not None else prior, 1 if remembered else 0)
+                decode[name] = Recent(prior, _REMEMBERED.get((*level_keys[name], "decode"), ()))
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
         return cls(
@@ -145,25 +168,49 @@ class Estimates:
             # wants, and on a slow one it is abandoned within ~50 ms and re-planned at the rate it showed.
             link_bytes_per_s=Ewma(max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S)),
             latency_s=Ewma(max(latency_s, 0.0)),
-            prefill_s_per_token=Ewma(prefill, 1 if (*key, "prefill") in _REMEMBERED else 0),
+            prefill_s_per_token=prefill,
             decode_s_per_element=decode,
-            first_token_s=Ewma(first),
+            first_token_s=first,
             cold_s=cold,
             key=key,
             level_keys=level_keys,
         )
 
     def observe_fetch(self, nbytes: int, latency: float, transfer: float) -> None:
+        """One payload fetched: ``latency`` from the request to its first byte, ``transfer`` from there to
+        the last. The rate is taken over ``max(transfer, latency + transfer - usual latency)``: when the
+        thread that reads the bytes is held up (another thread holding the interpreter, the process
+        descheduled) a whole payload can be sitting in the socket by the time its first byte is seen, and
+        its transfer then looks instant: 425 KB "in 0.3 ms" at 1 Gbit/s put the link at 6 Gbit/s, and the
+        next chunks were fetched at lossless."""
+        usual = self.latency_s.value if self.latency_s.samples else 0.0
         self.latency_s.add(max(latency, 1e-6))
-        if nbytes >= 4096 and transfer > 0:
-            self.link_bytes_per_s.add(nbytes / transfer)
+        seconds = max(transfer, latency + transfer - usual)
+        if nbytes >= 4096 and seconds > 0:
+            self.link_bytes_per_s.add(nbytes / seconds)
+
+    def link_rate_with(self, rate: float) -> float:
+        """The link estimate if a fetch that shows ``rate`` (lower than believed) were taken into account.
+
+        Before any payload was timed the estimate is only the optimistic prior: the rate shown replaces
+        it. Once fetches have been timed it is one more sample of the moving average, so one fetch
+        stalled for a moment (on a shared machine, the process descheduled) does not make the link look
+        slow for the rest of the load."""
+        ewma = self.link_bytes_per_s
+        if not (rate > 0 and math.isfinite(rate)) or rate >= ewma.value:
+            return ewma.value
+        if ewma.samples == 0:
+            return rate
+        return (1 - _ALPHA) * ewma.value + _ALPHA * rate
 
     def observe_partial(self, nbytes: int, elapsed: float) -> None:
-        """A fetch still under way (or abandoned): its rate so far replaces the estimate if lower."""
+        """A fetch given up (or still under way): the rate it showed, if lower than believed, taken into
+        account as :meth:`link_rate_with` says."""
         if nbytes > 0 and elapsed > 0:
-            rate = nbytes / elapsed
-            if rate < self.link_bytes_per_s.value:
-                self.link_bytes_per_s.value = rate
+            if self.link_bytes_per_s.samples == 0:
+                self.link_bytes_per_s.add(min(nbytes / elapsed, self.link_bytes_per_s.value))  # a measurement now
+            else:
+                self.link_bytes_per_s.value = self.link_rate_with(nbytes / elapsed)
 
     def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
         """One chunk decoded. The first decode of a level in a process also builds its tables: that
@@ -185,14 +232,17 @@ class Estimates:
 
     def remember(self) -> None:
         """Keep the compute speeds measured in this load for the next one in this process."""
+        def kept(est):  # the samples behind a Recent estimate; a lone value otherwise
+            return list(est.history) if isinstance(est, Recent) else [est.value]
+
         with _REMEMBERED_LOCK:
             if self.prefill_s_per_token.samples:
-                _REMEMBERED[(*self.key, "prefill")] = self.prefill_s_per_token.value
+                _REMEMBERED[(*self.key, "prefill")] = kept(self.prefill_s_per_token)
             if self.first_token_s.samples:
-                _REMEMBERED[(*self.key, "first")] = self.first_token_s.value
+                _REMEMBERED[(*self.key, "first")] = kept(self.first_token_s)
             for name, ewma in self.decode_s_per_element.items():
                 if ewma.samples:
-                    _REMEMBERED[(*self.level_keys[name], "decode")] = ewma.value
+                    _REMEMBERED[(*self.level_keys[name], "decode")] = kept(ewma)
             for name, ewma in self.cold_s.items():
                 if ewma.samples:
                     _REMEMBERED[(*self.level_keys[name], "cold")] = ewma.value
@@ -268,7 +318,7 @@ class Controller:
         est = self.est
         rate, latency = est.link_bytes_per_s.value, est.latency_s.value
         prefill = est.prefill_s_per_token.value
-        order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first
+        order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
         text_costs = [c.tokens * prefill for c in order]
         text_total = sum(text_costs)
         mean_text = text_total / len(order) if order else 0.0
@@ -300,24 +350,30 @@ class Controller:
                 arrival += latency + size / rate
                 gap = max(gap, arrival - decoded)
                 decoded += chunk.elements * per_element
-                text_left = max(text_left - text_costs[n - 1], 0.0)
+                # Exactly 0 once every chunk is fetched: a rounding remainder would count as a text chunk
+                # still to recompute and add the half-chunk penalty to every all-fetch plan.
+                text_left = max(text_left - text_costs[n - 1], 0.0) if n < len(order) else 0.0
                 distortion += chunk.elements * info.distortion
                 t = finish(busy + text_left + decoded, gap + decoded, text_left, True)
                 out.append(Plan(n, name, s.now + t + first, distortion))
         return out
 
     def choose(self, s: Snapshot) -> Plan:
-        if s.back < s.front:
-            return Plan(0, None, s.now, 0.0)
         p = self.policy
         if p.mode == "text":
             return Plan(0, None, math.nan, 0.0)
         if p.mode == "level":
-            return Plan(s.back - s.front + 1, p.level, math.nan, 0.0)
+            return Plan(max(s.back - s.front + 1, 0), p.level, math.nan, 0.0)
+        # With nothing undecided the one plan is to finish what is under way (the step, the queue, the fetch
+        # in flight): what keeping a slow fetch is weighed against when nothing else is left to decide.
         plans = self.plans(s)
         fastest = min(plans, key=lambda x: x.ttft)
         if p.mode == "slo" and p.slo is not None:
-            feasible = [x for x in plans if x.ttft <= p.slo * SLO_MARGIN]
+            # The margin is on what is still to go (the part a prediction can get wrong): wide at the start,
+            # none left at the end, re-planned at every chunk with fresher estimates in between. A margin on
+            # the whole budget (92% of it) was wider than the error left near the end, and at the start it
+            # asked the level that meets a budget of 1.1× its own TTFT to be predicted within 1% of it.
+            feasible = [x for x in plans if s.now + (x.ttft - s.now) / SLO_MARGIN + SLO_SLACK_S <= p.slo]
             if feasible:
                 best = min(feasible, key=lambda x: (x.distortion, x.ttft))
                 best.meets_slo = True

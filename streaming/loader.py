@@ -41,6 +41,7 @@ HEADER_PREFIX_BYTES = 16 * 1024
 DEFAULT_PREFETCH = 4  # payloads waiting to be decoded, at most (a recompute leaves the link busy meanwhile)
 DEFAULT_STALL_TIMEOUT_S = 60.0
 _WAKE_S = 0.02  # how often an idle thread re-plans when nothing happens
+PROBE_WAIT_S = 0.15  # at most this long the model thread waits for the link's first measurement
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
@@ -481,7 +482,7 @@ class _Load:
             f = self.inflight
             rate = self.est.link_bytes_per_s.value
             receiving = time.perf_counter() - (f.first or f.started)
-            if f.got and receiving > 0.03:  # the rate this fetch shows, once it can be told
+            if f.got and receiving > self._probe_s():  # the rate this fetch shows, once it can be told
                 rate = min(rate, f.got / receiving)
             arrival = (0.0 if f.first else self.est.latency_s.value) + (f.size - f.got) / rate
             decode = self._decode_cost(f.index, f.level)
@@ -494,7 +495,9 @@ class _Load:
         if self.inflight is not flight or self.claims[flight.index] != flight.level:
             return False
         saved, back = self.est.link_bytes_per_s.value, self.back
-        self.est.link_bytes_per_s.value = min(saved, rate)
+        # The fetch in flight is projected at the rate it shows (_snapshot); the chunks after it at the
+        # estimate that rate would leave (the rate itself only while the link is known by its prior alone).
+        self.est.link_bytes_per_s.value = self.est.link_rate_with(rate)
         try:
             keep = self.controller.choose(self._snapshot())
             self.inflight, self.back = None, max(self.back, flight.index)
@@ -573,10 +576,11 @@ class _Load:
             flight.got += n
             self.last_progress = now
             # A fetch that runs far slower than planned (the link got slower, or the estimate was too kind):
-            # once 30 ms of its transfer have been seen, and at most every 20 ms, re-plan at the rate it shows
-            # with and without it, and give it up if dropping it is predicted clearly sooner.
+            # once 30 ms of its transfer have been seen (10 ms for the first fetch, a probe), and at most every
+            # 20 ms, re-plan at the rate it shows with and without it, and give it up if dropping it is predicted
+            # clearly sooner.
             receiving = now - flight.first
-            if (self.policy.mode in ("fastest", "slo") and receiving > 0.03 and flight.got < flight.size
+            if (self.policy.mode in ("fastest", "slo") and receiving > self._probe_s() and flight.got < flight.size
                     and now - flight.checked > 0.02):
                 flight.checked = now
                 projected = (flight.first - flight.started) + receiving * flight.size / flight.got
@@ -684,6 +688,8 @@ class _Load:
         if self.front <= self.back:  # the front chunk is undecided
             if self.link_done:
                 return self._take_text(self._advance_front())
+            if self._probing():
+                return None
             plan = self.controller.choose(self._snapshot())
             if self.policy.mode == "slo":
                 self._slo_infeasible = plan.meets_slo is False
@@ -702,6 +708,21 @@ class _Load:
                 self.back = min(self.back, f.index - 1)
                 return self._take_text(self._advance_front())
         return None
+
+    def _probe_s(self) -> float:
+        """Seconds of a fetch's transfer after which the rate it shows is believed: 30 ms once the link has
+        been measured (shorter stalls are noise), 10 ms while it is known only by its optimistic prior (the
+        first fetch is then a probe, and on a slow link each ms of it is wasted)."""
+        return 0.03 if self.est.link_bytes_per_s.samples else 0.01
+
+    def _probing(self) -> bool:
+        """Under the lock: whether the link is still known only by its optimistic prior while its first fetch
+        is under way and not yet weighed (its first 10 ms of transfer). The model thread does not commit a
+        chunk to text before that: the prior says the fetch will soon land, and if the link turns out slow
+        the fetch is dropped for a smaller level, not for a text chunk decided on a rate nobody measured."""
+        f = self.inflight
+        return (self.est.link_bytes_per_s.samples == 0 and f is not None and not f.checked
+                and time.perf_counter() - f.started < PROBE_WAIT_S)
 
     def _advance_front(self) -> int:
         index = self.front

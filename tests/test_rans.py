@@ -58,14 +58,16 @@ def _values(rng, bank, model, tokens):
 
 
 def _job(lanes_channels, tokens):
-    """Job arrays for lanes listed as [[model, ...], ...], each channel ``tokens`` long, laid out
-    channel after channel in the values buffer."""
+    """Job arrays for lanes listed as [[model, ...], ...], each channel of lane i ``tokens[i]`` long
+    (``tokens`` may be one count for all), laid out channel after channel in the values buffer."""
+    per_lane = np.broadcast_to(np.asarray(tokens, np.int64), (len(lanes_channels),))
     models = [m for lane in lanes_channels for m in lane]
+    counts = np.array([t for lane, t in zip(lanes_channels, per_lane) for _ in lane], np.int64)
     bounds = np.cumsum([0] + [len(lane) for lane in lanes_channels])
     return {
         "ch_lo": bounds[:-1].astype(np.int64), "ch_hi": bounds[1:].astype(np.int64),
-        "ch_model": np.array(models, np.int64), "ch_out": np.arange(len(models), dtype=np.int64) * tokens,
-        "ch_tokens": np.full(len(models), tokens, np.int64), "ch_stride": np.ones(len(models), np.int64),
+        "ch_model": np.array(models, np.int64), "ch_out": np.concatenate([[0], np.cumsum(counts)[:-1]]),
+        "ch_tokens": counts, "ch_stride": np.ones(len(models), np.int64),
     }  # fmt: skip
 
 
@@ -76,21 +78,24 @@ def _with_words(job, lanes):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), n_lanes=st.integers(1, 11), tokens=st.integers(1, 40))
-def test_cpu_kernels_equal_the_reference(seed, n_lanes, tokens):
+@given(seed=st.integers(0, 10_000), n_lanes=st.integers(1, 11), tokens=st.integers(1, 40),
+       mixed=st.booleans())
+def test_cpu_kernels_equal_the_reference(seed, n_lanes, tokens, mixed):
     rng = np.random.default_rng(seed)
     bank = _bank(rng)
     lanes_channels = [list(rng.integers(0, bank.models, int(rng.integers(1, 6)))) for _ in range(n_lanes)]
-    job = _job(lanes_channels, tokens)
-    values = np.concatenate([_values(rng, bank, int(m), tokens) for m in job["ch_model"]])
+    # mixed: lanes of different token counts (a segment with sinks has fewer), run in one lockstep four
+    per_lane = rng.integers(max(1, tokens - 4), tokens + 1, n_lanes) if mixed else np.full(n_lanes, tokens)
+    job = _job(lanes_channels, per_lane)
+    values = np.concatenate([_values(rng, bank, int(m), int(t)) for m, t in zip(job["ch_model"], job["ch_tokens"])])
     words, status = cpu.encode(job, bank, values)
     assert not status.any()
-    chans = [values[job["ch_out"][j] : job["ch_out"][j] + tokens] for j in range(len(job["ch_model"]))]
+    chans = [values[o : o + t] for o, t in zip(job["ch_out"], job["ch_tokens"])]
     for i, (lane, w) in enumerate(zip(lanes_channels, words)):
         first = int(job["ch_lo"][i])
         ref = reference.encode_lane(bank, [int(m) for m in lane], chans[first : first + len(lane)])
         assert np.array_equal(ref, w)  # the fast encoder writes the spec's words
-        st_ref, dec = reference.decode_lane(bank, ref, [int(m) for m in lane], tokens)
+        st_ref, dec = reference.decode_lane(bank, ref, [int(m) for m in lane], int(per_lane[i]))
         assert st_ref == OK and all(np.array_equal(a, b) for a, b in zip(dec, chans[first : first + len(lane)]))
     full = _with_words(job, words)
     for threads in (1, 2, 3):  # four-lane lockstep, single lanes and thread shares all agree

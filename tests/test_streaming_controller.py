@@ -35,9 +35,9 @@ def test_a_fast_link_fetches_everything_at_the_fastest_decoding_level():
 
 
 def test_a_slow_link_recomputes_some_chunks_and_fetches_the_smallest():
-    plan = setup(1.25e6, Policy()).choose(start())  # 10 Mbit/s: compact chunks take 0.12 s, prefill 0.77 s
+    plan = setup(3.75e5, Policy()).choose(start())  # 3 Mbit/s: compact chunks take 0.4 s, prefill 0.77 s
     assert plan.level == "compact" and 0 < plan.fetch < 8
-    text_only = setup(1.25e6, Policy()).plans(start())[0]
+    text_only = setup(3.75e5, Policy()).plans(start())[0]
     assert plan.ttft < text_only.ttft
 
 
@@ -85,3 +85,91 @@ def test_a_cold_level_pays_its_table_cost_once():
 def test_forced_modes():
     assert setup(1e3, Policy.make(level="high")).choose(start()).fetch == 8
     assert setup(1e10, Policy.make(level="text")).choose(start()).fetch == 0
+
+
+def test_one_stalled_fetch_does_not_make_a_measured_link_look_slow():
+    # A fetch that shows 1/20 of the link's measured rate (the process descheduled for a moment on a shared
+    # machine) counts as one more sample of the average: the plan stays with the fastest-decoding level.
+    ctl = setup(3.75e8, Policy())  # 3 Gbit/s, measured (one sample)
+    assert ctl.choose(start()).level == "lossless"
+    stalled = 3.75e8 / 20
+    assert ctl.est.link_rate_with(stalled) == pytest.approx((3.75e8 + stalled) / 2)
+    ctl.est.observe_partial(int(stalled * 0.1), 0.1)
+    assert ctl.choose(start()).level == "lossless"
+    # The same rate shown while the link is known only by its optimistic prior replaces the prior.
+    prior = setup(3.75e8, Policy())
+    prior.est.link_bytes_per_s = Ewma(3.75e8)
+    assert prior.est.link_rate_with(stalled) == stalled
+    prior.est.observe_partial(int(stalled * 0.1), 0.1)
+    assert prior.choose(start()).level != "lossless"
+    # A rate above the estimate changes nothing (a partial fetch cannot tell a faster link).
+    assert ctl.est.link_rate_with(1e12) == ctl.est.link_bytes_per_s.value
+
+
+def test_with_nothing_left_to_decide_the_plan_is_to_finish_what_is_under_way():
+    # Chunk 7 is on a slow link (arrives in 2.6 s), chunks 0..6 are decided: keeping the fetch means waiting
+    # for it. Dropping it (chunk 7 undecided again, the link free) lets a small level bring it far sooner.
+    ctl = setup(3.75e6, Policy())  # 30 Mbit/s
+    keep = ctl.choose(Snapshot(now=0.05, front=7, back=6, busy=0.5, inflight_arrival=2.6, inflight_decode=0.015))
+    assert keep.fetch == 0 and keep.ttft == pytest.approx(0.05 + 2.6 + 0.015 + 0.1)
+    drop = ctl.choose(Snapshot(now=0.05, front=7, back=7, busy=0.5))
+    assert drop.level in ("high", "compact") and drop.ttft < keep.ttft - 1.0
+    slo = setup(3.75e6, Policy.make(slo=1.0))
+    assert slo.choose(Snapshot(now=0.05, front=7, back=6, busy=0.5, inflight_arrival=2.6)).meets_slo is False
+    assert slo.choose(Snapshot(now=0.05, front=7, back=7, busy=0.5)).meets_slo is True
+
+
+def test_the_first_partial_measurement_replaces_the_prior_and_counts_as_a_sample():
+    ctl = setup(1.25e9, Policy())
+    ctl.est.link_bytes_per_s = Ewma(1.25e9)  # the optimistic prior, nothing timed
+    ctl.est.observe_partial(131_072, 0.1)
+    assert ctl.est.link_bytes_per_s.value == pytest.approx(1_310_720) and ctl.est.link_bytes_per_s.samples == 1
+
+
+def test_an_all_fetch_plan_is_predicted_without_any_text_penalty():
+    # Prefill costs whose sum does not round back to 0 when taken away one by one (0.1 + 0.2 + ... in floats).
+    for prefill in (3e-3, 8.967493394774907e-3, 1.1e-3 / 3):
+        ctl = setup(1.25e9, Policy(), prefill_s_per_token=prefill)
+        snap = Snapshot(now=0.0, front=0, back=7)
+        plan = next(p for p in ctl.plans(snap) if p.fetch == 8 and p.level == "lossless")
+        arrival = 8 * (1e-3 + SIZES["lossless"] / 1.25e9)
+        decode = 8 * 1_000_000 * 15e-9
+        # the link brings chunk 1 before chunk 0 is decoded: the decodes are the critical path after the first arrival
+        expected = max(arrival + 15e-3, (1e-3 + SIZES["lossless"] / 1.25e9) + decode) + 0.1
+        assert plan.ttft == pytest.approx(expected, rel=1e-6)
+
+
+def test_compute_speeds_are_the_median_of_recent_samples_and_carry_over_to_the_next_load():
+    from kvc.streaming import controller
+
+    levels = {"high": {"codec": "kvq"}}
+    key = ("test-weights", "cpu")
+    controller._REMEMBERED.pop((*key, "prefill"), None)
+    est = Estimates.seed("test-weights", "cpu", 135_000_000, levels, 1e9, 1e-3)
+    assert est.prefill_s_per_token.value == pytest.approx(2 * 135e6 / 5e10)  # the nominal prior
+    for seconds in (1.0, 1.1, 0.9, 5.0):  # 256-token chunks; one recomputed while the machine was busy
+        est.observe_prefill(256, seconds)
+    assert est.prefill_s_per_token.value == pytest.approx(1.05 / 256)
+    for seconds in (0.1, 0.1, 0.1, 0.6):  # one decode five times slower than the others
+        est.observe_decode("high", 1_000_000, seconds)
+    assert est.decode_s_per_element["high"].value == pytest.approx(0.1 / 1e6)
+    est.remember()
+    again = Estimates.seed("test-weights", "cpu", 135_000_000, levels, 1e9, 1e-3)
+    assert again.prefill_s_per_token.value == pytest.approx(1.05 / 256)
+    assert again.decode_s_per_element["high"].value == pytest.approx(0.1 / 1e6)
+    assert again.prefill_s_per_token.samples == 0  # this load has measured nothing yet
+    controller._REMEMBERED.pop((*key, "prefill"), None)
+    controller._REMEMBERED.pop((*again.level_keys["high"], "decode"), None)
+
+
+def test_a_payload_whose_transfer_looks_instant_does_not_make_the_link_look_fast():
+    ctl = setup(1.25e8, Policy())  # 1 Gbit/s measured, 1 ms usual latency
+    # 425 KB whose first byte was seen 15 ms after the request and the rest "0.3 ms" later: the reading
+    # thread was held up while the bytes arrived. Its time counts from the request, less the usual latency.
+    ctl.est.observe_fetch(425_000, 0.015, 0.0003)
+    assert ctl.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 425_000 / (0.0153 - 1e-3)) / 2)
+    assert ctl.est.link_bytes_per_s.value < 1.25e8
+    # A normal fetch: its transfer time is what counts.
+    fresh = setup(1.25e8, Policy())
+    fresh.est.observe_fetch(10_000_000, 0.001, 0.08)
+    assert fresh.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 10_000_000 / 0.08) / 2)
