@@ -132,10 +132,18 @@ def encode_kv_spool(
     complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool).
     ``level_entries`` replaces the header entries of the named levels (a level retuned per file by
     kvc.codec.targeting: its own scale and a ``target`` record)."""
-    from kvc.runtime.memory import bound_freed_memory
+    from kvc.runtime.memory import freed_memory_returned
+
+    # a layer's working tensors, freed, go back to the system (runtime/memory.py)
+    with freed_memory_returned():
+        return _encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile,
+                                group_layers, level_entries)  # fmt: skip
+
+
+def _encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile, group_layers,
+                     level_entries) -> tuple[PayloadSpool, dict, dict | None]:  # fmt: skip
     from kvc.workers import default_threads
 
-    bound_freed_memory()  # a layer's working tensors, freed, go back to the system (runtime/memory.py)
     levels = list(dict.fromkeys(levels))
     if not levels:
         raise InputError("give at least one level")

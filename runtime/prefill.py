@@ -14,7 +14,7 @@ from kvc.defaults import DEFAULT_SLICE_TOKENS
 from kvc.errors import InputError
 from kvc.runtime.cache import from_transformers_cache
 from kvc.runtime.kv import ContextKV, LayerKV
-from kvc.runtime.memory import bound_freed_memory
+from kvc.runtime.memory import freed_memory_returned
 
 
 def tokenize(lm, text: str, max_tokens: int | None = None, add_special_tokens: bool = True) -> list[int]:
@@ -62,10 +62,10 @@ def prefill(
         raise InputError("cannot prefill an empty context")
     if slice_tokens < 1:
         raise InputError("the prefill slice must be at least one token")
-    bound_freed_memory()  # the growing cache frees a tensor per layer per slice: give them back
-    cache = new_cache(lm.model.config)
-    run_slices(lm.model, token_ids, cache, slice_tokens, on_progress)
-    return from_transformers_cache(cache, token_ids)
+    with freed_memory_returned():  # the growing cache frees a tensor per layer per slice: give them back
+        cache = new_cache(lm.model.config)
+        run_slices(lm.model, token_ids, cache, slice_tokens, on_progress)
+        return from_transformers_cache(cache, token_ids)
 
 
 @torch.no_grad()
@@ -81,7 +81,11 @@ def prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
     prefills lone wherever a lossless level is asked for."""
     if not docs or any(not d for d in docs):
         raise InputError("cannot prefill an empty context")
-    bound_freed_memory()
+    with freed_memory_returned():
+        return _prefill_batch(lm, docs)
+
+
+def _prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
     device = lm.device
     longest = max(len(d) for d in docs)
     ids = torch.zeros((len(docs), longest), dtype=torch.long)
