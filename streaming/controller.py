@@ -53,6 +53,7 @@ TEXT = "text"
 SLO_MARGIN = 0.95  # a plan meets the budget when the time it predicts still to go, over 95%, fits what is left
 SLO_SLACK_S = 0.01  # and 10 ms more
 TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
+PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prior's rate down to 1/100 of it
 
 # Nominal speeds for the priors (replaced by measurements as soon as there are any).
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
@@ -313,10 +314,12 @@ class Controller:
         cold = 0.0 if level in self.warm else self.est.cold_s[level].value
         return chunk.elements * self.est.decode_s_per_element[level].value + cold
 
-    def plans(self, s: Snapshot) -> list[Plan]:
-        """Every plan of the family for the undecided chunks ``s.front..s.back``."""
+    def plans(self, s: Snapshot, rate: float | None = None) -> list[Plan]:
+        """Every plan of the family for the undecided chunks ``s.front..s.back`` (at the link rate
+        believed, or at ``rate``), always in the same order."""
         est = self.est
-        rate, latency = est.link_bytes_per_s.value, est.latency_s.value
+        rate = est.link_bytes_per_s.value if rate is None else rate
+        latency = est.latency_s.value
         prefill = est.prefill_s_per_token.value
         order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
         text_costs = [c.tokens * prefill for c in order]
@@ -380,6 +383,21 @@ class Controller:
                 return best
             fastest.meets_slo = False
             return fastest
+        if self.est.link_bytes_per_s.samples == 0:
+            return self._least_regret(s, plans)
         slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
         close = [x for x in plans if x.ttft <= fastest.ttft + slack]
         return min(close, key=lambda x: (x.distortion, x.ttft))
+
+    def _least_regret(self, s: Snapshot, plans: list[Plan]) -> Plan:
+        """Before the link is measured (the first fetch is its probe): the plan whose predicted time is
+        the least worse than the best plan's, at its worst over links of the prior's rate down to a
+        hundredth of it. Taking the prior at its word fetched the first chunks at lossless, right at
+        10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a
+        middle level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
+        worst = [1.0] * len(plans)
+        for scale in PROBE_RATES:
+            at = plans if scale == 1.0 else self.plans(s, self.est.link_bytes_per_s.value * scale)
+            best = max(min(x.ttft for x in at) - s.now, 1e-6)
+            worst = [max(w, (x.ttft - s.now) / best) for w, x in zip(worst, at)]
+        return min(zip(worst, plans), key=lambda wp: (round(wp[0], 2), wp[1].distortion, wp[1].ttft))[1]

@@ -173,3 +173,23 @@ def test_a_payload_whose_transfer_looks_instant_does_not_make_the_link_look_fast
     fresh = setup(1.25e8, Policy())
     fresh.est.observe_fetch(10_000_000, 0.001, 0.08)
     assert fresh.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 10_000_000 / 0.08) / 2)
+
+
+def test_before_the_link_is_measured_the_first_choice_holds_up_at_slower_links():
+    """Unmeasured, the link is only its optimistic prior: taken at its word, the first chunks would come
+    at lossless (right at 10 Gbit/s, far from it at 1). The choice is the plan least worse than the
+    best at every rate from the prior down to 1/100 of it; once a fetch is timed, the rate decides."""
+    ctl = setup(1.25e9, Policy())
+    ctl.est.link_bytes_per_s = Ewma(1.25e9)  # the prior alone: no sample
+    plan = ctl.choose(start())
+    assert plan.level != "lossless"
+    worst = {}  # per plan: how many times the best plan's time it takes, at its worst over those rates
+    for scale in (1.0, 0.1, 0.01):
+        at = ctl.plans(start(), 1.25e9 * scale)
+        best = min(x.ttft for x in at) - 0.01
+        for x in at:
+            worst[(x.fetch, x.level)] = max(worst.get((x.fetch, x.level), 1.0), (x.ttft - 0.01) / best)
+    assert worst[(plan.fetch, plan.level)] == pytest.approx(min(worst.values()), abs=0.01)
+    assert worst[(plan.fetch, plan.level)] < 2 < worst[(8, "lossless")]
+    measured = setup(1.25e9, Policy()).choose(start())  # the same rate, measured: lossless as before
+    assert (measured.fetch, measured.level) == (8, "lossless")
