@@ -132,10 +132,10 @@ def encode_kv_spool(
     complete the container (``spool.write_to(f, header, attachments)``; the caller closes the spool).
     ``level_entries`` replaces the header entries of the named levels (a level retuned per file by
     kvc.codec.targeting: its own scale and a ``target`` record)."""
-    from kvc.runtime.memory import LARGE_KV_BYTES, freed_memory_returned
+    from kvc.runtime.memory import freed_memory_returned
 
-    # a long context's working tensors, freed, go back to the system (runtime/memory.py)
-    with freed_memory_returned(active=kv.nbytes() >= LARGE_KV_BYTES):
+    # a layer's working tensors, freed, go back to the system (runtime/memory.py)
+    with freed_memory_returned():
         return _encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_info, embed_profile,
                                 group_layers, level_entries)  # fmt: skip
 

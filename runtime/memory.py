@@ -32,7 +32,6 @@ from contextlib import contextmanager
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 20  # 1 MiB: a [3, 256, 64] float32 chunk (192 KiB) stays on the heap; a layer's tensors do not
-LARGE_KV_BYTES = 32 << 20  # an encode returns freed memory only for a KV this large (SmolLM2: ~700 fp32 tokens)
 REUSE_THRESHOLD = 32 << 20  # glibc's dynamic maximum on 64-bit: blocks below it are reused from the heaps
 REUSE_TRIM = 2 * REUSE_THRESHOLD  # what the dynamic rule sets with it
 
@@ -58,13 +57,10 @@ def _libc():
 
 
 @contextmanager
-def freed_memory_returned(active: bool = True, threshold: int = DEFAULT_THRESHOLD) -> Iterator[bool]:
+def freed_memory_returned(threshold: int = DEFAULT_THRESHOLD) -> Iterator[bool]:
     """Within the block (from any thread; blocks may nest and overlap), freed blocks of at least
-    ``threshold`` bytes go back to the system; yields whether the allocator was set. Callers pass
-    ``active=False`` for work too small to matter: fresh mappings cost page faults, and short
-    documents prefilled and encoded by the hundred ran ~20% slower under the low threshold
-    (bench/batch.py, 256-token documents)."""
-    libc = _libc() if active else None
+    ``threshold`` bytes go back to the system; yields whether the allocator was set."""
+    libc = _libc()
     if libc is None:
         yield False
         return

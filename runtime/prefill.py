@@ -62,8 +62,7 @@ def prefill(
         raise InputError("cannot prefill an empty context")
     if slice_tokens < 1:
         raise InputError("the prefill slice must be at least one token")
-    # the growing cache frees a tensor per layer per slice: give them back (one slice grows nothing)
-    with freed_memory_returned(active=len(token_ids) > slice_tokens):
+    with freed_memory_returned():  # the growing cache frees a tensor per layer per slice: give them back
         cache = new_cache(lm.model.config)
         run_slices(lm.model, token_ids, cache, slice_tokens, on_progress)
         return from_transformers_cache(cache, token_ids)
@@ -82,6 +81,11 @@ def prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
     prefills lone wherever a lossless level is asked for."""
     if not docs or any(not d for d in docs):
         raise InputError("cannot prefill an empty context")
+    with freed_memory_returned():
+        return _prefill_batch(lm, docs)
+
+
+def _prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
     device = lm.device
     longest = max(len(d) for d in docs)
     ids = torch.zeros((len(docs), longest), dtype=torch.long)
