@@ -417,11 +417,10 @@ class KvqCodec:
             batches.append((batch,))
         run_tasks(self._decode_batch, batches, threads, torch_single=True)
 
-    def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
-        """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
-        synthesis per group."""
-        from kvc.codec.rans import cpu
-
+    def _plan(self, groups) -> tuple[list[tuple], list[tuple], int]:
+        """Parses the groups and places their sinks (version-1 groups are decoded right there); returns
+        (per group with body tokens: (out, layer, kind, first body position, offset of its coefficient
+        block, sink tokens leading it), the bodies for :meth:`_lane_job`, coefficients in all)."""
         plans, offset, bodies = [], 0, []
         for parts, out in groups:
             parsed = self._parse_group(parts, out)
@@ -434,6 +433,14 @@ class KvqCodec:
                 bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
                 plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
                 offset += H * (T - lead) * D
+        return plans, bodies, offset
+
+    def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
+        """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
+        synthesis per group."""
+        from kvc.codec.rans import cpu
+
+        plans, bodies, offset = self._plan(groups)
         if not plans:
             return
         coef = np.empty(offset, dtype=np.float32)
@@ -456,31 +463,19 @@ class KvqCodec:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
         from kvc.codec.rans import gpu
 
-        plans, offset, bodies = [], 0, []
-        for parts, out in groups:
-            parsed = self._parse_group(parts, out)
-            if parsed is None:
-                continue
-            layer, k, _ = self._dims(parts[0][1])
-            H, T, D = out.shape
-            lead = self._place_sinks(parsed, out)
-            bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
-            plans.append((out, layer, k, parsed, offset, lead))
-            offset += H * (T - lead) * D
+        plans, bodies, offset = self._plan(groups)
         coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)  # unflagged channels: 0
         if bodies:
             job, owners, _ = self._lane_job(bodies)
             if len(job["word_lo"]):
-                bank, _ = self.channel_models(0, 0)
-                status = gpu.decode(job, bank, coef)
+                status = gpu.decode(job, self.channel_models(0, 0)[0], coef)
                 bad = np.flatnonzero(status)
                 if len(bad):
                     self._check_lanes(status[bad[:1]], *owners(bad[0]))
-        for out, layer, k, parsed, off, lead in plans:
+        for out, layer, k, first, off, lead in plans:
             H, T, D = out.shape
-            if T > lead:
-                c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
-                out[:, lead:] = self._synthesise(c, layer, k, parsed[0].segment.start + lead, out.dtype)
+            c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
+            out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
 
     @staticmethod
     def _bodies(parsed: list[_ParsedV2]) -> list[tuple[_ParsedV2, int]]:
