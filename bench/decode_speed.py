@@ -7,11 +7,11 @@ Default source: held-out essays prefilled by the embedded SmolLM2 (fp32). ``--sy
 LAYERS,KV_HEADS,HEAD_DIM,TOKENS`` instead makes a cache of that shape (Gaussian coefficients with
 a decaying spectrum) and a matching synthetic profile, so a GPU can be measured at a real model's
 size without its weights. Decode is timed from the file's bytes in memory to tensors on the device
-(header checks and every payload's SHA-256 included), best of --repeat, and quoted as MB/s of fp16
+(header checks and every payload's checksum included), best of --repeat, and quoted as MB/s of fp16
 KV produced (2 bytes per element, whatever the stored dtype). ``v2/v1`` is the size of the version-2
 lane bitstream over what version 1 (one constriction stream per segment) writes for the same symbols.
 ``by chunk`` (CPU) decodes the same level chunk by chunk with one thread, as the streaming loader
-does, from payloads already read and checked (so no SHA-256 in it). Prints a table; ``--json PATH`` writes the rows.
+does, from payloads already read and checked (so no checksum in it). Prints a table; ``--json PATH`` writes the rows.
 """
 
 from __future__ import annotations

@@ -248,15 +248,17 @@ def split(data: bytes) -> Parts:
 
 
 def index(parts: Parts) -> tuple[dict, bytes]:
-    """A header whose index (offsets, lengths, SHA-256s, segment lengths, attachments, data_length)
+    """A header whose index (offsets, lengths, checksums, segment lengths, attachments, data_length)
     matches the parts, and the data section."""
+    from kvc.formats.digests import payload_digests
+
     header = copy.deepcopy(parts.header)
     data = bytearray()
     for c, chunk in enumerate(header["chunks"]):
         for enc in chunk["encodings"]:
             segs = parts.payloads.get((c, enc["level"]), [])
             blob = b"".join(segs)
-            enc.update(offset=len(data), length=len(blob), sha256=sha(blob), segments=[len(s) for s in segs])
+            enc.update(offset=len(data), length=len(blob), **payload_digests(blob), segments=[len(s) for s in segs])
             data += blob
     atts = []
     for name, blob in parts.attachments.items():
@@ -764,8 +766,10 @@ def forge_smart_header(rng: random.Random, header: dict, fx: Fixtures, raw: RawT
     if kind == 4:  # an encoding pointed at another payload (with that payload's checksum): valid index
         src = rng.choice([e for ch in chunks for e in ch["encodings"]])
         dst = rng.choice(rng.choice(chunks)["encodings"])
-        for key in rng.choice([("offset", "length", "sha256", "segments"), ("offset", "length", "sha256")]):
-            dst[key] = copy.deepcopy(src[key])
+        for key in rng.choice([("offset", "length", "sha256", "xxh3_128", "segments"),
+                               ("offset", "length", "sha256", "xxh3_128")]):
+            if key in src:
+                dst[key] = copy.deepcopy(src[key])
         return "encoding points at another payload"
     if kind == 5:  # chunk boundaries
         c = rng.randrange(len(chunks))

@@ -56,6 +56,7 @@ class Profile:
     arrays: dict[str, np.ndarray]
     fit: dict = field(default_factory=dict)  # how it was fitted (texts, tokens, timings): informative only
     _bytes: bytes | None = field(default=None, repr=False)
+    _sha256: str | None = field(default=None, repr=False)
 
     # ---- serialisation ----
     def to_bytes(self) -> bytes:
@@ -81,7 +82,10 @@ class Profile:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        # Asked several times per read (level checks, table caches); the bytes are cached, so is this.
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.to_bytes()).hexdigest()
+        return self._sha256
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Profile:

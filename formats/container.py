@@ -3,7 +3,7 @@
 The container knows chunks, levels and segments as byte ranges; what the bytes mean is the
 codec's business (kvc.codec). Writing builds the whole file in memory and lands it atomically;
 reading validates the preamble, header digest and header structure before touching any payload,
-and every payload is checked against its SHA-256 when read."""
+and every payload is checked against its checksum when read (kvc.formats.digests)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import BinaryIO
 from kvc.errors import FormatError, InputError, VersionError
 from kvc.formats import header as header_schema
 from kvc.formats import layout
+from kvc.formats.digests import PayloadHasher, payload_digests, payload_intact
 
 
 @dataclass
@@ -48,7 +49,7 @@ def build(header: dict, chunks: list[EncodedChunk], attachments: dict[str, bytes
                 "level": level,
                 "offset": data.tell(),
                 "length": len(payload),
-                "sha256": hashlib.sha256(payload).hexdigest(),
+                **payload_digests(payload),
                 "segments": [len(s) for s in segments],
             }
             data.write(payload)
@@ -119,7 +120,7 @@ class PayloadSpool:
         self._end = 0
         self._parts: dict[tuple[int, str], list[tuple[int, int]]] = {(c, lv): [] for c in range(len(bounds))
                                                                        for lv in self.levels}  # fmt: skip
-        self._hash = {key: hashlib.sha256() for key in self._parts}
+        self._hash = {key: PayloadHasher() for key in self._parts}
 
     def put(self, chunk: int, level: str, slot: int, blob: bytes) -> None:
         parts = self._parts[(chunk, level)]
@@ -144,7 +145,7 @@ class PayloadSpool:
                     raise ValueError(f"chunk {c} ({level}) has {len(parts)} of {self.slots} segments")
                 length = sum(n for _, n in parts)
                 entries[c][level] = {"level": level, "offset": at, "length": length,
-                                     "sha256": self._hash[(c, level)].hexdigest(), "segments": [n for _, n in parts]}
+                                     **self._hash[(c, level)].digests(), "segments": [n for _, n in parts]}
                 at += length
         index = [{"start": start, "end": end, "encodings": [entries[c][level] for level in self.levels]}
                  for c, (start, end) in enumerate(self.bounds)]  # fmt: skip
@@ -271,22 +272,24 @@ class Container:
         head = read_head(source.read, source.size, name)
         self.header, self.version, self.data_start = head.header, head.version, head.data_start
 
-    def payload(self, chunk_index: int, level: str) -> tuple[dict, bytes]:
-        """The checked payload of one chunk at one level, with its index entry."""
+    def payload(self, chunk_index: int, level: str, thorough: bool = False) -> tuple[dict, bytes]:
+        """The checked payload of one chunk at one level, with its index entry (``thorough``: every
+        checksum the entry carries, not only the fastest; kvc.formats.digests)."""
         chunk = self.header["chunks"][chunk_index]
         for enc in chunk["encodings"]:
             if enc["level"] == level:
                 data = self._source.read(self.data_start + enc["offset"], enc["length"], f"chunk {chunk_index}")
-                if hashlib.sha256(data).hexdigest() != enc["sha256"]:
+                if not payload_intact(enc, data, thorough):
                     raise FormatError(
                         f"{self.name}: chunk {chunk_index} ({level}) checksum mismatch (the file is corrupt)"
                     )
                 return enc, data
         raise InputError(f"chunk {chunk_index} has no encoding at level {level!r}")
 
-    def payloads(self, chunk_indices: list[int], level: str, threads: int | None = None) -> list[tuple[dict, bytes]]:
+    def payloads(self, chunk_indices: list[int], level: str, threads: int | None = None,
+                 thorough: bool = False) -> list[tuple[dict, bytes]]:
         """:meth:`payload` for many chunks: read in order, checksums verified on kvc.workers' pool
-        (hashlib releases the GIL, and at a few GB/s per core the hashes are a large part of a read)."""
+        (hashing releases the GIL, and it is still a visible part of a read)."""
         from kvc.workers import run_tasks
 
         found = []
@@ -298,7 +301,7 @@ class Container:
                                                         f"chunk {index}")))  # fmt: skip
 
         def check(index: int, enc: dict, data) -> None:
-            if hashlib.sha256(data).hexdigest() != enc["sha256"]:
+            if not payload_intact(enc, data, thorough):
                 raise FormatError(f"{self.name}: chunk {index} ({level}) checksum mismatch (the file is corrupt)")
 
         run_tasks(check, found, threads)

@@ -20,6 +20,7 @@ from kvc.errors import FormatError
 from kvc.formats import layout
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_XXH3_128 = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")  # level names and codec ids
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Codecs whose decoders work in float32 and cannot produce float64 output (docs/FORMAT.md).
@@ -31,8 +32,10 @@ _INT64 = 1 << 63
 # text holds none of them (every header kvc writes), the per-string check is skipped.
 _RISKY_ESCAPE = re.compile(rb"\\[bfnrt]|\\u00[01][0-9a-fA-F]|\\u007[fF]|\\u[dD][89a-fA-F]")
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-# An integer outside int64 needs 19 digits or more; without such a run the parser needs no hook.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# An integer outside int64 needs 19 digits or more; without such a run the parser needs no hook. A
+# JSON number starts after one of `[,:` or whitespace (or its `-`), never after a letter, digit, dot
+# or quote, so runs inside hex digests and fractions are not counted (a false hit only costs speed).
+_LONG_DIGITS = re.compile(rb'(?<![0-9A-Za-z."])[0-9]{19}')
 _SCALARS = {int, float, bool, str, type(None)}
 _MODEL_STRINGS = ("name", "source", "architecture", "model_type", "dtype", "position_encoding", "rope_type")
 _MODEL_HASHES = ("config_sha256", "weights_sha256", "tokenizer_sha256")
@@ -259,6 +262,9 @@ def validate(header: dict, data_bytes: int) -> None:
             offset = _int(enc.get("offset"), 0, data_bytes, f"{where}.offset")
             length = _int(enc.get("length"), 0, data_bytes - offset, f"{where}.length (past the end of the file)")
             _sha(enc.get("sha256"), f"{where}.sha256")
+            if "xxh3_128" in enc:  # format 1.3 (kvc.formats.digests)
+                _need(type(enc["xxh3_128"]) is str and _XXH3_128.match(enc["xxh3_128"]) is not None,
+                      f"{where}.xxh3_128 must be 32 lowercase hex digits")
             segments = enc.get("segments")
             _need(type(segments) is list and len(segments) == 2 * len(layers), f"{where}.segments needs 2 per layer")
             total = 0

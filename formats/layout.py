@@ -18,7 +18,7 @@ import struct
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 1
-MINOR = 2  # 1.1: payloads laid out level-major (payload_order); 1.2: a level's optional target; docs/FORMAT.md
+MINOR = 3  # 1.1: payloads level-major (payload_order); 1.2: a level's optional target; 1.3: xxh3_128; FORMAT.md
 PREAMBLE = struct.Struct("<8sHHI")
 PREAMBLE_BYTES = PREAMBLE.size  # 16
 DIGEST_BYTES = 32

@@ -392,12 +392,19 @@ class KvcFile(KvcIndex):
             self._profiles[wanted] = candidate
         return self._profiles[wanted]
 
+    def check_payloads(self, level: str) -> int:
+        """Check every payload of ``level`` against every checksum its index entry carries (a read
+        checks only the fastest); returns how many payloads. Raises FormatError on a mismatch."""
+        chunks = [i for i, c in enumerate(self.header["chunks"]) if any(e["level"] == level for e in c["encodings"])]
+        self._container.payloads(chunks, level, thorough=True)
+        return len(chunks)
+
     def read(self, level: str | None = None, tokens: tuple[int, int] | None = None, device=None,
              threads: int | None = None) -> ContextKV:
         """Decoded KV for tokens ``a:b`` (default: all) at ``level`` (default: the first stored level), on
         ``device`` (default: the CPU).
 
-        Only the chunks covering ``a:b`` are read; each is checked against its SHA-256 first. Codecs that
+        Only the chunks covering ``a:b`` are read; each is checked against its checksum first. Codecs that
         decode on a GPU (kvq) write straight into tensors on a CUDA ``device``; the others decode on the
         CPU and are copied over. ``threads`` caps the CPU decoder's threads (default: every core this
         process may use). Refused (LimitError) before anything is decoded when it would take more

@@ -78,8 +78,9 @@ def verify(f, deep: bool = False, lm=None) -> dict:
     decoded = {}
     for level in f.levels:
         try:
+            payloads = f.check_payloads(level)
             decoded[level] = f.read(level)
-            check(f"level {level}", True, f"{len(f.header['chunks'])} chunk checksums, every segment decodes")
+            check(f"level {level}", True, f"{payloads} chunk payloads match every checksum, every segment decodes")
         except KvcError as exc:  # a corrupt chunk (3), or a profile that is missing or wrong (7)
             check(f"level {level}", False, str(exc), exc.exit_code)
     if not deep or not report["ok"]:

@@ -9,7 +9,7 @@ Opening reads the header first (one request: the first 16 KiB, then the rest of 
 is longer). Loading then runs two threads:
 
 * the *link* thread fetches the payload of one chunk at a time, at the level the controller
-  picked, checks its SHA-256 and queues it (at most ``prefetch`` payloads wait, so memory stays
+  picked, checks its checksum and queues it (at most ``prefetch`` payloads wait, so memory stays
   bounded by a few chunks plus the cache itself);
 * the *model* thread decodes queued chunks into the cache as they come (chunk k while chunk k+1 is
   in flight) and, when the controller says so, recomputes chunks from their token ids, from the
@@ -33,6 +33,7 @@ import torch
 
 from kvc.errors import FormatError, InputError, ProfileError
 from kvc.formats.container import read_head
+from kvc.formats.digests import payload_intact
 from kvc.streaming.cache import IncrementalCache
 from kvc.streaming.controller import TEXT, ChunkInfo, Controller, Estimates, Policy, Snapshot, level_infos
 from kvc.streaming.sources import RangeSource, SourceChangedError, SourceError, open_source
@@ -605,7 +606,7 @@ class _Load:
                                       f"and was given up after {flight.got} bytes")
                 self.cond.notify_all()
                 return
-        if hashlib.sha256(fetched.data).hexdigest() != enc["sha256"]:
+        if not payload_intact(enc, fetched.data):
             raise SourceChangedError(
                 f"{stream.name}: {what} checksum mismatch: the file changed while being read, or is corrupt"
             )

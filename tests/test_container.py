@@ -130,6 +130,63 @@ def _rewrite_header(data: bytes, change) -> bytes:
     return head + hashlib.sha256(head).digest() + data[16 + length + 32 :]
 
 
+def _restamp_payload(data: bytes, change, digests) -> bytes:
+    """``data`` with chunk 0's first payload changed by ``change(bytes) -> bytes`` (same length) and
+    only the checksums named in ``digests`` recomputed (a valid header digest either way)."""
+    from kvc.formats.digests import payload_digests
+
+    f = kvc.open(data)
+    enc = f.header["chunks"][0]["encodings"][0]
+    at = f._container.data_start + enc["offset"]
+    new = change(data[at : at + enc["length"]])
+    fresh = payload_digests(new)
+    data = data[:at] + new + data[at + enc["length"] :]
+
+    def restamp(header):
+        header["chunks"][0]["encodings"][0].update({k: fresh[k] for k in digests})
+
+    return _rewrite_header(data, restamp)
+
+
+def test_payloads_carry_both_checksums_and_reads_check_the_fast_one():
+    from kvc.formats.digests import payload_digests
+
+    data = encode(synthetic_kv(12), chunk_tokens=5)
+    f = kvc.open(data)
+    assert f.version == (1, 3)
+    for chunk in f.header["chunks"]:
+        for enc in chunk["encodings"]:
+            _, payload = f._container.payload(f.header["chunks"].index(chunk), enc["level"])
+            assert {k: enc[k] for k in ("sha256", "xxh3_128")} == payload_digests(payload)
+
+    def flip(b):
+        return bytes([b[0] ^ 1]) + bytes(b[1:])
+
+    # only the SHA-256 recomputed: the XXH3-128 (checked first) catches it
+    with pytest.raises(FormatError, match="chunk 0 .*checksum mismatch"):
+        kvc.open(_restamp_payload(data, flip, ["sha256"])).read()
+    # only the XXH3-128 recomputed: a read's check passes it, a thorough check (kvc verify) does not
+    forged = kvc.open(_restamp_payload(data, flip, ["xxh3_128"]))
+    forged._container.payload(0, forged.levels[0])
+    with pytest.raises(FormatError, match="chunk 0 .*checksum mismatch"):
+        forged.check_payloads(forged.levels[0])
+
+
+def test_files_with_only_sha256_still_read_and_are_checked():
+    data = encode(synthetic_kv(12), chunk_tokens=5)
+
+    def drop(header):
+        for chunk in header["chunks"]:
+            for enc in chunk["encodings"]:
+                del enc["xxh3_128"]
+        return (1, 2)
+
+    old = _rewrite_header(data, drop)
+    assert kvc.open(old).read().layers[0].key.equal(kvc.open(data).read().layers[0].key)
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        kvc.open(_restamp_payload(old, lambda b: bytes([b[0] ^ 1]) + bytes(b[1:]), [])).read()
+
+
 def test_newer_major_version_is_refused_with_a_clear_message():
     data = _rewrite_header(encode(synthetic_kv(3)), lambda h: (2, 0))
     with pytest.raises(VersionError, match="format 2.0.*upgrade kvc"):
@@ -153,6 +210,9 @@ def test_newer_minor_version_is_read():
         (lambda h: h["layout"]["layers"][0].update(kv_heads=10**7), "kv_heads"),
         (lambda h: h["chunks"][0]["encodings"][0]["segments"].append(0), "segments"),
         (lambda h: h["chunks"][0]["encodings"][0].update(level="nope"), "unknown level"),
+        (lambda h: h["chunks"][0]["encodings"][0].update(xxh3_128="AB" * 16), "xxh3_128"),
+        (lambda h: h["chunks"][0]["encodings"][0].update(xxh3_128=None), "xxh3_128"),
+        (lambda h: h["chunks"][0]["encodings"][0].pop("sha256"), "sha256"),
         (lambda h: h.update(dtype="int8"), "dtype"),
         (lambda h: h["levels"]["lossless"].update(codec="future-codec"), None),
     ],
