@@ -7,19 +7,21 @@ come, is this module's decision. It is re-made every time the link is about to s
 every time the model is about to start one, with throughputs measured while loading:
 
 * ``link``: bytes per second of the link and the latency of one request (from each fetch's
-  first-byte and last-byte times),
+  first-byte and last-byte times), and the seconds per byte of checking a payload (its SHA-256,
+  on the link thread before the next request),
 * ``decode``: seconds per cached element, per level (each chunk decoded is a sample), plus the
   one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
-They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's
-own request is too small to tell a fast link from a slow one) until a payload has been timed, and
+They start from priors (:class:`Estimates`): the link is taken to be what the last load from the same
+origin in this process measured, or, from a new origin, fast (10 Gbit/s; the header's own request is
+too small to tell a fast link from a slow one) until a payload has been timed, and
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
 device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
 averages after that, and the compute speeds are remembered per (model, device, level) for the
-next load in the same process (links are not: they change).
+next load in the same process (a link per origin, as the next load's prior only).
 
 A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
 at level L (from the back), recompute the rest from text". Its predicted finish is
@@ -27,13 +29,14 @@ at level L (from the back), recompute the rest from text". Its predicted finish 
     max(compute, link tail)
     compute   = work in progress + queued decodes + Σ prefill(text chunks) + Σ decode(fetched chunks)
     link tail = max over fetched chunks t of (arrival_t + Σ decodes of the chunks arriving from t on)
+    arrival_t = arrival_(t-1) + latency + bytes_t / rate + bytes_t × check
 
 (a two-machine flow shop whose idle time the text chunks fill). Modes pick among plans:
 
 * ``fastest``: the smallest predicted time to first token (ties within 1% go to higher quality);
-* ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin of 5% of the time still
-  to go (+10 ms), else the
-  fastest plan (and the report says the budget could not be met);
+* ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin on the time still to go:
+  2% (+5 ms) to start at a level, stay with it or go down, 5% (+10 ms) to go up; else the fastest plan
+  (and the report says the budget could not be met);
 * ``min_level``: ``fastest`` among the levels at least as good as the floor (text always qualifies).
 
 Quality of a plan is a distortion proxy: 0 for text and lossless chunks, ``4**-bits`` per element
