@@ -406,7 +406,7 @@ class Controller:
         fastest = min(plans, key=lambda x: x.ttft)
         if p.mode == "slo" and p.slo is not None:
             return self._within_budget(s, plans, fastest, p.slo)
-        if self.est.link_bytes_per_s.samples == 0 and not self.est.link_remembered:
+        if self.est.link_bytes_per_s.samples == 0:
             return self._least_regret(s, plans)
         slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
         close = [x for x in plans if x.ttft <= fastest.ttft + slack]
@@ -468,9 +468,12 @@ class Controller:
     def _least_regret(self, s: Snapshot, plans: list[Plan]) -> Plan:
         """Before the link is measured (the first fetch is its probe): the plan whose predicted time is
         the least worse than the best plan's, at its worst over links of the prior's rate down to a
-        hundredth of it. Taking the prior at its word fetched the first chunks at lossless, right at
-        10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a
-        middle level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
+        hundredth of it (the prior: 10 Gbit/s, or what the last load from this origin measured). Taking
+        the prior at its word fetched the first chunks at lossless, right at 10 Gbit/s but 10–15% slower
+        than the fastest option at 1–3 Gbit/s (bench/stream.py); a middle level costs a few per cent at
+        10 Gbit/s and is close to the best at every rate. (With a budget the first choice is the best
+        quality that meets it at the prior's rate: a hedge towards slower links would bring a chunk a
+        level lower than the budget affords.)"""
         worst = [1.0] * len(plans)
         for scale in PROBE_RATES:
             at = plans if scale == 1.0 else self.plans(s, self.est.link_bytes_per_s.value * scale)
