@@ -13,15 +13,15 @@ every time the model is about to start one, with throughputs measured while load
   one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
-They start from priors (:class:`Estimates`): the link is taken to be what the last load from the same
-origin in this process measured, or, from a new origin, fast (10 Gbit/s; the header's own request is
-too small to tell a fast link from a slow one) until a payload has been timed, and
+They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's own
+request is too small to tell a fast link from a slow one) until a payload has been timed, or, for a
+load with a budget, what the last load from the same origin in this process measured; and
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
 device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
 averages after that, and the compute speeds are remembered per (model, device, level) for the
-next load in the same process (a link per origin, as the next load's prior only).
+next load in the same process (a link per origin, as the prior of the next load with a budget).
 
 A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
 at level L (from the back), recompute the rest from text". Its predicted finish is
@@ -159,14 +159,16 @@ class Estimates:
 
     @classmethod
     def seed(cls, model_key: str, device: str, params: int, levels: dict[str, dict],
-             link_bytes_per_s: float, latency_s: float, origin: str | None = None) -> Estimates:
-        """Priors: remembered measurements for this model/device/level (and, for the link, this origin) if
-        any, else nominal ones."""
+             link_bytes_per_s: float, latency_s: float, origin: str | None = None,
+             link_memory: bool = False) -> Estimates:
+        """Priors: remembered measurements for this model/device/level if any, else nominal ones. The link's
+        measurements are kept per ``origin``, and with ``link_memory`` (a load with a budget) the last one
+        from this origin is the link's prior."""
         device = device.split(":")[0]
         flops = _FLOPS.get(device, _FLOPS["cpu"])
         key = (model_key, device)
         with _REMEMBERED_LOCK:
-            link = _REMEMBERED.get(("link", origin)) if origin else None
+            link = _REMEMBERED.get(("link", origin)) if origin and link_memory else None
             check = Recent(_CHECK_S_PER_BYTE, _REMEMBERED.get((device, "check"), ()))
             prefill = Recent(2.0 * params / flops, _REMEMBERED.get((*key, "prefill"), ()))
             first = Recent(0.02 + 2.0 * params / flops * 4, _REMEMBERED.get((*key, "first"), ()), size=8)
@@ -468,12 +470,9 @@ class Controller:
     def _least_regret(self, s: Snapshot, plans: list[Plan]) -> Plan:
         """Before the link is measured (the first fetch is its probe): the plan whose predicted time is
         the least worse than the best plan's, at its worst over links of the prior's rate down to a
-        hundredth of it (the prior: 10 Gbit/s, or what the last load from this origin measured). Taking
-        the prior at its word fetched the first chunks at lossless, right at 10 Gbit/s but 10–15% slower
-        than the fastest option at 1–3 Gbit/s (bench/stream.py); a middle level costs a few per cent at
-        10 Gbit/s and is close to the best at every rate. (With a budget the first choice is the best
-        quality that meets it at the prior's rate: a hedge towards slower links would bring a chunk a
-        level lower than the budget affords.)"""
+        hundredth of it. Taking the prior at its word fetched the first chunks at lossless, right at
+        10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a middle
+        level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
         worst = [1.0] * len(plans)
         for scale in PROBE_RATES:
             at = plans if scale == 1.0 else self.plans(s, self.est.link_bytes_per_s.value * scale)
