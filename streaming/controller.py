@@ -7,19 +7,21 @@ come, is this module's decision. It is re-made every time the link is about to s
 every time the model is about to start one, with throughputs measured while loading:
 
 * ``link``: bytes per second of the link and the latency of one request (from each fetch's
-  first-byte and last-byte times),
+  first-byte and last-byte times), and the seconds per byte of checking a payload (its SHA-256,
+  on the link thread before the next request),
 * ``decode``: seconds per cached element, per level (each chunk decoded is a sample), plus the
   one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
-They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's
-own request is too small to tell a fast link from a slow one) until a payload has been timed, and
+They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's own
+request is too small to tell a fast link from a slow one) until a payload has been timed, or, for a
+load with a budget, what the last load from the same origin in this process measured; and
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
 device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
 averages after that, and the compute speeds are remembered per (model, device, level) for the
-next load in the same process (links are not: they change).
+next load in the same process (a link per origin, as the prior of the next load with a budget).
 
 A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
 at level L (from the back), recompute the rest from text". Its predicted finish is
@@ -27,13 +29,14 @@ at level L (from the back), recompute the rest from text". Its predicted finish 
     max(compute, link tail)
     compute   = work in progress + queued decodes + Σ prefill(text chunks) + Σ decode(fetched chunks)
     link tail = max over fetched chunks t of (arrival_t + Σ decodes of the chunks arriving from t on)
+    arrival_t = arrival_(t-1) + latency + bytes_t / rate + bytes_t × check
 
 (a two-machine flow shop whose idle time the text chunks fill). Modes pick among plans:
 
 * ``fastest``: the smallest predicted time to first token (ties within 1% go to higher quality);
-* ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin of 5% of the time still
-  to go (+10 ms), else the
-  fastest plan (and the report says the budget could not be met);
+* ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin on the time still to go:
+  2% (+5 ms) to start at a level, stay with it or go down, 5% (+10 ms) to go up; else the fastest plan
+  (and the report says the budget could not be met);
 * ``min_level``: ``fastest`` among the levels at least as good as the floor (text always qualifies).
 
 Quality of a plan is a distortion proxy: 0 for text and lossless chunks, ``4**-bits`` per element
@@ -52,6 +55,8 @@ from dataclasses import dataclass, field
 TEXT = "text"
 SLO_MARGIN = 0.95  # a plan meets the budget when the time it predicts still to go, over 95%, fits what is left
 SLO_SLACK_S = 0.01  # and 10 ms more
+SLO_STAY_MARGIN = 0.98  # staying at the level the load is being fetched at: 98% of what is left
+SLO_STAY_SLACK_S = 0.005  # and 5 ms
 TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
 PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prior's rate down to 1/100 of it
 
@@ -59,6 +64,7 @@ PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prio
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
 _DECODE_S_PER_ELEMENT = {"lossless": 15e-9}
 _DEFAULT_DECODE_S_PER_ELEMENT = 40e-9
+_CHECK_S_PER_BYTE = 1.5e-9  # SHA-256 of a payload on the link thread, before it is queued (~650 MB/s)
 OPTIMISTIC_LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s: the link's prior, until a payload has been timed
 _COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
 _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
@@ -144,17 +150,26 @@ class Estimates:
     decode_s_per_element: dict[str, Ewma | Recent]
     first_token_s: Ewma | Recent
     cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
+    # SHA-256 of a payload, on the link thread after its last byte and before the next request
+    check_s_per_byte: Ewma | Recent = field(default_factory=lambda: Recent(_CHECK_S_PER_BYTE))
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
+    origin: str | None = None  # where the bytes come from (scheme://host:port), for the next load from there
+    link_remembered: bool = False  # the link's prior is what the last load from this origin measured
 
     @classmethod
     def seed(cls, model_key: str, device: str, params: int, levels: dict[str, dict],
-             link_bytes_per_s: float, latency_s: float) -> Estimates:
-        """Priors: remembered measurements for this model/device/level if any, else nominal ones."""
+             link_bytes_per_s: float, latency_s: float, origin: str | None = None,
+             link_memory: bool = False) -> Estimates:
+        """Priors: remembered measurements for this model/device/level if any, else nominal ones. The link's
+        measurements are kept per ``origin``, and with ``link_memory`` (a load with a budget) the last one
+        from this origin is the link's prior."""
         device = device.split(":")[0]
         flops = _FLOPS.get(device, _FLOPS["cpu"])
         key = (model_key, device)
         with _REMEMBERED_LOCK:
+            link = _REMEMBERED.get(("link", origin)) if origin and link_memory else None
+            check = Recent(_CHECK_S_PER_BYTE, _REMEMBERED.get((device, "check"), ()))
             prefill = Recent(2.0 * params / flops, _REMEMBERED.get((*key, "prefill"), ()))
             first = Recent(0.02 + 2.0 * params / flops * 4, _REMEMBERED.get((*key, "first"), ()), size=8)
             level_keys = {name: (device, repr(sorted(entry.items()))) for name, entry in levels.items()}
@@ -164,17 +179,25 @@ class Estimates:
                 decode[name] = Recent(prior, _REMEMBERED.get((*level_keys[name], "decode"), ()))
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
+        remembered = link is not None
+        if link is None:
+            # Until a payload is timed the link is taken to be fast (the first fetch is a probe: on a slow link it
+            # is abandoned within ~10 ms of its transfer and re-planned at the rate it showed) ...
+            link = (max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S), max(latency_s, 0.0))
+        # ... or, from an origin this process has loaded from, to be what the last load measured there. Either is
+        # a prior, not a sample: the first payload timed replaces it.
         return cls(
-            # Until a payload is timed the link is taken to be fast: the first fetch is then what a fast link
-            # wants, and on a slow one it is abandoned within ~50 ms and re-planned at the rate it showed.
-            link_bytes_per_s=Ewma(max(link_bytes_per_s, OPTIMISTIC_LINK_BYTES_PER_S)),
-            latency_s=Ewma(max(latency_s, 0.0)),
+            link_bytes_per_s=Ewma(link[0]),
+            latency_s=Ewma(link[1]),
             prefill_s_per_token=prefill,
             decode_s_per_element=decode,
             first_token_s=first,
             cold_s=cold,
+            check_s_per_byte=check,
             key=key,
             level_keys=level_keys,
+            origin=origin,
+            link_remembered=remembered,
         )
 
     def observe_fetch(self, nbytes: int, latency: float, transfer: float) -> None:
@@ -224,6 +247,10 @@ class Estimates:
         else:
             self.decode_s_per_element[level].add(seconds / elements)
 
+    def observe_check(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= 65536:
+            self.check_s_per_byte.add(seconds / nbytes)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens:
             self.prefill_s_per_token.add(seconds / tokens)
@@ -247,6 +274,10 @@ class Estimates:
             for name, ewma in self.cold_s.items():
                 if ewma.samples:
                     _REMEMBERED[(*self.level_keys[name], "cold")] = ewma.value
+            if self.check_s_per_byte.samples:
+                _REMEMBERED[(self.key[1] if self.key else "cpu", "check")] = kept(self.check_s_per_byte)
+            if self.origin is not None and self.link_bytes_per_s.samples:
+                _REMEMBERED[("link", self.origin)] = (self.link_bytes_per_s.value, self.latency_s.value)
 
     def as_dict(self) -> dict:
         return {
@@ -255,6 +286,8 @@ class Estimates:
             "prefill_ms_per_token": self.prefill_s_per_token.value * 1e3,
             "decode_ns_per_element": {k: v.value * 1e9 for k, v in self.decode_s_per_element.items()},
             "first_token_ms": self.first_token_s.value * 1e3,
+            "check_ns_per_byte": self.check_s_per_byte.value * 1e9,
+            "link_remembered": self.link_remembered,
         }
 
 
@@ -289,6 +322,7 @@ class Snapshot:
     queued_decode: float = 0.0  # decodes of chunks that arrived and wait
     inflight_arrival: float | None = None  # when the chunk on the link will have arrived; None: nothing in flight
     inflight_decode: float = 0.0
+    last_level: str | None = None  # the level of the last chunk the link claimed: the plan being carried out
 
 
 @dataclass
@@ -320,6 +354,7 @@ class Controller:
         est = self.est
         rate = est.link_bytes_per_s.value if rate is None else rate
         latency = est.latency_s.value
+        check = est.check_s_per_byte.value
         prefill = est.prefill_s_per_token.value
         order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
         text_costs = [c.tokens * prefill for c in order]
@@ -350,7 +385,7 @@ class Controller:
                 size = chunk.sizes.get(name)
                 if size is None:
                     break
-                arrival += latency + size / rate
+                arrival += latency + size / rate + size * check
                 gap = max(gap, arrival - decoded)
                 decoded += chunk.elements * per_element
                 # Exactly 0 once every chunk is fetched: a rounding remainder would count as a text chunk
@@ -372,29 +407,72 @@ class Controller:
         plans = self.plans(s)
         fastest = min(plans, key=lambda x: x.ttft)
         if p.mode == "slo" and p.slo is not None:
-            # The margin is on what is still to go (the part a prediction can get wrong): wide at the start,
-            # none left at the end, re-planned at every chunk with fresher estimates in between. A margin on
-            # the whole budget (92% of it) was wider than the error left near the end, and at the start it
-            # asked the level that meets a budget of 1.1× its own TTFT to be predicted within 1% of it.
-            feasible = [x for x in plans if s.now + (x.ttft - s.now) / SLO_MARGIN + SLO_SLACK_S <= p.slo]
-            if feasible:
-                best = min(feasible, key=lambda x: (x.distortion, x.ttft))
-                best.meets_slo = True
-                return best
-            fastest.meets_slo = False
-            return fastest
+            return self._within_budget(s, plans, fastest, p.slo)
         if self.est.link_bytes_per_s.samples == 0:
             return self._least_regret(s, plans)
         slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
         close = [x for x in plans if x.ttft <= fastest.ttft + slack]
         return min(close, key=lambda x: (x.distortion, x.ttft))
 
+    def _within_budget(self, s: Snapshot, plans: list[Plan], fastest: Plan, slo: float) -> Plan:
+        """``slo`` mode: the best quality among the plans predicted to meet the budget; the fastest if none is.
+
+        Each plan is the whole rest of the load (one level for the chunks fetched, text for the others), and
+        the chosen one decides the next chunk only. A margin on the time still to go absorbs what a prediction
+        can get wrong: 5% of it and 10 ms to take up a plan at another level, 2% and 5 ms to stay with the
+        level the link is fetching at. Predictions move by a few per cent from chunk to chunk on a shared
+        machine, and with one margin for both the load went down a level on one pessimistic prediction and
+        up on the next; a chunk one level down costs far more (KL 4-13× per level on the bench's ladder) than
+        one a level up saves, so such a mix was worse than the uniform level it hovered around (bench/stream.py
+        at 0.3 Gbit/s: high, balanced and compact chunks, KL 0.021, where balanced alone gave 0.0098). Slack
+        left near the end is spent naturally: the fewer chunks remain, the sooner all of them fit a level up,
+        and a level up is taken only with the wider margin."""
+
+        def fits(x: Plan, margin: float, slack_s: float) -> bool:
+            return s.now + (x.ttft - s.now) / margin + slack_s <= slo
+
+        def no_better(x: Plan) -> bool:  # than the level the load is at (any level before it has claimed a chunk)
+            if s.last_level is None:
+                return True
+            return x.level is not None and self.levels[x.level].distortion >= self.levels[s.last_level].distortion
+
+        feasible = [x for x in plans if fits(x, SLO_MARGIN, SLO_SLACK_S)
+                    or (no_better(x) and fits(x, SLO_STAY_MARGIN, SLO_STAY_SLACK_S))]
+        if feasible:
+            best = min(feasible, key=lambda x: (x.distortion, x.ttft))
+            best.meets_slo = True
+            return best
+        fastest.meets_slo = False
+        return fastest
+
+    def drop_is_better(self, keep: Plan, drop: Plan, index: int, level: str, now: float) -> bool:
+        """Whether to give up the fetch of chunk ``index`` at ``level`` that is in flight: ``keep`` is the plan
+        chosen with it kept, ``drop`` the one chosen with its chunk undecided again and the link free.
+
+        Without a budget: when dropping is predicted clearly sooner (5% of the time left and 10 ms). With one:
+        the plan that meets it, and when both do, the better quality, the chunk in flight counted in both:
+        keeping a fetch that meets the budget only by bringing the rest a level or two lower is worse than
+        dropping it (a first fetch at lossless, planned on a link nobody had measured, kept on a link that
+        affords balanced: lossless 4 + compact 4, KL 0.009-0.015 where balanced alone gave 0.0098)."""
+        if self.policy.mode == "slo":
+            if keep.meets_slo and drop.meets_slo:
+                return drop.distortion < (keep.distortion + self.chunk_distortion(index, level)) * (1 - 1e-9)
+            if keep.meets_slo or drop.meets_slo:
+                return bool(drop.meets_slo)
+        return drop.ttft < keep.ttft - 0.05 * max(keep.ttft - now, 0.0) - 0.01
+
+    def chunk_distortion(self, index: int, level: str | None) -> float:
+        """The quality proxy of one chunk at ``level`` (0 for text)."""
+        if level is None or level == TEXT:
+            return 0.0
+        return self.chunks[index].elements * self.levels[level].distortion
+
     def _least_regret(self, s: Snapshot, plans: list[Plan]) -> Plan:
         """Before the link is measured (the first fetch is its probe): the plan whose predicted time is
         the least worse than the best plan's, at its worst over links of the prior's rate down to a
         hundredth of it. Taking the prior at its word fetched the first chunks at lossless, right at
-        10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a
-        middle level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
+        10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a middle
+        level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
         worst = [1.0] * len(plans)
         for scale in PROBE_RATES:
             at = plans if scale == 1.0 else self.plans(s, self.est.link_bytes_per_s.value * scale)

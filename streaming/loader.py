@@ -384,7 +384,8 @@ class _Load:
         identity_key = stream.model.get("weights_sha256", "")
         rate = max(stream.header_bytes, 1) / stream._transfer_s
         self.est = Estimates.seed(identity_key, str(self.lm.device), _model_params(self.lm), header["levels"],
-                                  rate, stream.header_latency_s)
+                                  rate, stream.header_latency_s, origin=stream.source.origin,
+                                  link_memory=policy.mode == "slo")
         self.levels = level_infos(header, chunks)
         self.controller = Controller(chunks, self.levels, policy, self.est)
         self.codecs: dict[str, object] = {}
@@ -485,10 +486,13 @@ class _Load:
             receiving = time.perf_counter() - (f.first or f.started)
             if f.got and receiving > self._probe_s():  # the rate this fetch shows, once it can be told
                 rate = min(rate, f.got / receiving)
-            arrival = (0.0 if f.first else self.est.latency_s.value) + (f.size - f.got) / rate
+            arrival = ((0.0 if f.first else self.est.latency_s.value) + (f.size - f.got) / rate
+                       + f.size * self.est.check_s_per_byte.value)
             decode = self._decode_cost(f.index, f.level)
+        last = self.claims[self.back + 1] if self.back + 1 < len(self.chunks) else None
         return Snapshot(now=now, front=self.front, back=self.back, busy=busy, queued_decode=queued,
-                        inflight_arrival=arrival, inflight_decode=decode or 0.0)
+                        inflight_arrival=arrival, inflight_decode=decode or 0.0,
+                        last_level=last if last != TEXT else None)
 
     def _worth_abandoning(self, flight: _Inflight, rate: float) -> bool:
         """Under the lock: whether dropping the fetch in flight (its chunk undecided again) and re-planning
@@ -506,11 +510,7 @@ class _Load:
         finally:
             self.inflight, self.back = flight, back
             self.est.link_bytes_per_s.value = saved
-        if self.policy.mode == "slo" and keep.meets_slo:
-            return False
-        if self.policy.mode == "slo" and drop.meets_slo:
-            return True
-        return drop.ttft < keep.ttft - 0.05 * max(keep.ttft - self.now(), 0.0) - 0.01
+        return self.controller.drop_is_better(keep, drop, flight.index, flight.level, self.now())
 
     # ---- the link thread
     def _link_thread(self) -> None:
@@ -583,9 +583,14 @@ class _Load:
             receiving = now - flight.first
             if (self.policy.mode in ("fastest", "slo") and receiving > self._probe_s() and flight.got < flight.size
                     and now - flight.checked > 0.02):
+                probe = not flight.checked and self.est.link_bytes_per_s.samples == 0
                 flight.checked = now
                 projected = (flight.first - flight.started) + receiving * flight.size / flight.got
-                if projected > 1.5 * flight.planned_s + 0.02:
+                # With a budget, a fetch is weighed sooner (a few ms of it can decide whether the budget is met),
+                # and the first one always: it was planned on a link nobody had measured.
+                late = (projected > 1.2 * flight.planned_s + 0.005 if self.policy.mode == "slo"
+                        else projected > 1.5 * flight.planned_s + 0.02)
+                if late or (probe and self.policy.mode == "slo"):
                     with self.cond:
                         if self._worth_abandoning(flight, flight.got / receiving):
                             flight.abandoned = True
@@ -606,13 +611,16 @@ class _Load:
                                       f"and was given up after {flight.got} bytes")
                 self.cond.notify_all()
                 return
+        check_started = time.perf_counter()
         if not payload_intact(enc, fetched.data):
             raise SourceChangedError(
                 f"{stream.name}: {what} checksum mismatch: the file changed while being read, or is corrupt"
             )
+        checked = time.perf_counter() - check_started
         with self.cond:
             latency, transfer = fetched.first - fetched.started, fetched.done - fetched.first
             self.est.observe_fetch(len(fetched.data), latency, transfer)
+            self.est.observe_check(len(fetched.data), checked)
             rec = self.report.chunks[flight.index]
             rec.latency_s, rec.transfer_s, rec.bytes = latency, transfer, len(fetched.data)
             if self.claims[flight.index] == flight.level:

@@ -61,6 +61,7 @@ class RangeSource:
     size: int | None = None  # None: not known (a pipe) until the header says how long the file is
     seekable: bool = True  # False: ranges must be asked for in increasing order (a pipe)
     prefix_first_byte: float | None = None  # perf_counter() when prefix()'s first byte came, where known
+    origin: str | None = None  # where the bytes come from (``scheme://host:port``), for links worth remembering
 
     def read(self, offset: int, length: int, what: str = "bytes") -> bytes:
         if offset < 0 or length < 0 or (self.size is not None and offset + length > self.size):
@@ -239,6 +240,8 @@ class FsspecSource(RangeSource):
         except ModuleNotFoundError as exc:  # pragma: no cover - fsspec is a core dependency
             raise InputError("reading URLs needs fsspec (pip install fsspec)") from exc
         self.name = url
+        parts = urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else None
         try:
             self._fs, self._path = fsspec.core.url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:
@@ -285,6 +288,7 @@ class HttpSource(RangeSource):
             raise InputError(f"not an http(s) URL: {url}")
         self.name, self._timeout = url, timeout
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self.origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = dict(headers or {})
         self._conn: http.client.HTTPConnection | None = None

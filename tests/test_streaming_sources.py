@@ -229,3 +229,12 @@ def test_open_source_dispatch(tmp_path):
     with open(path, "rb") as f:
         assert open_source(f).read(2, 3) == b"234"
     assert hashlib.sha256(open_source(path).read(0, 10)).hexdigest() == hashlib.sha256(b"0123456789").hexdigest()
+
+
+def test_a_url_source_names_its_origin_and_a_local_one_none():
+    # The link a load measured is kept per origin (scheme, host, port; no credentials) for the next --slo load.
+    from kvc.streaming.sources import BytesSource, HttpSource
+
+    assert HttpSource("http://user:secret@127.0.0.1:8000/a/doc.kvc").origin == "http://127.0.0.1:8000"
+    assert HttpSource("https://example.org/doc.kvc").origin == "https://example.org"
+    assert BytesSource(b"x").origin is None
