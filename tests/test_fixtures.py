@@ -19,10 +19,14 @@ NAMES = sorted(p.stem for p in FIXTURES.glob("*.kvc"))
 
 
 def test_there_is_a_fixture_per_kvq_segment_version_and_format_version():
-    # v1-/v2-: kvq segment versions 1 and 2 (container 1.0); f12-: container 1.2, payloads level-major
-    assert {"v1-tiny-llama", "v2-tiny-llama", "f12-tiny-llama"} <= set(NAMES)
+    # v1-/v2-: kvq segment versions 1 and 2 (container 1.0); f12-: container 1.2, payloads level-major;
+    # p2-: a profile of version 2 (per-coefficient steps); the others embed version-1 profiles
+    assert {"v1-tiny-llama", "v2-tiny-llama", "f12-tiny-llama", "p2-tiny-llama"} <= set(NAMES)
     with kvc.open(FIXTURES / "f12-tiny-llama.kvc") as f:
         assert f.version == (1, 2) and f.header.get("payload_order") == "level"
+    for name, version in (("f12-tiny-llama", 1), ("p2-tiny-llama", 2)):
+        with kvc.open(FIXTURES / f"{name}.kvc") as f:
+            assert f._codec("balanced").profile.version == version, name
 
 
 @pytest.mark.parametrize("name", NAMES)
