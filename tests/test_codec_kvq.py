@@ -315,10 +315,11 @@ def test_profile_versions_and_per_coefficient_steps(tiny_profile):
     assert again.version == 1 and "step" not in again.arrays and again.sha256 == old.sha256
     codec = build_codec(level_entry("balanced", again), again)
     assert torch.equal(codec.steps(1, 0), codec.steps(1, 0)[:, :1].expand(-1, again.key_dim))
-    assert np.array_equal(codec.steps(1, 0)[:, 0].numpy(), again.arrays["base_step"][1, 0].astype(np.float64) * LEVEL_SCALES["balanced"])
+    scale = LEVEL_SCALES["balanced"]
+    assert np.array_equal(codec.steps(1, 0)[:, 0].numpy(), again.arrays["base_step"][1, 0].astype(np.float64) * scale)
     # the v2 codec uses its per-coefficient steps
     v2 = build_codec(level_entry("balanced", tiny_profile), tiny_profile)
-    assert np.array_equal(v2.steps(1, 0).numpy(), step[1, 0, :, : tiny_profile.key_dim].astype(np.float64) * LEVEL_SCALES["balanced"])
+    assert np.array_equal(v2.steps(1, 0).numpy(), step[1, 0, :, : tiny_profile.key_dim].astype(np.float64) * scale)
 
 
 def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_profile):
@@ -326,7 +327,8 @@ def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_prof
     so generalising the steps changed nothing for files made with version-1 profiles."""
     old = _as_version_1(tiny_profile)
     flat = _as_version_1(tiny_profile)
-    flat.arrays = dict(flat.arrays, step=np.repeat(old.arrays["base_step"][..., None], old.arrays["sigma"].shape[-1], -1))
+    per_head = np.repeat(old.arrays["base_step"][..., None], old.arrays["sigma"].shape[-1], -1)
+    flat.arrays = dict(flat.arrays, step=per_head)
     assert flat.version == 2 and flat.sha256 != old.sha256
     kv = _kv(tiny_llama)
     for level in ("high", "tiny"):
