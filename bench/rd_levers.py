@@ -213,10 +213,24 @@ def evaluate(lm, prof, models, ctx, variant, scale):
     S = prof.sinks
     recon, bits = {}, 0.0
     for (la, k), c in ctx.coef.items():
+        bounds = chunk_bounds(c.shape[1], S)
+        mults = variant.get("chunk_m", [])  # step multipliers of the last chunks (the most recent first)
+        if mults:  # per-chunk steps: each chunk quantised and coded with its own step and tables
+            out = np.empty_like(c)
+            n = len(bounds) - 1
+            for j, (a0, b0) in enumerate(zip(bounds[:-1], bounds[1:])):
+                m = mults[n - 1 - j] if n - 1 - j < len(mults) else 1.0
+                steps = scale * m * variant["step"](la, k)
+                lp, R, ratio = models.tables(la, k, steps)
+                q = quantise(c[:, a0:b0], steps, variant["q"], lp, R)
+                bits += symbol_bits(q, lp, R, [0, b0 - a0])
+                out[:, a0:b0] = reconstruct(q, steps, variant["rec"])
+            recon[la, k] = out
+            continue
         steps = scale * variant["step"](la, k)  # [H, D]
         lp, R, ratio = models.tables(la, k, steps)
         q = quantise(c, steps, variant["q"], lp, R)
-        bits += symbol_bits(q, lp, R, chunk_bounds(c.shape[1], S))
+        bits += symbol_bits(q, lp, R, bounds)
         cache = None
         if variant["rec"][0] == "centroid":
             cache = centroid_table(ratio, R, prof.arrays["cdf"][la, k].astype(np.float64))
@@ -282,12 +296,12 @@ def main(argv=None):
     ap.add_argument("--scales", default="0.45,0.62,0.85")
     ap.add_argument("--variants", default="base")
     ap.add_argument("--fisher", default="/tmp/fisher.npy")
-    ap.add_argument("--profile2", default=None, help="a version-2 profile whose steps the variant v2 uses")
+    ap.add_argument("--profile", default=None, help="the profile (default: the model's); v2 variants need version 2")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     lm = load_model(None, device="cpu")
-    prof = find_profile(model_identity(lm))
+    prof = find_profile(model_identity(lm), args.profile)
     models = Models(prof)
     base_step = prof.arrays["base_step"].astype(np.float64)
 
@@ -316,15 +330,13 @@ def main(argv=None):
         variants[f"dz{th}+cen"] = {"step": head, "q": ("deadzone", th), "rec": ("centroid",)}
         for d in (0.1, 0.15):
             variants[f"dz{th}+off{d}"] = {"step": head, "q": ("deadzone", th), "rec": ("offset", d)}
-    if args.profile2:  # the per-coefficient steps of another profile (same PCA: fitted on the same texts)
-        from kvc.codec.profile import Profile
-
-        p2 = Profile.load(args.profile2)
-        assert np.array_equal(p2.arrays["basis"], prof.arrays["basis"]) and np.array_equal(p2.arrays["sigma"],
-                                                                                          prof.arrays["sigma"])
-        v2 = p2.component_steps()[..., :64]
+    if prof.version == 2:  # the profile's own per-coefficient steps (base: its per-head base_step)
+        v2 = prof.component_steps()[..., :64]
         variants["v2"] = {"step": lambda la, k: v2[la, k], "q": ("round",), "rec": ("mid",)}
         variants["v2+rdo0.03"] = {"step": lambda la, k: v2[la, k], "q": ("rdo", 0.03), "rec": ("mid",)}
+        for ms in ("0.5", "0.35", "0.5/0.75"):  # token-adaptive at chunk grain: finer steps for the last chunks
+            variants[f"v2+last{ms}"] = {"step": lambda la, k: v2[la, k], "q": ("round",), "rec": ("mid",),
+                                        "chunk_m": [float(x) for x in ms.split("/")]}
     want = args.variants.split(",")  # name or name@s1/s2/s3
     if any(v.startswith("pc") for v in want):
         F = fisher_s()  # [L, 2, H, D]
