@@ -259,12 +259,14 @@ def _cache_profiles_dir() -> Path | None:
 
 def find_profile(identity: dict, path: str | None = None) -> Profile | None:
     """The profile for this model: an explicit path (must match), else a shipped one, else one in
-    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Corrupt files found while searching are skipped."""
+    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Within a folder the newest profile version wins
+    (a model may ship its version-1 profile beside its version-2 one, for files that name it), then the
+    first by name. Corrupt files found while searching are skipped."""
     if path is not None:
         prof = Profile.load(path)
         prof.check_model(identity)
         return prof
-    return _search(lambda prof: prof.matches(identity))
+    return _search(lambda prof: prof.matches(identity), newest=True)
 
 
 def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | None = None) -> Profile | None:
@@ -277,19 +279,26 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
     return _search(lambda prof: prof.sha256 == sha256)
 
 
-def _search(wanted: Callable[[Profile], bool]) -> Profile | None:
-    """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts;
-    unreadable or corrupt files met on the way are skipped, not fatal."""
+def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile | None:
+    """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts —
+    with ``newest``, the one of the highest profile version in the first folder holding any, first by name
+    among equals; unreadable or corrupt files met on the way are skipped, not fatal."""
     for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
         if folder is None or not folder.is_dir():
             continue
+        best = None
         for candidate in sorted(folder.glob("*.kvcp")):
             try:
                 prof = Profile.load(candidate)
             except (ProfileError, FormatError, OSError):
                 continue
             if wanted(prof):
-                return prof
+                if not newest:
+                    return prof
+                if best is None or prof.version > best.version:
+                    best = prof
+        if best is not None:
+            return best
     return None
 
 
@@ -345,12 +354,14 @@ def rotary_for(lm) -> dict | None:
 
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
                 sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
-                fisher_samples: int = FISHER_SAMPLES,
+                fisher_samples: int = FISHER_SAMPLES, fisher_continuation: int = 128,
                 on_progress: Callable[[str, int, int], None] | None = None) -> Profile:
     """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
 
     PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
-    ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation."""
+    ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation; the
+    per-coefficient sensitivity (version 2's ``step``) from as many texts, with contexts of up to ``tokens``
+    and ``fisher_continuation`` continuation tokens."""
     from kvc.codec.transforms import pca_forward
     from kvc.runtime.identity import model_identity
     from kvc.runtime.prefill import prefill, tokenize
@@ -426,13 +437,13 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
     warnings += sens_warnings
     base = 1.0 / np.sqrt(np.maximum(sens, 1e-12 * max(float(sens.max()), 1e-30)))
     base = base / math.exp(float(np.log(base).mean()))  # geometric mean 1: levels scale it
-    fisher, fisher_warnings = _fisher(lm, kvs, basis, rotary, sensitivity_texts, sensitivity_tokens, continuation,
-                                      sinks, fisher_samples, seed, progress)
+    fisher, fisher_warnings = _fisher(lm, kvs, basis, rotary, sensitivity_texts, tokens, continuation,
+                                      fisher_continuation, sinks, fisher_samples, seed, progress)
     warnings += fisher_warnings
     step = _component_steps(fisher, base, kd, vd)
     fit = {"texts": len(texts), "tokens": tokens, "sensitivity_texts": sensitivity_texts,
            "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed,
-           "fisher_samples": fisher_samples,
+           "fisher_samples": fisher_samples, "fisher_continuation": fisher_continuation,
            "sliding_layers": [i for i, lay in enumerate(first.layers) if lay.start > 0],
            "warnings": warnings}
     ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
@@ -465,12 +476,14 @@ def _component_steps(fisher: np.ndarray | None, base: np.ndarray, kd: int, vd: i
     return np.where(live, c * raw, 1.0).astype(np.float32)
 
 
-def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, continuation, sinks, samples, seed,
+def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, sinks, samples, seed,
             progress) -> tuple[np.ndarray | None, list[str]]:
     """Per-coefficient sensitivity ``s[l, k, h, d]`` (float64, ``[L, 2, H, D]``): the diagonal of the KL's Hessian
     in PCA coordinates, summed over the context's tokens, so that noise of variance ``v_d`` on coefficient ``d``
-    of every token costs KL ≈ ½·Σ_d s_d·v_d. On the texts and contexts the per-head sensitivity uses, ``samples``
-    times: continuation tokens are drawn from the model's own next-token distributions (teacher-forced on
+    of every token costs KL ≈ ½·Σ_d s_d·v_d. On the texts the per-head sensitivity uses (the first ``n_texts``
+    with at least 32 + ``short`` tokens), with ``n = min(continuation, length − 32)`` continuation tokens after a
+    context of ``min(ctx_tokens, length − n)`` tokens, ``samples`` times:
+    continuation tokens are drawn from the model's own next-token distributions (teacher-forced on
     the real continuation), and the gradient ``g`` of their summed log-probability with respect to the cache
     (keys un-rotated, projected on the basis: ``∂/∂c = ∂/∂x · B``) gives ``s += g²`` (Fisher identity: its
     expectation is the Hessian). Tokens at positions < ``sinks`` are left out (stored raw)."""
@@ -479,7 +492,7 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, continuation, sinks, sa
     from kvc.runtime.prefill import prefill
 
     L, _, H, D = basis.shape[:4]
-    chosen = [ids for ids, _ in kvs if len(ids) >= 32 + continuation][:n_texts]
+    chosen = [ids for ids, _ in kvs if len(ids) >= 32 + short][:n_texts]
     if not chosen or samples < 1:  # (no text: _sensitivity has said so, and every step is the same)
         return None, []
     inv_freq = rope_inv_freq(rotary["theta"], rotary["dim"]) if rotary else None
@@ -487,8 +500,9 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, continuation, sinks, sa
     gen = torch.Generator().manual_seed(seed)
     total, done = len(chosen) * samples, 0
     for ids in chosen:
-        n_ctx = min(ctx_tokens, len(ids) - continuation)
-        cont = ids[n_ctx : n_ctx + continuation]
+        n_cont = min(continuation, len(ids) - 32)
+        n_ctx = min(ctx_tokens, len(ids) - n_cont)
+        cont = ids[n_ctx : n_ctx + n_cont]
         ctx = prefill(lm, ids[:n_ctx])
         leaves = []
         for lay in ctx.layers:
