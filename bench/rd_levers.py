@@ -288,6 +288,45 @@ def fisher(lm, prof, texts, tokens=2048, cont=128, samples=8, seed=0):
     return s
 
 
+def summarise(results: list[dict], target: float) -> list[str]:
+    """Per variant: bits/element at mean KL = ``target`` (log–log interpolation over its scales, NaN outside
+    them) on all contexts, the essays and the other genres, and the saving against ``base``."""
+    from collections import defaultdict
+
+    groups = {"all": lambda c: True, "essays": lambda c: c.endswith(".txt"),
+              "other genres": lambda c: not c.endswith(".txt")}
+
+    def at(rows, sel):
+        pts = defaultdict(lambda: [0.0, 0, []])
+        for x in rows:
+            if sel(x["context"]):
+                p = pts[x["scale"]]
+                p[0] += x["bits"]
+                p[1] += x["elems"]
+                p[2].append(x["kl"])
+        b = np.array([pts[s][0] / pts[s][1] for s in sorted(pts)])
+        k = np.array([np.mean(pts[s][2]) for s in sorted(pts)])
+        if len(b) < 2:
+            return float("nan")
+        o = np.argsort(k)
+        return float(np.exp(np.interp(np.log(target), np.log(k[o]), np.log(b[o]), left=np.nan, right=np.nan)))
+
+    by = defaultdict(list)
+    for x in results:
+        by[x["variant"]].append(x)
+    base = {g: at(by["base"], sel) for g, sel in groups.items()} if "base" in by else {}
+    lines = [f"bits/element at mean KL {target:g} (saving against base)",
+             "| variant | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for v, rows in by.items():
+        cells = []
+        for g, sel in groups.items():
+            bits = at(rows, sel)
+            save = 100 * (1 - bits / base[g]) if base else float("nan")
+            cells.append(f"{bits:.3f} ({save:+.1f}%)")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="essay:apple.txt,essay:boss.txt,code,legal,technical")
@@ -298,7 +337,14 @@ def main(argv=None):
     ap.add_argument("--fisher", default="/tmp/fisher.npy")
     ap.add_argument("--profile", default=None, help="the profile (default: the model's); v2 variants need version 2")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summarise", default=None, help="only print the summary of earlier --json results")
+    ap.add_argument("--kl", default="0.01,0.015", help="the mean KLs the summary compares bits at")
     args = ap.parse_args(argv)
+    if args.summarise:
+        results = [r for path in args.summarise.split(",") for r in json.load(open(path))]
+        for kl in args.kl.split(","):
+            print("\n".join(summarise(results, float(kl))) + "\n")
+        return
     torch.set_num_threads(2)
     lm = load_model(None, device="cpu")
     prof = find_profile(model_identity(lm), args.profile)
@@ -375,6 +421,8 @@ def main(argv=None):
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f)
+    for kl in args.kl.split(","):
+        print("\n".join(summarise(results, float(kl))) + "\n")
 
 
 if __name__ == "__main__":
