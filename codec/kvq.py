@@ -5,7 +5,8 @@ Per segment (one layer's keys or values for one chunk, ``[H, T, D]``):
 1. tokens at absolute positions ``< sinks`` are stored as float16 (quantizers.pack_sinks);
 2. the rest go to a float64 working frame: keys are rotated back to pre-rotary positions;
 3. per head, PCA coefficients ``(x - mean) @ inv(basis.T)`` with the profile's float16 basis;
-4. uniform quantisation with step ``scale * base_step[layer, kind, head]`` (sensitivity-derived);
+4. uniform quantisation with step ``scale * step[layer, kind, head, coefficient]`` (from the model's sensitivity;
+   a version-1 profile has one ``base_step`` per head);
 5. per-channel categorical models from the profile, quantised to integer tables by kvc's own rule
    (kvc.codec.rans.tables) and coded in independent rANS lanes (kvc.codec.rans, segment version 2;
    kvc.codec.kvq_segment is the byte layout). Version-1 segments (one constriction stack-ANS stream
@@ -122,10 +123,12 @@ class KvqCodec:
         return segment.layer, k, dim
 
     def steps(self, layer: int, k: int) -> torch.Tensor:
+        """Quantiser steps ``[H, dim]`` (float64) of a (layer, kind): ``scale`` times the profile's per-coefficient
+        base steps (a version-1 profile's per-head ``base_step``, repeated over the head's coefficients)."""
         key = (layer, k)
         if key not in self._steps:
-            self._steps[key] = torch.from_numpy(
-                self.profile.arrays["base_step"][layer, k].astype(np.float64) * self.scale)
+            dim = self.profile.key_dim if k == 0 else self.profile.value_dim
+            self._steps[key] = torch.from_numpy(self.profile.component_steps(layer, k)[:, :dim] * self.scale)
         return self._steps[key]
 
     def bank(self, layer: int, k: int, dim: int) -> ChannelBank:
@@ -133,8 +136,7 @@ class KvqCodec:
         bank = self._banks.get(key)
         if bank is None:
             sigma = self.profile.arrays["sigma"][layer, k, :, :dim].astype(np.float64)  # [H, dim]
-            step = self.steps(layer, k).numpy()
-            ratio = (sigma / step[:, None]).reshape(-1)
+            ratio = (sigma / self.steps(layer, k).numpy()).reshape(-1)
             radius = channel_radius(ratio)
             cdf = self.profile.arrays["cdf"][layer, k].astype(np.float64)
             bank = self._banks[key] = ChannelBank(bank_probabilities(ratio, radius, self._grid, cdf), radius)
@@ -152,8 +154,7 @@ class KvqCodec:
             for lay in range(p.layers):
                 for kk, dim in ((0, p.key_dim), (1, p.value_dim)):
                     sigma = p.arrays["sigma"][lay, kk, :, :dim].astype(np.float64)
-                    step = self.steps(lay, kk).numpy()
-                    ratio = (sigma / step[:, None]).reshape(-1)
+                    ratio = (sigma / self.steps(lay, kk).numpy()).reshape(-1)
                     cdf = p.arrays["cdf"][lay, kk].astype(np.float64)
                     weights += bank_weights(ratio, channel_radius(ratio), self._grid, cdf)
                     base[(lay, kk)] = n
@@ -181,9 +182,9 @@ class KvqCodec:
             basis16 = self.profile.arrays["basis"][layer, k, :, :dim, :dim]
             mean = torch.from_numpy(self.profile.arrays["mean"][layer, k, :, :dim].astype(np.float64))
             basis = torch.from_numpy(basis16.astype(np.float32))
-            # decode folds the step into the synthesis matrix: x = q @ (Δ_h·Bᵀ) + mean (float32)
+            # decode folds the steps into the synthesis matrix: x = q @ (diag(Δ_h)·Bᵀ) + mean (float32)
             synth = torch.from_numpy(
-                (basis16.astype(np.float64) * self.steps(layer, k).numpy()[:, None, None]).transpose(0, 2, 1)
+                (basis16.astype(np.float64) * self.steps(layer, k).numpy()[:, None, :]).transpose(0, 2, 1)
                 .astype(np.float32).copy())
             self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float(), synth)
         return self._mats[key]
@@ -210,10 +211,10 @@ class KvqCodec:
     def max_abs_error_bound(self, layer: int, kind: str, dtype: torch.dtype = torch.float32) -> float:
         """Strict bound on |decoded − original| for every element at a position ≥ ``profile.sinks``.
 
-        Quantisation leaves every PCA coefficient within Δ_h/2 of its value (escapes are exact), so a
-        pre-rotary element j of head h is off by at most Δ_h/2·Σ_d|B[j,d]|; re-rotation mixes the pair
+        Quantisation leaves every PCA coefficient d within Δ_{h,d}/2 of its value (escapes are exact), so a
+        pre-rotary element j of head h is off by at most Σ_d Δ_{h,d}/2·|B[j,d]|; re-rotation mixes the pair
         (j, j+D/2) by a plane rotation, so keys get the pair's Euclidean norm. Holds for finite inputs
-        whose coefficients stay below 2³⁰·Δ_h, up to float32 arithmetic (≤ ARITH_REL_SLACK·|x| more);
+        whose coefficients stay below 2³⁰·Δ, up to float32 arithmetic (≤ ARITH_REL_SLACK·|x| more);
         a 16-bit output ``dtype`` at most doubles it (the original is representable there, so rounding
         to nearest moves the result by no more than its existing error)."""
         m = 2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
@@ -226,7 +227,7 @@ class KvqCodec:
         p = self.profile
         dim = p.key_dim if k == 0 else p.value_dim
         B = np.abs(p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))  # [H, D, D]
-        b = 0.5 * self.steps(layer, k).numpy()[:, None] * B.sum(axis=2)  # [H, D]: per output element
+        b = 0.5 * (B * self.steps(layer, k).numpy()[:, None, :]).sum(axis=2)  # [H, D]: per output element
         if k == 0 and self._inv_freq is not None:
             half = dim // 2
             pair = np.sqrt(b[:, :half] ** 2 + b[:, half:] ** 2)
@@ -262,8 +263,8 @@ class KvqCodec:
             for k, dim in ((0, p.key_dim), (1, p.value_dim)):
                 sigma = p.arrays["sigma"][:, k, :, :dim].astype(np.float64)  # [L, H, D]
                 mean = p.arrays["mean"][:, k, :, :dim].astype(np.float64)
-                step = p.arrays["base_step"][:, k].astype(np.float64) * self.scale  # [L, H]
-                err += float(np.minimum(step[..., None] ** 2 / 12.0, sigma**2).sum())
+                step = p.component_steps()[:, k, :, :dim] * self.scale  # [L, H, D]
+                err += float(np.minimum(step**2 / 12.0, sigma**2).sum())
                 energy += float((sigma**2).sum() + (mean**2).sum())
             self._rmse_bound = self.RMSE_SAFETY * (err / energy) ** 0.5 if energy > 0 else float("inf")
         return self._rmse_bound
@@ -310,7 +311,7 @@ class KvqCodec:
         w.sub_(mean[:, None, :])
         coef = torch.bmm(w, analysis)
         del w
-        coef.div_(self.steps(layer, k)[:, None, None])  # quantize_uniform, in place
+        coef.div_(self.steps(layer, k)[:, None, :])  # quantize_uniform, in place
         coef.round_()
         torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
         coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)

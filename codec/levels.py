@@ -17,21 +17,23 @@ from kvc.errors import ProfileError
 
 DEFAULT_LEVEL = "balanced"
 
-# level name -> global step scale (multiplies profile base_step, whose geometric mean is 1)
+# level name -> global step scale (multiplies the profile's steps: version 2's per-coefficient `step`, or version
+# 1's per-head `base_step`, geometric mean 1). Chosen on the version-2 SmolLM2 profile (2026-12-07: 0.22, 0.62,
+# 1.4, 2.5 before, for version-1 steps); a version-1 profile gets the same scales, so slightly finer steps.
 LEVEL_SCALES: dict[str, float] = {
-    "high": 0.22,
-    "balanced": 0.62,
-    "compact": 1.4,
+    "high": 0.19,
+    "balanced": 0.57,
+    "compact": 1.15,
     "tiny": 2.5,
 }
 
 # level name -> the mean KL it gave on the held-out essays (docs/CODEC.md's table): where
 # `--target-kl` starts its search (kvc.codec.targeting), not a promise
 LEVEL_KL: dict[str, float] = {
-    "high": 0.00077,
-    "balanced": 0.0092,
-    "compact": 0.049,
-    "tiny": 0.22,
+    "high": 0.00074,
+    "balanced": 0.0087,
+    "compact": 0.041,
+    "tiny": 0.16,
 }
 
 

@@ -28,17 +28,19 @@ import torch
 from kvc.errors import FormatError, ProfileError, VersionError
 
 MAGIC = b"KVCPROF\x00"
-VERSION = 1
+VERSION = 2  # the newest profile version this kvc reads and the one fit_profile writes; 1 still reads
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
 MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
 SINKS = 4
 GRID = (-16.0, 16.0, 513)  # standardised-coefficient grid of the shape CDFs
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-_FIELDS = {  # name -> dtype; shapes come from the header
+_FIELDS_V1 = {  # name -> dtype; shapes come from the header
     "mean": "float32", "basis": "float16", "sigma": "float32", "cdf": "float32",
     "base_step": "float32", "sensitivity": "float32",
 }
+_FIELDS = {**_FIELDS_V1, "step": "float32"}  # version 2: one base step per (layer, kind, head, coefficient)
+FISHER_SAMPLES = 8  # sampled continuations per sensitivity text for the per-coefficient sensitivity
 IDENTITY_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256")
 
 
@@ -58,12 +60,28 @@ class Profile:
     _bytes: bytes | None = field(default=None, repr=False)
     _sha256: str | None = field(default=None, repr=False)
 
+    @property
+    def version(self) -> int:
+        """2 when the profile holds per-coefficient steps (``step``), else 1."""
+        return 2 if "step" in self.arrays else 1
+
+    def component_steps(self, layer: int | None = None, k: int | None = None) -> np.ndarray:
+        """float64 base steps per coefficient, ``[L, 2, H, D]`` (or ``[H, D]`` for one (layer, kind)): version 2's
+        ``step``; version 1's per-head ``base_step`` repeated over each head's coefficients."""
+        if "step" in self.arrays:
+            st = self.arrays["step"].astype(np.float64)
+        else:
+            b = self.arrays["base_step"].astype(np.float64)
+            st = np.broadcast_to(b[..., None], b.shape + (self.arrays["sigma"].shape[-1],))
+        return np.array(st if layer is None else st[layer, k])
+
     # ---- serialisation ----
     def to_bytes(self) -> bytes:
         if self._bytes is not None:
             return self._bytes
+        version = self.version
         tensors, blob, offset = [], bytearray(), 0
-        for name, dtype in _FIELDS.items():
+        for name, dtype in (_FIELDS if version == 2 else _FIELDS_V1).items():
             arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
             data = arr.tobytes()
             tensors.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
@@ -71,12 +89,12 @@ class Profile:
             blob += data
             offset += len(data)
         header = {
-            "format": "kvc-profile", "version": VERSION, "identity": self.identity, "layers": self.layers,
+            "format": "kvc-profile", "version": version, "identity": self.identity, "layers": self.layers,
             "heads": self.heads, "key_dim": self.key_dim, "value_dim": self.value_dim, "rotary": self.rotary,
             "sinks": self.sinks, "grid": list(GRID), "fit": self.fit, "tensors": tensors,
         }
         hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        body = MAGIC + struct.pack("<HHI", VERSION, 0, len(hjson)) + hjson + bytes(blob)
+        body = MAGIC + struct.pack("<HHI", version, 0, len(hjson)) + hjson + bytes(blob)
         self._bytes = body + hashlib.sha256(body).digest()
         return self._bytes
 
@@ -110,10 +128,10 @@ class Profile:
         from kvc.formats.header import parse_json
 
         header = parse_json(body[start : start + hlen], "profile header", ProfileError)
-        return cls._from_header(header, body[start + hlen :], data)
+        return cls._from_header(header, body[start + hlen :], data, version)
 
     @classmethod
-    def _from_header(cls, header, blob: bytes, raw: bytes) -> Profile:
+    def _from_header(cls, header, blob: bytes, raw: bytes, version: int) -> Profile:
         def need(condition: bool, message: str) -> None:
             if not condition:
                 raise ProfileError(f"profile header is malformed: {message}")
@@ -138,23 +156,25 @@ class Profile:
         need(all(type(v) in (str, type(None)) for v in identity.values()), "identity values must be strings")
         need(type(header.get("fit", {})) in (dict, type(None)), "fit must be an object")
         D = max(kd, vd)
+        fields = _FIELDS if version >= 2 else _FIELDS_V1
         expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D),
-                  "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H)}
+                  "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H), "step": (L, 2, H, D)}
+        expect = {name: expect[name] for name in fields}
         # Python integers: no overflow, and the whole blob must back every tensor before any is read.
-        needed = sum(math.prod(shape) * _DTYPES[_FIELDS[name]].itemsize for name, shape in expect.items())
+        needed = sum(math.prod(shape) * _DTYPES[fields[name]].itemsize for name, shape in expect.items())
         if needed > len(blob):
             raise ProfileError(f"profile tensors need {needed} bytes, the file holds {len(blob)}")
         tensors = header.get("tensors")
-        need(type(tensors) is list and len(tensors) == len(_FIELDS), f"tensors must list the {len(_FIELDS)} tensors")
+        need(type(tensors) is list and len(tensors) == len(fields), f"tensors must list the {len(fields)} tensors")
         arrays = {}
         for t in tensors:
             need(type(t) is dict, "a tensor entry is not an object")
             name = t.get("name")
-            if type(name) is not str or name not in _FIELDS or name in arrays:
+            if type(name) is not str or name not in fields or name in arrays:
                 raise ProfileError(f"profile tensor {str(name)[:40]!r} is unknown or repeated")
-            if t.get("dtype") != _FIELDS[name] or t.get("shape") != list(expect[name]):
+            if t.get("dtype") != fields[name] or t.get("shape") != list(expect[name]):
                 raise ProfileError(f"profile tensor {name!r} has an unexpected dtype or shape")
-            dt = _DTYPES[_FIELDS[name]]
+            dt = _DTYPES[fields[name]]
             n = math.prod(expect[name])
             off, nbytes = t.get("offset"), t.get("nbytes")
             if type(off) is not int or type(nbytes) is not int or nbytes != n * dt.itemsize or not (
@@ -165,7 +185,7 @@ class Profile:
         for name, arr in arrays.items():
             if not np.all(np.isfinite(arr)):
                 raise ProfileError(f"profile tensor {name!r} holds non-finite values")
-        if np.any(arrays["base_step"] <= 0) or np.any(arrays["sigma"] < 0):
+        if np.any(arrays["base_step"] <= 0) or np.any(arrays["sigma"] < 0) or np.any(arrays.get("step", 1.0) <= 0):
             raise ProfileError("profile steps must be positive")
         rotary = header.get("rotary")
         if rotary is not None:
@@ -203,7 +223,7 @@ class Profile:
         total = 0
         for k, dim in ((0, self.key_dim), (1, self.value_dim)):
             sigma = self.arrays["sigma"][idx, k, :, :dim].astype(np.float64)  # [l, H, dim]
-            step = self.arrays["base_step"][idx, k].astype(np.float64)[..., None] * float(scale)
+            step = self.component_steps()[idx, k, :, :dim] * float(scale)
             radius = np.clip(np.ceil(10.0 * sigma / step) + 1, 1, 4096)
             total += int(48 * (2 * radius + 1).sum()) + 320 * radius.size
         return total
@@ -243,12 +263,14 @@ def _cache_profiles_dir() -> Path | None:
 
 def find_profile(identity: dict, path: str | None = None) -> Profile | None:
     """The profile for this model: an explicit path (must match), else a shipped one, else one in
-    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Corrupt files found while searching are skipped."""
+    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Within a folder the newest profile version wins
+    (a model may ship its version-1 profile beside its version-2 one, for files that name it), then the
+    first by name. Corrupt files found while searching are skipped."""
     if path is not None:
         prof = Profile.load(path)
         prof.check_model(identity)
         return prof
-    return _search(lambda prof: prof.matches(identity))
+    return _search(lambda prof: prof.matches(identity), newest=True)
 
 
 def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | None = None) -> Profile | None:
@@ -261,19 +283,26 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
     return _search(lambda prof: prof.sha256 == sha256)
 
 
-def _search(wanted: Callable[[Profile], bool]) -> Profile | None:
-    """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts;
-    unreadable or corrupt files met on the way are skipped, not fatal."""
+def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile | None:
+    """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts —
+    with ``newest``, the one of the highest profile version in the first folder holding any, first by name
+    among equals; unreadable or corrupt files met on the way are skipped, not fatal."""
     for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
         if folder is None or not folder.is_dir():
             continue
+        best = None
         for candidate in sorted(folder.glob("*.kvcp")):
             try:
                 prof = Profile.load(candidate)
             except (ProfileError, FormatError, OSError):
                 continue
             if wanted(prof):
-                return prof
+                if not newest:
+                    return prof
+                if best is None or prof.version > best.version:
+                    best = prof
+        if best is not None:
+            return best
     return None
 
 
@@ -329,11 +358,14 @@ def rotary_for(lm) -> dict | None:
 
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
                 sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
+                fisher_samples: int = FISHER_SAMPLES, fisher_continuation: int = 128,
                 on_progress: Callable[[str, int, int], None] | None = None) -> Profile:
     """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
 
     PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
-    ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation."""
+    ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation; the
+    per-coefficient sensitivity (version 2's ``step``) from as many texts, with contexts of up to ``tokens``
+    and ``fisher_continuation`` continuation tokens."""
     from kvc.codec.transforms import pca_forward
     from kvc.runtime.identity import model_identity
     from kvc.runtime.prefill import prefill, tokenize
@@ -409,15 +441,104 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
     warnings += sens_warnings
     base = 1.0 / np.sqrt(np.maximum(sens, 1e-12 * max(float(sens.max()), 1e-30)))
     base = base / math.exp(float(np.log(base).mean()))  # geometric mean 1: levels scale it
+    fisher, fisher_warnings = _fisher(lm, kvs, basis, rotary, sensitivity_texts, tokens, continuation,
+                                      fisher_continuation, sinks, fisher_samples, seed, progress)
+    warnings += fisher_warnings
+    step = _component_steps(fisher, base, kd, vd)
     fit = {"texts": len(texts), "tokens": tokens, "sensitivity_texts": sensitivity_texts,
            "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed,
+           "fisher_samples": fisher_samples, "fisher_continuation": fisher_continuation,
            "sliding_layers": [i for i, lay in enumerate(first.layers) if lay.start > 0],
            "warnings": warnings}
     ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
     return Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
                    arrays={"mean": mean, "basis": basis, "sigma": sigma, "cdf": cdf,
-                           "base_step": base.astype(np.float32), "sensitivity": sens.astype(np.float32)},
+                           "base_step": base.astype(np.float32), "sensitivity": sens.astype(np.float32),
+                           "step": step},
                    fit=fit)
+
+
+def _component_steps(fisher: np.ndarray | None, base: np.ndarray, kd: int, vd: int) -> np.ndarray:
+    """Version 2's ``step`` ``[L, 2, H, D]`` (float32) from the per-coefficient sensitivity ``s`` (``_fisher``):
+    ``s^-1/2`` (floored at 1e-6 of the largest ``s``), times the one constant that gives it the KL the per-head
+    ``base`` steps predict, ``Σ s·step² = Σ s·base²`` over every coefficient, so a level's scale means about
+    what it meant with version-1 steps. Without a measured ``s``, each head's ``base`` for all its coefficients.
+    Coefficients past a kind's dim are never coded: 1."""
+    L, _, H = base.shape
+    D = max(kd, vd)
+    step = np.ones((L, 2, H, D))
+    for k, dim in ((0, kd), (1, vd)):
+        step[:, k, :, :dim] = base[:, k, :, None]
+    if fisher is None:
+        return step.astype(np.float32)
+    live = np.zeros((L, 2, H, D), bool)
+    live[:, 0, :, :kd] = True
+    live[:, 1, :, :vd] = True
+    s = np.maximum(fisher, 1e-6 * max(float(fisher[live].max()), 1e-30))
+    raw = 1.0 / np.sqrt(s)
+    c = math.sqrt(float((s * step**2)[live].sum()) / float((s * raw**2)[live].sum()))
+    return np.where(live, c * raw, 1.0).astype(np.float32)
+
+
+def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, sinks, samples, seed,
+            progress) -> tuple[np.ndarray | None, list[str]]:
+    """Per-coefficient sensitivity ``s[l, k, h, d]`` (float64, ``[L, 2, H, D]``): the diagonal of the KL's Hessian
+    in PCA coordinates, summed over the context's tokens, so that noise of variance ``v_d`` on coefficient ``d``
+    of every token costs KL ≈ ½·Σ_d s_d·v_d. On the texts the per-head sensitivity uses (the first ``n_texts``
+    with at least 32 + ``short`` tokens), with ``n = min(continuation, length − 32)`` continuation tokens after a
+    context of ``min(ctx_tokens, length − n)`` tokens, ``samples`` times:
+    continuation tokens are drawn from the model's own next-token distributions (teacher-forced on
+    the real continuation), and the gradient ``g`` of their summed log-probability with respect to the cache
+    (keys un-rotated, projected on the basis: ``∂/∂c = ∂/∂x · B``) gives ``s += g²`` (Fisher identity: its
+    expectation is the Hessian). Tokens at positions < ``sinks`` are left out (stored raw)."""
+    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
+    from kvc.runtime.cache import to_transformers_cache
+    from kvc.runtime.prefill import prefill
+
+    L, _, H, D = basis.shape[:4]
+    chosen = [ids for ids, _ in kvs if len(ids) >= 32 + short][:n_texts]
+    if not chosen or samples < 1:  # (no text: _sensitivity has said so, and every step is the same)
+        return None, []
+    inv_freq = rope_inv_freq(rotary["theta"], rotary["dim"]) if rotary else None
+    s = np.zeros((L, 2, H, D))
+    gen = torch.Generator().manual_seed(seed)
+    total, done = len(chosen) * samples, 0
+    for ids in chosen:
+        n_cont = min(continuation, len(ids) - 32)
+        n_ctx = min(ctx_tokens, len(ids) - n_cont)
+        cont = ids[n_ctx : n_ctx + n_cont]
+        ctx = prefill(lm, ids[:n_ctx])
+        leaves = []
+        for lay in ctx.layers:
+            lay.key = lay.key.detach().float().clone().requires_grad_(True)
+            lay.value = lay.value.detach().float().clone().requires_grad_(True)
+            leaves += [lay.key, lay.value]
+        ids_t = torch.tensor([cont], device=lm.device)
+        positions = torch.arange(n_ctx, n_ctx + len(cont), device=lm.device)
+        for _ in range(samples):
+            cache = to_transformers_cache(ctx, lm.model.config, device=lm.device)
+            with torch.enable_grad():
+                logits = lm.model(input_ids=ids_t, past_key_values=cache, use_cache=True,
+                                  cache_position=positions).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                drawn = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen)[:, 0].to(logp.device)
+                total_logp = logp[torch.arange(len(drawn), device=logp.device), drawn].sum()
+                grads = torch.autograd.grad(total_logp, leaves, allow_unused=True)
+            for layer, lay in enumerate(ctx.layers):
+                skip = max(0, sinks - lay.start)
+                for k in (0, 1):
+                    g = grads[2 * layer + k]
+                    if g is None or g.shape[1] <= skip:
+                        continue
+                    g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
+                    if k == 0 and inv_freq is not None:  # the gradient of the pre-rotary keys: R^T g
+                        g = unrotate_keys(g, lay.start + skip, inv_freq)
+                    dim = g.shape[2]
+                    b = torch.from_numpy(basis[layer, k, :, :dim, :dim].astype(np.float64))
+                    s[layer, k, :, :dim] += torch.bmm(g, b).pow(2).sum(1).numpy() / (samples * len(chosen))
+            done += 1
+            progress("fisher", done, total)
+    return s, []
 
 
 def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progress) -> tuple[np.ndarray, list[str]]:

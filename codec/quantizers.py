@@ -1,8 +1,9 @@
 """Scalar quantisers and the high-precision sink store.
 
-* uniform: one step per (layer, kind, head) shared by every coefficient of the head — in an
-  orthonormal (PCA) basis a common step is the MSE-optimal allocation at high rate, and the
-  per-head steps carry the model's sensitivity;
+* uniform: one step per (layer, kind, head, PCA coefficient) — a version-2 profile's ``step``, from the
+  model's own sensitivity to each coefficient (the KL Hessian's diagonal), which is the KL-optimal
+  allocation at high rate; a version-1 profile has one step per head (``base_step``) shared by every
+  coefficient of the head (the MSE-optimal allocation in an orthonormal basis);
 * per-token absmax scaling (CacheGen as published): each token's step is ``max|x| / (2^(b-1)-1)``;
 * sinks: the first few positions of a context draw attention from every later token, so they are
   stored as float16 (or raw in the model dtype when float16 cannot hold them) instead of quantised.
@@ -21,8 +22,8 @@ SYMBOL_LIMIT = 1 << 30  # |symbol| cap: no float outlier can overflow the intege
 
 
 def quantize_uniform(coef: torch.Tensor, step: torch.Tensor) -> np.ndarray:
-    """``round(coef / step)``; coef ``[H, T, D]``, step ``[H]``; int64 numpy, NaN → 0, ±inf → ±cap."""
-    q = torch.round(coef / step[:, None, None])
+    """``round(coef / step)``; coef ``[H, T, D]``, step ``[H]`` or ``[H, D]``; int64 numpy, NaN → 0, ±inf → ±cap."""
+    q = torch.round(coef / (step[:, None, None] if step.dim() == 1 else step[:, None, :]))
     q = torch.nan_to_num(q, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT).clamp(-SYMBOL_LIMIT, SYMBOL_LIMIT)
     return q.to(torch.int64).numpy()
 

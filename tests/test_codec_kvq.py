@@ -291,3 +291,83 @@ def test_smollm2_error_bound_and_kl(smollm2):
     coarse_kv = _decode_all(coarse, ref_kv, 256)
     kl_coarse = compare(ref, continuation_logprobs(lm, coarse_kv, cont), cont).kl
     assert kl_coarse > 3 * kl and kl_coarse > 0.02
+
+
+def _as_version_1(profile: Profile) -> Profile:
+    """The same profile without per-coefficient steps: a version-1 profile (per-head ``base_step``)."""
+    arrays = {k: v for k, v in profile.arrays.items() if k != "step"}
+    return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
+                   value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
+                   fit=profile.fit)
+
+
+def test_profile_versions_and_per_coefficient_steps(tiny_profile):
+    # fit_profile writes version 2: one step per (layer, kind, head, coefficient), and they differ
+    assert tiny_profile.version == 2
+    step = tiny_profile.arrays["step"]
+    assert step.shape == tiny_profile.arrays["sigma"].shape and np.all(step > 0)
+    assert len(np.unique(step[:, :, :, : tiny_profile.key_dim])) > step.shape[0] * 2 * step.shape[2]
+    # a version-1 profile still round-trips as version 1 and steps every coefficient of a head alike
+    old = _as_version_1(tiny_profile)
+    data = old.to_bytes()
+    assert int.from_bytes(data[8:10], "little") == 1
+    again = Profile.from_bytes(data)
+    assert again.version == 1 and "step" not in again.arrays and again.sha256 == old.sha256
+    codec = build_codec(level_entry("balanced", again), again)
+    assert torch.equal(codec.steps(1, 0), codec.steps(1, 0)[:, :1].expand(-1, again.key_dim))
+    scale = LEVEL_SCALES["balanced"]
+    assert np.array_equal(codec.steps(1, 0)[:, 0].numpy(), again.arrays["base_step"][1, 0].astype(np.float64) * scale)
+    # the v2 codec uses its per-coefficient steps
+    v2 = build_codec(level_entry("balanced", tiny_profile), tiny_profile)
+    assert np.array_equal(v2.steps(1, 0).numpy(), step[1, 0, :, : tiny_profile.key_dim].astype(np.float64) * scale)
+
+
+def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_profile):
+    """Version 1 is version 2 with every coefficient of a head at the head's step: the same bytes and values,
+    so generalising the steps changed nothing for files made with version-1 profiles."""
+    old = _as_version_1(tiny_profile)
+    flat = _as_version_1(tiny_profile)
+    per_head = np.repeat(old.arrays["base_step"][..., None], old.arrays["sigma"].shape[-1], -1)
+    flat.arrays = dict(flat.arrays, step=per_head)
+    assert flat.version == 2 and flat.sha256 != old.sha256
+    kv = _kv(tiny_llama)
+    for level in ("high", "tiny"):
+        a = build_codec({"codec": "kvq", "params": {"scale": LEVEL_SCALES[level]}}, old)
+        b = build_codec({"codec": "kvq", "params": {"scale": LEVEL_SCALES[level]}}, flat)
+        for layer in (0, 1):
+            for kind in ("key", "value"):
+                t = getattr(kv.layers[layer], kind)
+                blob_a, y_a, _ = _roundtrip(a, t, layer, kind, 0)
+                blob_b, y_b, _ = _roundtrip(b, t, layer, kind, 0)
+                assert blob_a == blob_b and torch.equal(y_a, y_b)
+
+
+def test_version_2_profile_tensors_are_checked(tiny_profile):
+    import json
+    import struct
+
+    data = tiny_profile.to_bytes()
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    header = json.loads(data[16 : 16 + hlen])
+
+    def rebuild(header, version=2):
+        import hashlib
+
+        hj = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        body = data[:8] + struct.pack("<HHI", version, 0, len(hj)) + hj + data[16 + hlen : -32]
+        return body + hashlib.sha256(body).digest()
+
+    assert Profile.from_bytes(rebuild(header)).sha256 == tiny_profile.sha256
+    with pytest.raises(ProfileError):  # version 2 without its step tensor
+        Profile.from_bytes(rebuild(dict(header, tensors=[t for t in header["tensors"] if t["name"] != "step"])))
+    with pytest.raises(ProfileError):  # a version-1 profile may not carry one
+        Profile.from_bytes(rebuild(header, version=1))
+    from kvc.errors import VersionError
+
+    with pytest.raises(VersionError):
+        Profile.from_bytes(rebuild(header, version=3))
+    bad = dict(tiny_profile.arrays, step=-tiny_profile.arrays["step"])
+    forged = _as_version_1(tiny_profile)
+    forged.arrays = bad
+    with pytest.raises(ProfileError):
+        Profile.from_bytes(forged.to_bytes())

@@ -466,7 +466,7 @@ def test_a_valid_payload_of_other_data_fails_verify_deep(files, lm, profile, pro
 def test_a_lossy_payload_inside_the_error_bound_is_still_caught(files, lm, profile):
     """The smallest change a forger can make to a kvq level moves values by less than the quantiser's
     error bound; re-encoding the fresh prefill still tells."""
-    step = float(kvc.open(files["balanced"], profile=profile)._codec("balanced").steps(2, 1)[0])
+    step = float(kvc.open(files["balanced"], profile=profile)._codec("balanced").steps(2, 1)[0, 0])
     direction = torch.from_numpy(profile.arrays["basis"][2, 1, 0].astype(np.float32))[:, 0]  # a value direction
 
     def nudge(piece, scale):  # one token of one head moved along one PCA direction
