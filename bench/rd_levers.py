@@ -135,17 +135,24 @@ def symbol_bits(q, lp, R, bounds):
     return bits
 
 
-def lp_of(q, lp, R):
-    """-log2 p of symbols q for every channel: q [H, T, D] → bits [H, T, D] (escape ends counted +32)."""
+def per_channel(q, R, tables):
+    """For q [H, T, D]: (tables[c][symbol of q] with channel c = h·D + d and the value clipped to its
+    alphabet ±R[c], whether the value is an escape end), both [H, T, D]."""
     H, T, D = q.shape
-    out = np.empty(q.shape)
+    looked, esc = np.empty(q.shape), np.empty(q.shape, dtype=bool)
     for h in range(H):
         for d in range(D):
             c = h * D + d
             r = R[c]
-            s = np.clip(q[h, :, d], -r, r) + r
-            out[h, :, d] = -lp[c][s] + 32 * (np.abs(q[h, :, d]) >= r)
-    return out
+            looked[h, :, d] = tables[c][np.clip(q[h, :, d], -r, r) + r]
+            esc[h, :, d] = np.abs(q[h, :, d]) >= r
+    return looked, esc
+
+
+def lp_of(q, lp, R):
+    """-log2 p of symbols q for every channel: q [H, T, D] → bits [H, T, D] (escape ends counted +32)."""
+    log_p, esc = per_channel(q, R, lp)
+    return -log_p + 32 * esc
 
 
 def quantise(c, steps, rule, lp=None, R=None, weight=None):
@@ -192,19 +199,8 @@ def reconstruct(q, steps, rec, ratio=None, R=None, cdf=None, cache=None):
         d = rec[1]
         return (q - d * np.sign(q)) * steps[:, None, :]
     if rec[0] == "centroid":
-        cen = cache
-        H, T, D = q.shape
-        out = np.empty(q.shape)
-        for h in range(H):
-            for dd in range(D):
-                c = h * D + dd
-                r = R[c]
-                s = np.clip(q[h, :, dd], -r, r) + r
-                v = cen[c][s]
-                esc = np.abs(q[h, :, dd]) >= r
-                v = np.where(esc, q[h, :, dd], v)
-                out[h, :, dd] = v
-        return out * steps[:, None, :]
+        centre, esc = per_channel(q, R, cache)
+        return np.where(esc, q, centre) * steps[:, None, :]
     raise ValueError(rec)
 
 
