@@ -272,14 +272,13 @@ class Container:
         head = read_head(source.read, source.size, name)
         self.header, self.version, self.data_start = head.header, head.version, head.data_start
 
-    def payload(self, chunk_index: int, level: str, thorough: bool = False) -> tuple[dict, bytes]:
-        """The checked payload of one chunk at one level, with its index entry (``thorough``: every
-        checksum the entry carries, not only the fastest; kvc.formats.digests)."""
+    def payload(self, chunk_index: int, level: str) -> tuple[dict, bytes]:
+        """The checked payload of one chunk at one level, with its index entry."""
         chunk = self.header["chunks"][chunk_index]
         for enc in chunk["encodings"]:
             if enc["level"] == level:
                 data = self._source.read(self.data_start + enc["offset"], enc["length"], f"chunk {chunk_index}")
-                if not payload_intact(enc, data, thorough):
+                if not payload_intact(enc, data):
                     raise FormatError(
                         f"{self.name}: chunk {chunk_index} ({level}) checksum mismatch (the file is corrupt)"
                     )
