@@ -198,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--continuation", type=int, default=128)
     ap.add_argument("--only", default="", help="comma-separated substrings of method names to run")
+    ap.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: the embedded "
+                    "SmolLM2); give its profile with --profile unless one is installed for it")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--texts", default="", help="comma-separated files or genre names (code, legal, technical, "
@@ -209,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--tail", type=int, default=None, help="tail tokens the estimate is measured on "
                     "(default: kvc.codec.targeting.TAIL)")
     args = ap.parse_args(argv)
-    lm = load_model(None, device="cpu")
+    lm = load_model(args.model, device="cpu")
     profile = find_profile(model_identity(lm), args.profile)
     if args.texts:
         ctxs = text_contexts(lm, args.texts.split(","), args.tokens, args.continuation)[: args.contexts]

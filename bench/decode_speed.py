@@ -79,8 +79,8 @@ def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
                 if T == n_sink:
                     continue
                 x = piece[:, n_sink:].double()
-                if k == 0 and codec._inv_freq is not None:
-                    x = unrotate_keys(x, a + n_sink, codec._inv_freq)
+                if k == 0 and codec._inv_freq(i) is not None:
+                    x = unrotate_keys(x, a + n_sink, codec._inv_freq(i))
                 mean, analysis, *_ = codec._matrices(i, k, D)
                 q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), codec.steps(i, k))
                 sym = q.transpose(0, 2, 1).reshape(H * D, T - n_sink)

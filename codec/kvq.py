@@ -105,7 +105,18 @@ class KvqCodec:
         self._banks = self._mats = _shared_state(profile, self.scale)
         self._steps: dict[tuple[int, int], torch.Tensor] = {}
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._inv_freq = rope_inv_freq(profile.rotary["theta"], profile.rotary["dim"]) if profile.rotary else None
+        self._inv_freqs: dict[float, np.ndarray] = {}
+
+    def _inv_freq(self, layer: int) -> np.ndarray | None:
+        """The rotary frequencies keys of ``layer`` are un-rotated with (None: keys are coded as they are).
+        A version-3 profile gives each layer its own base (e.g. Gemma 3's local and global layers)."""
+        if self.profile.rotary is None:
+            return None
+        theta = self.profile.rotary_theta(layer)
+        freqs = self._inv_freqs.get(theta)
+        if freqs is None:
+            freqs = self._inv_freqs[theta] = rope_inv_freq(theta, self.profile.rotary["dim"])
+        return freqs
 
     # ---- per (layer, kind) state, built lazily and cached ----
     def _dims(self, segment: Segment) -> tuple[int, int, int]:
@@ -163,14 +174,15 @@ class KvqCodec:
         bank, base = built
         return bank, base[(layer, k)]
 
-    def _cos_sin(self, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (cos a, signed sin a) for re-rotation, cached: every layer of a chunk shares them."""
-        key = (start, tokens)
+    def _cos_sin(self, layer: int, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (cos a, signed sin a) for re-rotation, cached: every layer of a chunk with the same rotary
+        base shares them."""
+        key = (self.profile.rotary_theta(layer), start, tokens)
         cs = self._rope.get(key)
         if cs is None:
             if len(self._rope) > 64:
                 self._rope.clear()
-            cos, sin = rope_cos_sin(start, tokens, self._inv_freq)
+            cos, sin = rope_cos_sin(start, tokens, self._inv_freq(layer))
             half = sin.shape[1] // 2
             sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=1)  # folds rotate_half's sign in
             cs = self._rope[key] = (cos.float(), sin.float())
@@ -228,7 +240,7 @@ class KvqCodec:
         dim = p.key_dim if k == 0 else p.value_dim
         B = np.abs(p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))  # [H, D, D]
         b = 0.5 * (B * self.steps(layer, k).numpy()[:, None, :]).sum(axis=2)  # [H, D]: per output element
-        if k == 0 and self._inv_freq is not None:
+        if k == 0 and self.profile.rotary is not None:
             half = dim // 2
             pair = np.sqrt(b[:, :half] ** 2 + b[:, half:] ** 2)
             b = np.concatenate([pair, pair], axis=1)
@@ -299,8 +311,8 @@ class KvqCodec:
         torch.nan_to_num(w, nan=0.0, out=w)
         big = _finite_range(x.dtype)
         w.clamp_(-big, big)
-        if k == 0 and self._inv_freq is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
-            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq)
+        if k == 0 and self.profile.rotary is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq(layer))
             half = w.shape[-1] // 2
             r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
             r.mul_(sin)
@@ -560,8 +572,8 @@ class KvqCodec:
         if coef.device.type != "cpu":
             mean32, synth = self._on_device(("m", layer, k), (mean32, synth), coef.device)
         x = torch.baddbmm(mean32[:, None, :], coef, synth)
-        if k == 0 and self._inv_freq is not None:
-            cos, sin = self._cos_sin(first, coef.shape[1])
+        if k == 0 and self.profile.rotary is not None:
+            cos, sin = self._cos_sin(layer, first, coef.shape[1])
             if coef.device.type != "cpu":
                 cos, sin = cos.to(coef.device), sin.to(coef.device)
             half = coef.shape[2] // 2
@@ -580,8 +592,8 @@ class KvqCodec:
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
         x = torch.baddbmm(mean32[:, None, :], coef, synth)
         cos = sin = None
-        if k == 0 and self._inv_freq is not None:
-            cos, sin = (t.numpy() for t in self._cos_sin(first, coef.shape[1]))
+        if k == 0 and self.profile.rotary is not None:
+            cos, sin = (t.numpy() for t in self._cos_sin(layer, first, coef.shape[1]))
         finish_into(x.numpy(), out.numpy(), lead, cos, sin)
 
     def _on_device(self, key, tensors: tuple, device: torch.device) -> tuple:
@@ -632,8 +644,8 @@ class KvqCodec:
             _, _, _, mean32, synth = self._matrices(layer, k, dim)
             coef = torch.from_numpy(q.astype(np.float32).reshape(H, D, body)).transpose(1, 2)  # [H, body, D]
             x = torch.baddbmm(mean32[:, None, :], coef, synth)
-            if k == 0 and self._inv_freq is not None:
-                cos, sin = self._cos_sin(segment.start + n_sink, body)
+            if k == 0 and self.profile.rotary is not None:
+                cos, sin = self._cos_sin(layer, segment.start + n_sink, body)
                 half = D // 2
                 rot = x * cos
                 rot[..., :half].addcmul_(x[..., half:], sin[:, :half])
@@ -651,8 +663,8 @@ class KvqCodec:
         H, T, D = segment.shape
         n_sink = sink_count(segment.start, T, self.sinks)
         x = tensor[:, n_sink:].double()
-        if k == 0 and self._inv_freq is not None:
-            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq)
+        if k == 0 and self.profile.rotary is not None:
+            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq(layer))
         mean, analysis, *_ = self._matrices(layer, k, dim)
         q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))
         sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, T - n_sink))

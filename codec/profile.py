@@ -28,7 +28,7 @@ import torch
 from kvc.errors import FormatError, ProfileError, VersionError
 
 MAGIC = b"KVCPROF\x00"
-VERSION = 2  # the newest profile version this kvc reads and the one fit_profile writes; 1 still reads
+VERSION = 3  # the newest profile version this kvc reads; fit_profile writes 3 only for per-layer rotary bases
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
 MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
@@ -53,7 +53,7 @@ class Profile:
     heads: int
     key_dim: int
     value_dim: int
-    rotary: dict | None  # {"theta": float, "dim": int} when keys are un-rotated before coding
+    rotary: dict | None  # {"theta": float, "dim": int[, "layer_theta": [float] * layers]} when keys are un-rotated
     sinks: int
     arrays: dict[str, np.ndarray]
     fit: dict = field(default_factory=dict)  # how it was fitted (texts, tokens, timings): informative only
@@ -62,8 +62,16 @@ class Profile:
 
     @property
     def version(self) -> int:
-        """2 when the profile holds per-coefficient steps (``step``), else 1."""
+        """3 when keys are un-rotated with a base per layer (``rotary.layer_theta``; it holds ``step`` too),
+        2 when the profile holds per-coefficient steps (``step``), else 1. Each version is the oldest that
+        can describe the profile, so profiles that need nothing new keep the version older kvc reads."""
+        if self.rotary is not None and "layer_theta" in self.rotary:
+            return 3
         return 2 if "step" in self.arrays else 1
+
+    def rotary_theta(self, layer: int) -> float:
+        """The rotary base keys of ``layer`` are un-rotated with (the profile must have ``rotary``)."""
+        return layer_theta(self.rotary, layer)
 
     def component_steps(self, layer: int | None = None, k: int | None = None) -> np.ndarray:
         """float64 base steps per coefficient, ``[L, 2, H, D]`` (or ``[H, D]`` for one (layer, kind)): version 2's
@@ -81,7 +89,9 @@ class Profile:
             return self._bytes
         version = self.version
         tensors, blob, offset = [], bytearray(), 0
-        for name, dtype in (_FIELDS if version == 2 else _FIELDS_V1).items():
+        if version == 3 and "step" not in self.arrays:
+            raise ProfileError("a profile with per-layer rotary bases needs per-coefficient steps (version 3)")
+        for name, dtype in (_FIELDS if version >= 2 else _FIELDS_V1).items():
             arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
             data = arr.tobytes()
             tensors.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
@@ -195,6 +205,16 @@ class Profile:
             rotary = {"theta": float(theta), "dim": dim}
             if dim != kd or kd % 2 or not 0.0 < rotary["theta"] <= 1e12:
                 raise ProfileError("profile rotary parameters are inconsistent")
+            thetas = header["rotary"].get("layer_theta")
+            if version >= 3:  # version 3 is exactly "a base per layer": the list must be there, one per layer
+                need(type(thetas) is list and len(thetas) == L, "rotary.layer_theta must list one base per layer")
+                need(all(type(t) in (int, float) and 0.0 < t <= 1e12 for t in thetas),
+                     "rotary.layer_theta values must be numbers in (0, 1e12]")
+                rotary["layer_theta"] = [float(t) for t in thetas]
+            elif thetas is not None:
+                raise ProfileError("profile rotary.layer_theta needs profile version 3")
+        if version >= 3 and rotary is None:
+            raise ProfileError("profile header is malformed: version 3 needs rotary.layer_theta")
         prof = cls(identity=dict(identity), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
                    sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}))
         prof._bytes = raw
@@ -308,12 +328,19 @@ def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile 
 
 # ---------------------------------------------------------------- fitting
 
-def _pre_frame(tensor: torch.Tensor, kind: str, start: int, rotary: dict | None) -> torch.Tensor:
+def layer_theta(rotary: dict, layer: int) -> float:
+    """The rotary base of ``layer`` under a profile's ``rotary`` settings: its own (``layer_theta``,
+    version 3) or the one shared base."""
+    thetas = rotary.get("layer_theta")
+    return float(thetas[layer]) if thetas is not None else float(rotary["theta"])
+
+
+def _pre_frame(tensor: torch.Tensor, kind: str, layer: int, start: int, rotary: dict | None) -> torch.Tensor:
     from kvc.codec.transforms import rope_inv_freq, unrotate_keys
 
     x = tensor.double()
     if kind == "key" and rotary is not None:
-        x = unrotate_keys(x, start, rope_inv_freq(rotary["theta"], rotary["dim"]))
+        x = unrotate_keys(x, start, rope_inv_freq(layer_theta(rotary, layer), rotary["dim"]))
     return x
 
 
@@ -341,13 +368,15 @@ def rotary_plan(lm) -> tuple[dict | None, str | None]:
     if types != ["default"]:
         return None, (f"rotary type {'/'.join(types)} (scaled rope) is not undone by kvq: keys are coded with the "
                       f"rotary embedding in them")
-    if len(thetas) > 1:
-        return None, (f"layers use different rotary bases ({', '.join(f'{t:g}' for t in thetas)}); kvq un-rotates "
-                      f"with one: keys are coded with the rotary embedding in them")
     if partial not in (None, 1, 1.0):
         return None, f"rotary covers {partial:g} of each head (partial rotary): keys are coded with it in them"
     if head_dim % 2:
         return None, f"odd head dim {head_dim}: keys are coded with the rotary embedding in them"
+    if len(layers) != text.num_hidden_layers or any(e.get("rope_theta") is None for e in layers):
+        return None, "the config does not give every layer a rotary base: keys are coded with the rotary embedding in them"
+    if len(thetas) > 1:  # e.g. Gemma 3: local layers at 1e4, global ones at 1e6 (profile version 3)
+        first = float(layers[0]["rope_theta"])
+        return {"theta": first, "dim": int(head_dim), "layer_theta": [float(e["rope_theta"]) for e in layers]}, None
     return {"theta": thetas[0], "dim": int(head_dim)}, None
 
 
@@ -401,7 +430,7 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
             xs = []
             for _, kv in kvs:
                 lay = kv.layers[layer]
-                x = _pre_frame(getattr(lay, kind), kind, lay.start, rotary)
+                x = _pre_frame(getattr(lay, kind), kind, layer, lay.start, rotary)
                 skip = max(0, sinks - lay.start)  # sinks are stored raw, never through the model
                 if x.shape[1] > skip:
                     xs.append(x[:, skip:])
@@ -499,7 +528,7 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, si
     chosen = [ids for ids, _ in kvs if len(ids) >= 32 + short][:n_texts]
     if not chosen or samples < 1:  # (no text: _sensitivity has said so, and every step is the same)
         return None, []
-    inv_freq = rope_inv_freq(rotary["theta"], rotary["dim"]) if rotary else None
+    inv_freqs = [rope_inv_freq(layer_theta(rotary, i), rotary["dim"]) if rotary else None for i in range(L)]
     s = np.zeros((L, 2, H, D))
     gen = torch.Generator().manual_seed(seed)
     total, done = len(chosen) * samples, 0
@@ -531,8 +560,8 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, si
                     if g is None or g.shape[1] <= skip:
                         continue
                     g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
-                    if k == 0 and inv_freq is not None:  # the gradient of the pre-rotary keys: R^T g
-                        g = unrotate_keys(g, lay.start + skip, inv_freq)
+                    if k == 0 and inv_freqs[layer] is not None:  # the gradient of the pre-rotary keys: R^T g
+                        g = unrotate_keys(g, lay.start + skip, inv_freqs[layer])
                     dim = g.shape[2]
                     b = torch.from_numpy(basis[layer, k, :, :dim, :dim].astype(np.float64))
                     s[layer, k, :, :dim] += torch.bmm(g, b).pow(2).sum(1).numpy() / (samples * len(chosen))

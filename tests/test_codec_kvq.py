@@ -364,8 +364,10 @@ def test_version_2_profile_tensors_are_checked(tiny_profile):
         Profile.from_bytes(rebuild(header, version=1))
     from kvc.errors import VersionError
 
-    with pytest.raises(VersionError):
+    with pytest.raises(ProfileError, match="layer_theta"):  # version 3 is version 2 plus a base per layer
         Profile.from_bytes(rebuild(header, version=3))
+    with pytest.raises(VersionError):
+        Profile.from_bytes(rebuild(header, version=4))
     bad = dict(tiny_profile.arrays, step=-tiny_profile.arrays["step"])
     forged = _as_version_1(tiny_profile)
     forged.arrays = bad

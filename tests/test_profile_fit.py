@@ -44,16 +44,16 @@ def test_rotary_settings_are_read_wherever_the_config_nests_them():
     # per layer type, one base for both: un-rotated
     rot, why = rotary_plan(_lm_of(_config("gemma3-one-base")))
     assert rot == {"theta": 10000.0, "dim": 16} and why is None
-    # per layer type, two bases: kvq un-rotates with one, so it must not, and must say why
+    # per layer type, two bases: each layer is un-rotated with its own (a version-3 profile)
     cfg = _config("gemma3")
     rot, why = rotary_plan(_lm_of(cfg))
-    assert rot is None and "different rotary bases" in why and "1e+06" in why
+    assert rot == {"theta": 10000.0, "dim": 16, "layer_theta": [1e4, 1e6, 1e4, 1e6]} and why is None
     info = rope_info(cfg)
     assert info["rope_type"] == "per-layer" and info["rope_theta"] is None
     assert info["rope_layer_types"]["full_attention"]["rope_theta"] == 1e6
     # a text sub-config of a multimodal config
     mm = Gemma3Config(text_config=cfg.to_dict())
-    assert rotary_plan(_lm_of(mm))[0] is None and "different rotary bases" in rotary_plan(_lm_of(mm))[1]
+    assert rotary_plan(_lm_of(mm)) == (rot, None)
     # scaled rope (old rope_scaling spelling, or a rope_type other than default): recorded, not applied
     rot, why = rotary_plan(_lm_of(LlamaConfig(rope_scaling={"type": "linear", "factor": 2.0})))
     assert rot is None and "linear" in why
@@ -78,10 +78,11 @@ def test_sensitivity_is_measured_on_sliding_window_layers(models, arch):
     assert len(np.unique(prof.arrays["base_step"])) == prof.arrays["base_step"].size
     warnings = prof.fit["warnings"]
     assert not any(w.startswith("sensitivity") for w in warnings)
+    assert warnings == []
     if arch == "gemma3":
-        assert prof.rotary is None and any(w.startswith("rotary:") for w in warnings)
+        assert prof.rotary["layer_theta"] == [1e4, 1e6, 1e4, 1e6] and prof.version == 3
     else:
-        assert prof.rotary == {"theta": 50000.0, "dim": 16} and warnings == []
+        assert prof.rotary == {"theta": 50000.0, "dim": 16} and prof.version == 2
     again = Profile.from_bytes(prof.to_bytes())  # the record survives the file
     assert again.fit["warnings"] == warnings and again.fit["sliding_layers"] == sliding
 
@@ -93,17 +94,80 @@ def test_a_profile_that_falls_back_records_it(models):
     assert len(prof.fit["warnings"]) == 1 and prof.fit["warnings"][0].startswith("sensitivity: no calibration text")
 
 
+def test_keys_are_unrotated_with_each_layers_own_base(models):
+    """Gemma 3 rotates local layers' keys with base 1e4 and global ones' with 1e6: un-rotating the cached
+    keys with the profile's base for each layer gives back exactly the keys before rotary (captured
+    from the model's own k_norm output), sliding-window layers (a suffix of the context) included."""
+    import torch
+
+    from kvc.codec.profile import _pre_frame
+    from kvc.runtime.prefill import prefill, tokenize
+
+    lm = load_model(str(models["gemma3"]), device="cpu")
+    rot, _ = rotary_plan(lm)
+    pre = {}
+    hooks = [layer.self_attn.k_norm.register_forward_hook(lambda m, i, o, n=n: pre.__setitem__(n, o.detach()))
+             for n, layer in enumerate(lm.model.model.layers)]
+    ids = tokenize(lm, TEXT)[:120]
+    try:
+        kv = prefill(lm, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert any(lay.start > 0 for lay in kv.layers), "a sliding layer must keep only a suffix"
+    for n, lay in enumerate(kv.layers):
+        got = _pre_frame(lay.key, "key", n, lay.start, rot)
+        want = pre[n][0, :, lay.start : len(ids)].double()
+        assert torch.allclose(got, want, atol=1e-4), n
+        if n % 2:  # the other base would not undo a global layer's rotation
+            wrong = _pre_frame(lay.key, "key", n, lay.start, {"theta": 1e4, "dim": 16})
+            assert not torch.allclose(wrong, want, atol=1e-2)
+
+
+def test_a_version_3_profile_round_trips_and_older_versions_are_refused_its_field(models, tmp_path):
+    lm = load_model(str(models["gemma3"]), device="cpu")
+    prof = fit_profile(lm, [TEXT], tokens=120, sensitivity_tokens=64, continuation=16)
+    again = Profile.from_bytes(prof.to_bytes())
+    assert again.version == 3 and again.rotary == prof.rotary and again.rotary_theta(1) == 1e6
+    import kvc
+    from kvc.runtime.identity import model_identity
+
+    ids = kvc.tokenize(lm, TEXT)[:120]
+    kv = kvc.prefill(lm, ids)
+    f = kvc.open(kvc.encode_kv(kv, model_identity(lm), ["balanced"], profile=prof), profile=again)
+    out = f.read("balanced")
+    codec = f._codec("balanced")
+    for n, (lay, dec) in enumerate(zip(kv.layers, out.layers)):
+        for a in range(0, lay.key.shape[1], 256):
+            x = lay.key[:, a : a + 256]
+            err = (dec.key[:, a : a + 256].double() - x.double()).abs()
+            assert bool((err <= codec.element_error_bound(n, "key", x, lay.start + a).double()).all()), n
+    # the per-layer list is version 3's alone: a version-2 header that carries it is refused
+    import hashlib
+    import struct
+
+    from kvc.codec.profile import MAGIC
+    from kvc.errors import ProfileError
+
+    raw = prof.to_bytes()
+    body = bytearray(raw[:-32])
+    struct.pack_into("<H", body, len(MAGIC), 2)
+    with pytest.raises(ProfileError, match="needs profile version 3"):
+        Profile.from_bytes(bytes(body) + hashlib.sha256(bytes(body)).digest())
+
+
 def test_kvc_profile_warns_in_one_line_per_fallback(models, tmp_path):
-    text = tmp_path / "doc.txt"
+    short, text = tmp_path / "short.txt", tmp_path / "doc.txt"
+    short.write_text("too short for a continuation")
     text.write_text(TEXT)
     out = tmp_path / "g3.kvcp"
-    run = subprocess.run([KVC, "profile", "--model", str(models["gemma3"]), str(text), "-o", str(out),
+    run = subprocess.run([KVC, "profile", "--model", str(models["gemma3"]), str(short), "-o", str(out),
                           "--tokens", "160", "--json"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     warned = [line for line in run.stderr.splitlines() if line.startswith("warning: profile:")]
-    assert len(warned) == 1 and "different rotary bases" in warned[0]
+    assert len(warned) == 1 and "sensitivity" in warned[0]
     result = json.loads(run.stdout)
-    assert result["rotary"] is None and len(result["warnings"]) == 1
+    assert result["rotary"]["layer_theta"] == [1e4, 1e6, 1e4, 1e6] and len(result["warnings"]) == 1
     assert Profile.load(out).fit["warnings"] == result["warnings"]
     # a model whose profile does all of its job prints no warning
     clean = subprocess.run([KVC, "profile", "--model", str(models["qwen2-sw"]), str(text), "-o",
