@@ -373,7 +373,8 @@ def rotary_plan(lm) -> tuple[dict | None, str | None]:
     if head_dim % 2:
         return None, f"odd head dim {head_dim}: keys are coded with the rotary embedding in them"
     if len(layers) != text.num_hidden_layers or any(e.get("rope_theta") is None for e in layers):
-        return None, "the config does not give every layer a rotary base: keys are coded with the rotary embedding in them"
+        return None, ("the config does not give every layer a rotary base: keys are coded with the rotary "
+                      "embedding in them")
     if len(thetas) > 1:  # e.g. Gemma 3: local layers at 1e4, global ones at 1e6 (profile version 3)
         first = float(layers[0]["rope_theta"])
         return {"theta": first, "dim": int(head_dim), "layer_theta": [float(e["rope_theta"]) for e in layers]}, None
