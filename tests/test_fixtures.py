@@ -31,7 +31,8 @@ def test_there_is_a_fixture_per_kvq_segment_version_and_format_version():
     with kvc.open(FIXTURES / "f13-tiny-llama.kvc") as f:
         assert f.version == (1, 3) and f.header.get("payload_order") == "level"
         assert all("xxh3_128" in e and "sha256" in e for c in f.header["chunks"] for e in c["encodings"])
-    for name, version in (("f12-tiny-llama", 1), ("f13-tiny-llama", 1), ("p2-tiny-llama", 2), ("p3-tiny-gemma3", 3)):
+    versions = (("f12-tiny-llama", 1), ("f13-tiny-llama", 1), ("p2-tiny-llama", 2), ("p3-tiny-gemma3", 3))
+    for name, version in versions:
         with kvc.open(FIXTURES / f"{name}.kvc") as f:
             assert f._codec("balanced").profile.version == version, name
 
