@@ -344,6 +344,8 @@ def main(argv=None):
     torch.set_num_threads(2)
     lm = load_model(None, device="cpu")
     prof = find_profile(model_identity(lm), args.profile)
+    if prof.rotary is None or prof.version >= 3 or prof.key_dim != 64:
+        sys.exit("rd_levers.py measures SmolLM2-shaped profiles (64-dim heads, one rotary base)")
     models = Models(prof)
     base_step = prof.arrays["base_step"].astype(np.float64)
 

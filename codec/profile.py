@@ -65,7 +65,7 @@ class Profile:
         """3 when keys are un-rotated with a base per layer (``rotary.layer_theta``; it holds ``step`` too),
         2 when the profile holds per-coefficient steps (``step``), else 1. Each version is the oldest that
         can describe the profile, so profiles that need nothing new keep the version older kvc reads."""
-        if self.rotary is not None and "layer_theta" in self.rotary:
+        if self.rotary is not None and self.rotary.get("layer_theta") is not None:
             return 3
         return 2 if "step" in self.arrays else 1
 
@@ -91,6 +91,8 @@ class Profile:
         tensors, blob, offset = [], bytearray(), 0
         if version == 3 and "step" not in self.arrays:
             raise ProfileError("a profile with per-layer rotary bases needs per-coefficient steps (version 3)")
+        if self.rotary is not None:  # never write what no reader would take back
+            self.rotary = check_rotary(self.rotary, self.layers, self.key_dim, version, ProfileError)
         for name, dtype in (_FIELDS if version >= 2 else _FIELDS_V1).items():
             arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
             data = arr.tobytes()
@@ -132,6 +134,8 @@ class Profile:
         version, _reserved, hlen = struct.unpack_from("<HHI", body, len(MAGIC))
         if version > VERSION:
             raise VersionError(f"profile format version {version} is newer than this kvc understands")
+        if version < 1:
+            raise ProfileError("profile format version 0 does not exist")
         start = len(MAGIC) + 8
         if hlen > MAX_HEADER or start + hlen > len(body):
             raise ProfileError("profile header length out of bounds")
@@ -197,23 +201,11 @@ class Profile:
                 raise ProfileError(f"profile tensor {name!r} holds non-finite values")
         if np.any(arrays["base_step"] <= 0) or np.any(arrays["sigma"] < 0) or np.any(arrays.get("step", 1.0) <= 0):
             raise ProfileError("profile steps must be positive")
+        need(header.get("version") == version, "the header's version differs from the file's")
         rotary = header.get("rotary")
         if rotary is not None:
-            need(type(rotary) is dict, "rotary must be an object or null")
-            theta, dim = rotary.get("theta"), rotary.get("dim")
-            need(type(theta) in (int, float) and type(dim) is int, "rotary needs a numeric theta and an integer dim")
-            rotary = {"theta": float(theta), "dim": dim}
-            if dim != kd or kd % 2 or not 0.0 < rotary["theta"] <= 1e12:
-                raise ProfileError("profile rotary parameters are inconsistent")
-            thetas = header["rotary"].get("layer_theta")
-            if version >= 3:  # version 3 is exactly "a base per layer": the list must be there, one per layer
-                need(type(thetas) is list and len(thetas) == L, "rotary.layer_theta must list one base per layer")
-                need(all(type(t) in (int, float) and 0.0 < t <= 1e12 for t in thetas),
-                     "rotary.layer_theta values must be numbers in (0, 1e12]")
-                rotary["layer_theta"] = [float(t) for t in thetas]
-            elif thetas is not None:
-                raise ProfileError("profile rotary.layer_theta needs profile version 3")
-        if version >= 3 and rotary is None:
+            rotary = check_rotary(rotary, L, kd, version, lambda m: ProfileError(f"profile header is malformed: {m}"))
+        elif version >= 3:
             raise ProfileError("profile header is malformed: version 3 needs rotary.layer_theta")
         prof = cls(identity=dict(identity), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
                    sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}))
@@ -328,6 +320,34 @@ def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile 
 
 # ---------------------------------------------------------------- fitting
 
+def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict:
+    """A profile's ``rotary`` settings, checked field by field (``error(message)`` makes the exception):
+    ``{"theta": number in (0, 1e12], "dim": key_dim (even)}``, plus in version 3 (and only there)
+    ``"layer_theta"``: one such number per layer, the first equal to ``theta``. Nothing else."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise error(message)
+
+    def base(value) -> bool:
+        return type(value) in (int, float) and 0.0 < value <= 1e12
+
+    need(type(rotary) is dict, "rotary must be an object or null")
+    need(set(rotary) <= {"theta", "dim", "layer_theta"}, "rotary holds an unknown field")
+    theta, dim = rotary.get("theta"), rotary.get("dim")
+    need(type(theta) in (int, float) and type(dim) is int, "rotary needs a numeric theta and an integer dim")
+    need(dim == key_dim and dim % 2 == 0 and base(theta), "rotary parameters are inconsistent")
+    out = {"theta": float(theta), "dim": dim}
+    thetas = rotary.get("layer_theta")
+    if version >= 3:  # version 3 is exactly "a base per layer": the list must be there, one per layer
+        need(type(thetas) is list and len(thetas) == layers, "rotary.layer_theta must list one base per layer")
+        need(all(base(t) for t in thetas), "rotary.layer_theta values must be numbers in (0, 1e12]")
+        need(float(thetas[0]) == out["theta"], "rotary.theta must equal rotary.layer_theta[0]")
+        out["layer_theta"] = [float(t) for t in thetas]
+    else:
+        need(thetas is None, "rotary.layer_theta needs profile version 3")
+    return out
+
+
 def layer_theta(rotary: dict, layer: int) -> float:
     """The rotary base of ``layer`` under a profile's ``rotary`` settings: its own (``layer_theta``,
     version 3) or the one shared base."""
@@ -347,8 +367,9 @@ def _pre_frame(tensor: torch.Tensor, kind: str, layer: int, start: int, rotary: 
 def rotary_plan(lm) -> tuple[dict | None, str | None]:
     """``(rotary, reason)``: the settings with which keys are un-rotated before coding, or None and, when
     the keys do carry a rotary embedding that kvq cannot undo exactly, why (one line). kvq un-rotates
-    with one plain (``default``) rope over the whole head, one base for every layer
-    (transforms.py); anything else is coded post-rotary, which is correct but compresses less."""
+    with one plain (``default``) rope over the whole head, with one base for every layer or, when layers
+    differ (Gemma 3), each layer's own (``layer_theta``, a version-3 profile; transforms.py); anything
+    else is coded post-rotary, which is correct but compresses less."""
     from kvc.runtime.identity import rope_info, rope_layers
 
     config = lm.model.config
@@ -372,10 +393,10 @@ def rotary_plan(lm) -> tuple[dict | None, str | None]:
         return None, f"rotary covers {partial:g} of each head (partial rotary): keys are coded with it in them"
     if head_dim % 2:
         return None, f"odd head dim {head_dim}: keys are coded with the rotary embedding in them"
-    if len(layers) != text.num_hidden_layers or any(e.get("rope_theta") is None for e in layers):
-        return None, ("the config does not give every layer a rotary base: keys are coded with the rotary "
-                      "embedding in them")
     if len(thetas) > 1:  # e.g. Gemma 3: local layers at 1e4, global ones at 1e6 (profile version 3)
+        if len(layers) != getattr(text, "num_hidden_layers", None) or any(e.get("rope_theta") is None for e in layers):
+            return None, ("the config does not give every layer its rotary base: keys are coded with the rotary "
+                          "embedding in them")
         first = float(layers[0]["rope_theta"])
         return {"theta": first, "dim": int(head_dim), "layer_theta": [float(e["rope_theta"]) for e in layers]}, None
     return {"theta": thetas[0], "dim": int(head_dim)}, None

@@ -365,7 +365,9 @@ def test_version_2_profile_tensors_are_checked(tiny_profile):
     from kvc.errors import VersionError
 
     with pytest.raises(ProfileError, match="layer_theta"):  # version 3 is version 2 plus a base per layer
-        Profile.from_bytes(rebuild(header, version=3))
+        Profile.from_bytes(rebuild(dict(header, version=3), version=3))
+    with pytest.raises(ProfileError, match="version differs"):  # the header says what the file says
+        Profile.from_bytes(rebuild(dict(header, version=1), version=2))
     with pytest.raises(VersionError):
         Profile.from_bytes(rebuild(header, version=4))
     bad = dict(tiny_profile.arrays, step=-tiny_profile.arrays["step"])

@@ -142,7 +142,7 @@ def test_a_version_3_profile_round_trips_and_older_versions_are_refused_its_fiel
             x = lay.key[:, a : a + 256]
             err = (dec.key[:, a : a + 256].double() - x.double()).abs()
             assert bool((err <= codec.element_error_bound(n, "key", x, lay.start + a).double()).all()), n
-    # the per-layer list is version 3's alone: a version-2 header that carries it is refused
+    # every field of the per-layer list is checked, with the checksum recomputed (a file is attacker-controlled)
     import hashlib
     import struct
 
@@ -150,10 +150,40 @@ def test_a_version_3_profile_round_trips_and_older_versions_are_refused_its_fiel
     from kvc.errors import ProfileError
 
     raw = prof.to_bytes()
-    body = bytearray(raw[:-32])
-    struct.pack_into("<H", body, len(MAGIC), 2)
-    with pytest.raises(ProfileError, match="needs profile version 3"):
-        Profile.from_bytes(bytes(body) + hashlib.sha256(bytes(body)).digest())
+    hlen = struct.unpack_from("<I", raw, len(MAGIC) + 4)[0]
+    start = len(MAGIC) + 8
+    header = json.loads(raw[start : start + hlen])
+
+    def forged(rotary, version=3):
+        hj = json.dumps(dict(header, rotary=rotary, version=version), sort_keys=True, separators=(",", ":")).encode()
+        body = raw[:len(MAGIC)] + struct.pack("<HHI", version, 0, len(hj)) + hj + raw[start + hlen : -32]
+        return body + hashlib.sha256(body).digest()
+
+    assert Profile.from_bytes(forged(header["rotary"])).sha256 == prof.sha256
+    good = header["rotary"]
+    for bad, why in (
+        (dict(good, layer_theta=None), "one base per layer"),
+        (dict(good, layer_theta=good["layer_theta"][:-1]), "one base per layer"),
+        (dict(good, layer_theta=[True] * 4), "numbers in"),
+        (dict(good, layer_theta=["1e4"] * 4), "numbers in"),
+        (dict(good, layer_theta=[1e4, 1e6, 0, 1e6]), "numbers in"),
+        (dict(good, layer_theta=[1e4, 1e6, 1e4, 1e13]), "numbers in"),
+        (dict(good, theta=1e6), "must equal"),
+        (dict(good, extra=1), "unknown field"),
+        (None, "version 3 needs"),
+    ):
+        with pytest.raises(ProfileError, match=why):
+            Profile.from_bytes(forged(bad))
+    with pytest.raises(ProfileError, match="needs profile version 3"):  # the list is version 3's alone
+        Profile.from_bytes(forged(good, version=2))
+    # nor is one written: a profile whose list does not fit its layers never reaches a file
+    import copy
+
+    broken = copy.copy(prof)
+    broken._bytes = broken._sha256 = None
+    broken.rotary = dict(good, layer_theta=good["layer_theta"][:-1])
+    with pytest.raises(ProfileError, match="one base per layer"):
+        broken.to_bytes()
 
 
 def test_kvc_profile_warns_in_one_line_per_fallback(models, tmp_path):
