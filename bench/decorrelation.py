@@ -65,6 +65,75 @@ def groups(w: np.ndarray, mode: str) -> list[np.ndarray]:
     return [w[a : a + g, k].transpose(2, 0, 1, 3).reshape(T, -1) for k in range(K) for a in range(0, L, g)]
 
 
+def ungroup(gs: list[np.ndarray], shape: tuple, mode: str) -> np.ndarray:
+    """The inverse of :func:`groups`: ``[T, n]`` matrices back into ``[L, 2, H, T, D]``."""
+    L, K, H, T, D = shape
+    w = np.empty(shape)
+    it = iter(gs)
+    if mode == "head":
+        for la in range(L):
+            for k in range(K):
+                for h in range(H):
+                    w[la, k, h] = next(it)
+    elif mode == "xhead":
+        for la in range(L):
+            for k in range(K):
+                w[la, k] = next(it).reshape(T, H, D).transpose(1, 0, 2)
+    else:
+        g = int(mode)
+        for k in range(K):
+            for a in range(0, L, g):
+                n = min(g, L - a)
+                w[a : a + n, k] = next(it).reshape(T, n, H, D).transpose(1, 2, 0, 3)
+    return w
+
+
+def kl_sweep(lm, prof, modes, rotations, contexts, scales, continuation) -> list[dict]:
+    """Quantise with step ``s`` after each group's rotation, rotate back, rebuild the cache and score the
+    continuation's KL against the exact cache (rd_levers.Ctx: same contexts and scoring as its levers)."""
+    from rd_levers import Ctx
+
+    from kvc.evaluation.quality import compare, continuation_logprobs
+
+    step = prof.component_steps()
+    D = step.shape[-1]
+    out = []
+    for name, ids, cont in contexts:
+        ctx = Ctx(lm, prof, name, ids, cont)
+        L = len(ctx.kv.layers)
+        w = np.stack([np.stack([ctx.coef[la, k] / step[la, k][:, None, :] for k in (0, 1)]) for la in range(L)])
+        for mode in modes:
+            gs, rots = groups(w, mode), rotations[mode]
+            for s in scales:
+                bits, recon_gs = 0.0, []
+                for i, g in enumerate(gs):
+                    y = g if rots is None else g @ rots[i]
+                    q = np.round(y / s).astype(np.int64)
+                    for col in q.T:
+                        if col.any():
+                            _, counts = np.unique(col, return_counts=True)
+                            bits += float(-(counts * np.log2(counts / len(col))).sum())
+                    yq = q * s
+                    recon_gs.append(yq if rots is None else yq @ rots[i].T)
+                wq = ungroup(recon_gs, w.shape, mode)
+                recon = {(la, k): wq[la, k] * step[la, k][:, None, :D] for la in range(L) for k in (0, 1)}
+                qs = compare(ctx.ref, continuation_logprobs(lm, ctx.rebuild(recon), ctx.cont), ctx.cont)
+                out.append({"group": mode, "context": name, "scale": s, "bits": bits / w.size, "kl": qs.kl,
+                            "top1": qs.top1_agreement})
+                print(f"{mode:6s} {name:10s} s={s:<5} bits {bits / w.size:.3f} KL {qs.kl:.5f}", flush=True)
+    return out
+
+
+def bits_at_kl(points: list[dict], target: float) -> float:
+    """Bits at mean KL ``target`` by log–log interpolation between the two scales that bracket it."""
+    pts = sorted(points, key=lambda p: p["kl"])
+    for a, b in zip(pts, pts[1:]):
+        if a["kl"] <= target <= b["kl"]:
+            t = math.log(target / a["kl"]) / math.log(b["kl"] / a["kl"])
+            return math.exp(math.log(a["bits"]) + t * math.log(b["bits"] / a["bits"]))
+    return float("nan")
+
+
 def fit_rotations(cal: list[np.ndarray], mode: str) -> list[np.ndarray] | None:
     if mode == "head":
         return None
@@ -112,21 +181,28 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", default="apple,legal", help="essay names (without .txt) or genre names")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kl", action="store_true", help="also rebuild the caches and score KL over the next "
+                    "--continuation tokens at --kl-scales; compares bits at equal mean KL 0.01")
+    ap.add_argument("--kl-scales", default="0.45,0.62,0.85")
+    ap.add_argument("--continuation", type=int, default=128)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     lm = load_model(None, device="cpu")
     prof = find_profile(model_identity(lm), None)
     cal = [weighted(lm, prof, tokenize(lm, essay_text(n))[: args.tokens]) for n in calibration_essays()[:3]]
-    tests = []
+    tests, raw = [], []
     for spec in args.contexts.split(","):
         try:
-            ids = tokenize(lm, essay_text(spec + ".txt"))[: args.tokens]
+            full = tokenize(lm, essay_text(spec + ".txt"))
+            ids, cont = full[: args.tokens], full[args.tokens : args.tokens + args.continuation]
         except Exception:  # not an essay: a genre name of bench/codec.py
-            _, ids, _ = text_contexts(lm, [spec], args.tokens, 0)[0]
+            _, ids, cont = text_contexts(lm, [spec], args.tokens, args.continuation)[0]
         tests.append((spec, weighted(lm, prof, ids)))
+        raw.append((spec, ids, cont))
     rows = []
+    rotations = {}
     for mode in args.groups.split(","):
-        rots = fit_rotations(cal, mode)
+        rots = rotations[mode] = fit_rotations(cal, mode)
         for name, w in tests:
             pts = [rate_distortion(groups(w, mode), rots, s) for s in SCALES]
             rows.append({"group": mode, "context": name, "points": [
@@ -148,6 +224,26 @@ def main(argv=None) -> None:
         table.add_row(r["group"], r["context"], f"{p['bits']:.3f}", f"{p['error']:.4f}",
                       f"{100 * r.get('saved_at_head_error', 0):.1f}%", f"{r.get('synthesis_vs_head', 1):.1f}×")
     Console(width=130).print(table)
+    if args.kl:
+        scales = [float(x) for x in args.kl_scales.split(",")]
+        kl_rows = kl_sweep(lm, prof, args.groups.split(","), rotations, raw, scales, args.continuation)
+        rows.append({"kl_sweep": kl_rows})
+        means = {}
+        for r in kl_rows:
+            means.setdefault((r["group"], r["scale"]), []).append(r)
+        mean_pts = {}
+        for (mode, _scale), rs in means.items():
+            mean_pts.setdefault(mode, []).append({"bits": float(np.mean([r["bits"] for r in rs])),
+                                                  "kl": float(np.mean([r["kl"] for r in rs]))})
+        ref = bits_at_kl(mean_pts["head"], 0.01) if "head" in mean_pts else float("nan")
+        kt = Table(title="scored by KL: bits per element at mean KL 0.01 (all contexts)")
+        for col in ("group", "bits at KL 0.01", "saved vs head"):
+            kt.add_column(col, justify="left" if col == "group" else "right")
+        for mode, pts in mean_pts.items():
+            b = bits_at_kl(pts, 0.01)
+            kt.add_row(mode, f"{b:.3f}", f"{100 * (1 - b / ref):.1f}%")
+            rows.append({"group": mode, "bits_at_kl_0.01": b, "saved_vs_head_at_kl_0.01": 1 - b / ref})
+        Console(width=130).print(kt)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -12,7 +12,7 @@ import numpy as np
 
 def warm_up() -> None:
     from kvc.codec import byteplanes, kvq_segment
-    from kvc.codec.finish import finish_into
+    from kvc.codec.finish import finish_in_place
     from kvc.codec.kvq_lanes import Body, build_job
     from kvc.codec.rans import cpu
     from kvc.codec.rans.tables import build_bank, quantize_frequencies
@@ -29,9 +29,8 @@ def warm_up() -> None:
     cpu.decode(job, bank, np.zeros(16, np.float32), threads=1)
     body = kvq_segment.write(None, 4, np.array([0]), [lanes[0]])  # a one-channel, one-lane segment body
     build_job([Body(body, 4, 4, 1, 4, 4, 4, 0, 0, 0)])
-    x = np.zeros((1, 2, 4), np.float32)
-    finish_into(x, np.zeros((1, 3, 4), np.float32), 1, np.ones((2, 4), np.float32), np.ones((2, 4), np.float32))
-    finish_into(x, np.zeros((1, 2, 4), np.float32), 0, None, None)
+    finish_in_place(np.zeros((1, 3, 4), np.float32)[:, 1:], np.ones((2, 4), np.float32), np.ones((2, 4), np.float32))
+    finish_in_place(np.zeros((1, 2, 4), np.float32), None, None)
     cpu.zero_channels(np.zeros(3, np.float32), np.array([0]), np.array([3]), np.array([1]))
     for width in (np.uint16, np.uint32, np.uint64):
         size = np.dtype(width).itemsize
