@@ -69,8 +69,7 @@ def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0):
 
 def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
     """What a version-1 kvq file's payload would hold for the same symbols (constriction stack ANS)."""
-    from kvc.codec.quantizers import pack_sinks, quantize_uniform, sink_count
-    from kvc.codec.transforms import unrotate_keys
+    from kvc.codec.quantizers import pack_sinks, sink_count
 
     total = 0
     for i, layer in enumerate(kv.layers):
@@ -82,11 +81,7 @@ def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
                 total += 4 + (len(pack_sinks(piece[:, :n_sink])) if n_sink else 0)
                 if T == n_sink:
                     continue
-                x = piece[:, n_sink:].double()
-                if k == 0 and codec._inv_freq(i) is not None:
-                    x = unrotate_keys(x, a + n_sink, codec._inv_freq(i))
-                mean, analysis, *_ = codec._matrices(i, k, D)
-                q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), codec.steps(i, k))
+                q = codec._symbols(piece[:, n_sink:], a + n_sink, i, k, D)  # what version 2 codes, mixed or not
                 sym = q.transpose(0, 2, 1).reshape(H * D, T - n_sink)
                 flags, excess, words = codec.bank(i, k, D).encode(sym)
                 total += (H * D + 7) // 8 + 8 + 4 * len(excess) + 4 * len(words)
@@ -154,6 +149,7 @@ def main() -> None:
     parser.add_argument("--synthetic", default=None, help="LAYERS,KV_HEADS,HEAD_DIM,TOKENS instead of SmolLM2")
     parser.add_argument("--no-v1", action="store_true", help="skip the version-1 size comparison")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, help="a profile file for the model (default: the one kvc finds)")
     parser.add_argument("--ceiling", action="store_true", help="also measure what 2 threads give on this "
                         "machine for a plain matrix product and a numba integer loop (the decoder's two halves)")
     args = parser.parse_args()
@@ -175,7 +171,12 @@ def main() -> None:
             ids = kvc.tokenize(lm, essay_text(name))[: args.tokens]
             t = time.perf_counter()
             kv = kvc.prefill(lm, ids)
-            contexts.append((name, kv, identity, None, time.perf_counter() - t))
+            prof = None
+            if args.profile:
+                from kvc.codec.profile import Profile
+
+                prof = Profile.load(args.profile)
+            contexts.append((name, kv, identity, prof, time.perf_counter() - t))
     rows = []
     for name, kv, identity, profile, prefill_s in contexts:
         elements = kv.nbytes() // kv.layers[0].key.element_size()

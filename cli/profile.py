@@ -27,6 +27,12 @@ def profile_command(
         help="Model dtype: auto (the checkpoint's; float32 for a GGUF), float32/fp32, bfloat16/bf16 or "
         "float16/fp16. A profile serves files prefilled in the same dtype.",
     ),
+    mix: bool = typer.Option(
+        True,
+        "--mix/--no-mix",
+        help="Rotate each layer's coefficients across its KV heads (profile version 4: 10-16% smaller "
+        "at the same quality, about 3x the synthesis work when decoding on a CPU).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fit a profile (PCA bases, coefficient statistics, per-head sensitivity) for the lossy levels.
@@ -65,7 +71,7 @@ def profile_command(
     started = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype)
     with out.progress("fitting") as bar:
-        prof = fit_profile(lm, [b for b in bodies if b.strip()], tokens=tokens, on_progress=bar.stage)
+        prof = fit_profile(lm, [b for b in bodies if b.strip()], tokens=tokens, on_progress=bar.stage, mix=mix)
     data = prof.to_bytes()
     write_output(output, data)  # atomic: an interrupted run leaves no half-written profile
     result = {
@@ -77,6 +83,7 @@ def profile_command(
         "texts": len(bodies),
         "seconds": round(time.perf_counter() - started, 1),
         "rotary": prof.rotary,
+        "version": prof.version,
         "warnings": list(prof.fit.get("warnings") or []),
     }
     for line in result["warnings"]:  # a profile that could not do part of its job says so, one line each

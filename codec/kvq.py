@@ -32,12 +32,11 @@ from kvc.codec.profile import GRID, Profile
 from kvc.codec.quantizers import (
     SYMBOL_LIMIT,
     pack_sinks,
-    quantize_uniform,
     read_u32,
     sink_count,
     unpack_sinks,
 )
-from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq, unrotate_keys
+from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq
 from kvc.errors import FormatError, ProfileError, VersionError
 from kvc.workers import run_tasks
 
@@ -139,7 +138,7 @@ class KvqCodec:
         key = (layer, k)
         if key not in self._steps:
             dim = self.profile.key_dim if k == 0 else self.profile.value_dim
-            self._steps[key] = torch.from_numpy(self.profile.component_steps(layer, k)[:, :dim] * self.scale)
+            self._steps[key] = torch.from_numpy(self.profile.coded_steps(layer, k)[:, :dim] * self.scale)
         return self._steps[key]
 
     def bank(self, layer: int, k: int, dim: int) -> ChannelBank:
@@ -189,16 +188,40 @@ class KvqCodec:
         return cs
 
     def _matrices(self, layer: int, k: int, dim: int):
+        """(mean float64 [H, dim], per-head analysis float64 [H, dim, dim], basis float32, mean float32,
+        synthesis float32): ``[H, dim, dim]`` (x_h = q_h @ synth_h + mean_h), or for a mixed profile
+        ``[H, H·dim, dim]`` (x_h = Y @ synth_h + mean_h, Y the token-major ``[T, H·dim]`` symbols)."""
         key = ("m", layer, k)
         if key not in self._mats:
             basis16 = self.profile.arrays["basis"][layer, k, :, :dim, :dim]
             mean = torch.from_numpy(self.profile.arrays["mean"][layer, k, :, :dim].astype(np.float64))
             basis = torch.from_numpy(basis16.astype(np.float32))
-            # decode folds the steps into the synthesis matrix: x = q @ (diag(Δ_h)·Bᵀ) + mean (float32)
-            synth = torch.from_numpy(
-                (basis16.astype(np.float64) * self.steps(layer, k).numpy()[:, None, :]).transpose(0, 2, 1)
-                .astype(np.float32).copy())
+            synth = torch.from_numpy(self._synthesis64(layer, k, dim).astype(np.float32))
             self._mats[key] = (mean, torch.from_numpy(analysis_matrix(basis16)), basis, mean.float(), synth)
+        return self._mats[key]
+
+    def _synthesis64(self, layer: int, k: int, dim: int) -> np.ndarray:
+        """The synthesis matrices in float64 (the float32 ones are these rounded; the error bounds use these).
+        Per head: ``diag(Δ_h)·B_hᵀ`` (decode folds the steps in: x = q @ (diag(Δ_h)·Bᵀ) + mean); mixed:
+        ``scale · (Rᵀ)[:, h·dim:(h+1)·dim] · diag(step_h) · B_hᵀ`` (CODEC.md step 3b)."""
+        B = self.profile.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64)  # [H, dim, dim]
+        if not self.profile.mixed:
+            return (B * self.steps(layer, k).numpy()[:, None, :]).transpose(0, 2, 1)
+        H = B.shape[0]
+        n = H * dim
+        R = self.profile.arrays["mix"][layer, k, :n, :n].astype(np.float64)
+        step = self.profile.component_steps(layer, k)[:, :dim]  # [H, dim]
+        rt = R.T.reshape(n, H, dim).transpose(1, 0, 2)  # [H, n, dim]: (Rᵀ)[:, h-block]
+        return self.scale * np.einsum("hjd,hd,hed->hje", rt, step, B)
+
+    def _mixing(self, layer: int, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mixed profile's (steps ``[H, dim]``, analysis ``inv(Rᵀ)`` ``[H·dim, H·dim]``), float64."""
+        key = ("mix", layer, k)
+        if key not in self._mats:
+            n = self.profile.heads * dim
+            R = self.profile.arrays["mix"][layer, k, :n, :n].astype(np.float64)
+            step = torch.from_numpy(self.profile.component_steps(layer, k)[:, :dim])
+            self._mats[key] = (step, torch.from_numpy(np.linalg.inv(R.T)))
         return self._mats[key]
 
     # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
@@ -238,8 +261,9 @@ class KvqCodec:
             raise ValueError(f"unknown kind {kind!r}")
         p = self.profile
         dim = p.key_dim if k == 0 else p.value_dim
-        B = np.abs(p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))  # [H, D, D]
-        b = 0.5 * (B * self.steps(layer, k).numpy()[:, None, :]).sum(axis=2)  # [H, D]: per output element
+        # each coded coefficient is within Δ/2 of its value: an output element is off by at most the sum of
+        # |its synthesis column| · Δ/2 (Δ is folded into the synthesis matrix; per head or mixed alike)
+        b = 0.5 * np.abs(self._synthesis64(layer, k, dim)).sum(axis=1)  # [H, D]: per output element
         if k == 0 and self.profile.rotary is not None:
             half = dim // 2
             pair = np.sqrt(b[:, :half] ** 2 + b[:, half:] ** 2)
@@ -275,6 +299,15 @@ class KvqCodec:
             for k, dim in ((0, p.key_dim), (1, p.value_dim)):
                 sigma = p.arrays["sigma"][:, k, :, :dim].astype(np.float64)  # [L, H, D]
                 mean = p.arrays["mean"][:, k, :, :dim].astype(np.float64)
+                if p.mixed:  # coded coefficient j reaches the output scaled by g_j = Σ_i step_i²·R[i, j]²
+                    n = p.heads * dim
+                    R = p.arrays["mix"][:, k, :n, :n].astype(np.float64)  # [L, n, n]
+                    st = p.component_steps()[:, k, :, :dim].reshape(-1, n)  # [L, n]
+                    g = (st[:, :, None] ** 2 * R**2).sum(1)  # [L, n]
+                    sig = sigma.reshape(-1, n)
+                    err += float((np.minimum(self.scale**2 / 12.0, sig**2) * g).sum())
+                    energy += float((sig**2 * g).sum() + (mean**2).sum())
+                    continue
                 step = p.component_steps()[:, k, :, :dim] * self.scale  # [L, H, D]
                 err += float(np.minimum(step**2 / 12.0, sigma**2).sum())
                 energy += float((sigma**2).sum() + (mean**2).sum())
@@ -323,6 +356,12 @@ class KvqCodec:
         w.sub_(mean[:, None, :])
         coef = torch.bmm(w, analysis)
         del w
+        if self.profile.mixed:  # CODEC.md step 3b: over the steps, then across the heads
+            step, mix_analysis = self._mixing(layer, k, dim)
+            coef.div_(step[:, None, :])
+            H, T, _ = coef.shape
+            coef = (coef.permute(1, 0, 2).reshape(T, H * dim) @ mix_analysis).reshape(T, H, dim)
+            coef = coef.permute(1, 0, 2).contiguous()
         coef.div_(self.steps(layer, k)[:, None, :])  # quantize_uniform, in place
         coef.round_()
         torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
@@ -571,7 +610,14 @@ class KvqCodec:
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
         if coef.device.type != "cpu":
             mean32, synth = self._on_device(("m", layer, k), (mean32, synth), coef.device)
-        x = torch.baddbmm(mean32[:, None, :], coef, synth)
+        if self.profile.mixed:  # every head from all the (layer, kind)'s symbols, token-major
+            H, T, D = coef.shape
+            y = coef.permute(1, 0, 2).reshape(T, H * D)
+            x = torch.empty(H, T, D, dtype=torch.float32, device=coef.device)
+            for h in range(H):
+                torch.addmm(mean32[h], y, synth[h], out=x[h])
+        else:
+            x = torch.baddbmm(mean32[:, None, :], coef, synth)
         if k == 0 and self.profile.rotary is not None:
             cos, sin = self._cos_sin(layer, first, coef.shape[1])
             if coef.device.type != "cpu":
@@ -592,8 +638,10 @@ class KvqCodec:
         from kvc.codec.finish import finish_in_place
 
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
-        for h in range(coef.shape[0]):
-            torch.addmm(mean32[h], coef[h], synth[h], out=out[h, lead:])
+        H, T, D = coef.shape
+        y = coef.permute(1, 0, 2).reshape(T, H * D) if self.profile.mixed else None
+        for h in range(H):
+            torch.addmm(mean32[h], coef[h] if y is None else y, synth[h], out=out[h, lead:])
         cos = sin = None
         if k == 0 and self.profile.rotary is not None:
             cos, sin = (t.numpy() for t in self._cos_sin(layer, first, coef.shape[1]))
@@ -616,6 +664,8 @@ class KvqCodec:
             raise FormatError(f"unknown kvq segment version {version}")
         if reserved:
             raise FormatError("kvq segment reserved bytes set")
+        if self.profile.mixed:  # no kvc ever wrote one: version-1 segments predate mixed profiles
+            raise FormatError("a version-1 kvq segment cannot name a mixed (version-4) profile")
         n_sink = sink_count(segment.start, T, self.sinks)
         if flags_byte != (1 if n_sink else 0):
             raise FormatError("kvq segment flags do not match its position")
@@ -665,11 +715,7 @@ class KvqCodec:
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
         n_sink = sink_count(segment.start, T, self.sinks)
-        x = tensor[:, n_sink:].double()
-        if k == 0 and self.profile.rotary is not None:
-            x = unrotate_keys(x, segment.start + n_sink, self._inv_freq(layer))
-        mean, analysis, *_ = self._matrices(layer, k, dim)
-        q = quantize_uniform(torch.bmm(x - mean[:, None, :], analysis), self.steps(layer, k))
+        q = self._symbols(tensor[:, n_sink:], segment.start + n_sink, layer, k, dim)
         sym = np.ascontiguousarray(q.transpose(0, 2, 1).reshape(H * D, T - n_sink))
         bank = self.bank(layer, k, dim)
         escapes = int(np.count_nonzero(np.abs(sym) >= bank.radius[:, None]))

@@ -28,7 +28,7 @@ import torch
 from kvc.errors import FormatError, ProfileError, VersionError
 
 MAGIC = b"KVCPROF\x00"
-VERSION = 3  # the newest profile version this kvc reads; fit_profile writes 3 only for per-layer rotary bases
+VERSION = 4  # the newest profile version this kvc reads (fit_profile writes 4; 2 or 3 with mix=False)
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
 MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
@@ -40,6 +40,7 @@ _FIELDS_V1 = {  # name -> dtype; shapes come from the header
     "base_step": "float32", "sensitivity": "float32",
 }
 _FIELDS = {**_FIELDS_V1, "step": "float32"}  # version 2: one base step per (layer, kind, head, coefficient)
+_FIELDS_V4 = {**_FIELDS, "mix": "float16"}  # version 4: one rotation across the heads of each (layer, kind)
 FISHER_SAMPLES = 8  # sampled continuations per sensitivity text for the per-coefficient sensitivity
 IDENTITY_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256")
 
@@ -62,12 +63,27 @@ class Profile:
 
     @property
     def version(self) -> int:
-        """3 when keys are un-rotated with a base per layer (``rotary.layer_theta``; it holds ``step`` too),
-        2 when the profile holds per-coefficient steps (``step``), else 1. Each version is the oldest that
-        can describe the profile, so profiles that need nothing new keep the version older kvc reads."""
+        """4 when coefficients are mixed across heads (``mix``; ``rotary.layer_theta`` optional), 3 when keys
+        are un-rotated with a base per layer (``rotary.layer_theta``; it holds ``step`` too), 2 when the
+        profile holds per-coefficient steps (``step``), else 1. Each version is the oldest that can describe
+        the profile, so profiles that need nothing new keep the version older kvc reads."""
+        if "mix" in self.arrays:
+            return 4
         if self.rotary is not None and self.rotary.get("layer_theta") is not None:
             return 3
         return 2 if "step" in self.arrays else 1
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the coded coefficients are the per-head PCA coefficients over their steps, rotated
+        across the heads of their (layer, kind) by ``mix`` (version 4; CODEC.md step 3b)."""
+        return "mix" in self.arrays
+
+    def coded_steps(self, layer: int, k: int) -> np.ndarray:
+        """float64 ``[H, D]`` base steps of the coefficients the coder sees: the per-coefficient steps, or
+        in a mixed profile 1 (its coefficients are already divided by their steps before mixing)."""
+        st = self.component_steps(layer, k)
+        return np.ones_like(st) if self.mixed else st
 
     def rotary_theta(self, layer: int) -> float:
         """The rotary base keys of ``layer`` are un-rotated with (the profile must have ``rotary``)."""
@@ -89,11 +105,11 @@ class Profile:
             return self._bytes
         version = self.version
         tensors, blob, offset = [], bytearray(), 0
-        if version == 3 and "step" not in self.arrays:
+        if version >= 3 and "step" not in self.arrays:
             raise ProfileError("a profile with per-layer rotary bases needs per-coefficient steps (version 3)")
         if self.rotary is not None:  # never write what no reader would take back
             self.rotary = check_rotary(self.rotary, self.layers, self.key_dim, version, ProfileError)
-        for name, dtype in (_FIELDS if version >= 2 else _FIELDS_V1).items():
+        for name, dtype in (_FIELDS_V4 if version >= 4 else _FIELDS if version >= 2 else _FIELDS_V1).items():
             arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
             data = arr.tobytes()
             tensors.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
@@ -170,8 +186,8 @@ class Profile:
         need(all(type(v) in (str, type(None)) for v in identity.values()), "identity values must be strings")
         need(type(header.get("fit", {})) in (dict, type(None)), "fit must be an object")
         D = max(kd, vd)
-        fields = _FIELDS if version >= 2 else _FIELDS_V1
-        expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D),
+        fields = _FIELDS_V4 if version >= 4 else _FIELDS if version >= 2 else _FIELDS_V1
+        expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D), "mix": (L, 2, H * D, H * D),
                   "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H), "step": (L, 2, H, D)}
         expect = {name: expect[name] for name in fields}
         # Python integers: no overflow, and the whole blob must back every tensor before any is read.
@@ -201,11 +217,14 @@ class Profile:
                 raise ProfileError(f"profile tensor {name!r} holds non-finite values")
         if np.any(arrays["base_step"] <= 0) or np.any(arrays["sigma"] < 0) or np.any(arrays.get("step", 1.0) <= 0):
             raise ProfileError("profile steps must be positive")
+        for name in ("basis", "mix"):  # the codec inverts them: they must be (float16-rounded) rotations
+            if name in arrays and not _orthonormal(arrays[name]):
+                raise ProfileError(f"profile tensor {name!r} is not orthonormal: the file is corrupt")
         need(header.get("version") == version, "the header's version differs from the file's")
         rotary = header.get("rotary")
         if rotary is not None:
             rotary = check_rotary(rotary, L, kd, version, lambda m: ProfileError(f"profile header is malformed: {m}"))
-        elif version >= 3:
+        elif version == 3:
             raise ProfileError("profile header is malformed: version 3 needs rotary.layer_theta")
         prof = cls(identity=dict(identity), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
                    sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}))
@@ -235,7 +254,8 @@ class Profile:
         total = 0
         for k, dim in ((0, self.key_dim), (1, self.value_dim)):
             sigma = self.arrays["sigma"][idx, k, :, :dim].astype(np.float64)  # [l, H, dim]
-            step = self.component_steps()[idx, k, :, :dim] * float(scale)
+            steps = np.ones_like(self.component_steps()) if self.mixed else self.component_steps()
+            step = steps[idx, k, :, :dim] * float(scale)
             radius = np.clip(np.ceil(10.0 * sigma / step) + 1, 1, 4096)
             total += int(48 * (2 * radius + 1).sum()) + 320 * radius.size
         return total
@@ -340,6 +360,16 @@ def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile 
 
 # ---------------------------------------------------------------- fitting
 
+def _orthonormal(mats: np.ndarray, tol: float = 0.05) -> bool:
+    """Every ``[n, n]`` matrix of ``mats`` (``[..., n, n]``) has ``|MᵀM − I| ≤ tol`` entrywise: a float16
+    rounding of a rotation is within ~1e-3, and anything this close is well conditioned (its inverse, the
+    analysis matrix, exists and is as accurate)."""
+    n = mats.shape[-1]
+    m = torch.from_numpy(mats.reshape(-1, n, n).astype(np.float32))
+    gram = torch.bmm(m.transpose(1, 2), m) - torch.eye(n)
+    return bool(gram.abs().max() <= tol) if len(m) else True
+
+
 def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict:
     """A profile's ``rotary`` settings, checked field by field (``error(message)`` makes the exception):
     ``{"theta": number in (0, 1e12], "dim": key_dim (even)}``, plus in version 3 (and only there)
@@ -358,7 +388,7 @@ def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict
     need(dim == key_dim and dim % 2 == 0 and base(theta), "rotary parameters are inconsistent")
     out = {"theta": float(theta), "dim": dim}
     thetas = rotary.get("layer_theta")
-    if version >= 3:  # version 3 is exactly "a base per layer": the list must be there, one per layer
+    if version == 3 or (version >= 4 and thetas is not None):  # version 3 is exactly "a base per layer"
         need(type(thetas) is list and len(thetas) == layers, "rotary.layer_theta must list one base per layer")
         need(all(base(t) for t in thetas), "rotary.layer_theta values must be numbers in (0, 1e12]")
         need(float(thetas[0]) == out["theta"], "rotary.theta must equal rotary.layer_theta[0]")
@@ -430,13 +460,15 @@ def rotary_for(lm) -> dict | None:
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
                 sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
                 fisher_samples: int = FISHER_SAMPLES, fisher_continuation: int = 128,
-                on_progress: Callable[[str, int, int], None] | None = None) -> Profile:
+                on_progress: Callable[[str, int, int], None] | None = None, mix: bool = True) -> Profile:
     """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
 
     PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
     ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation; the
     per-coefficient sensitivity (version 2's ``step``) from as many texts, with contexts of up to ``tokens``
-    and ``fisher_continuation`` continuation tokens."""
+    and ``fisher_continuation`` continuation tokens. With ``mix`` (version 4) a second PCA over all heads of
+    each (layer, kind), of the coefficients divided by their steps, gives ``mix``; ``sigma`` and ``cdf``
+    then describe the mixed coefficients the coder sees (PROFILE.md, fitting step 8)."""
     from kvc.codec.transforms import pca_forward
     from kvc.runtime.identity import model_identity
     from kvc.runtime.prefill import prefill, tokenize
@@ -469,16 +501,7 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
     for layer in range(L):
         for k, kind in enumerate(("key", "value")):
             dim = kd if kind == "key" else vd
-            xs = []
-            for _, kv in kvs:
-                lay = kv.layers[layer]
-                x = _pre_frame(getattr(lay, kind), kind, layer, lay.start, rotary)
-                skip = max(0, sinks - lay.start)  # sinks are stored raw, never through the model
-                if x.shape[1] > skip:
-                    xs.append(x[:, skip:])
-            if not xs:
-                raise ProfileError("calibration texts are too short to fit a profile")
-            x = torch.cat(xs, dim=1)  # [H, N, dim]
+            x = _calibration_frame(kvs, layer, kind, rotary, sinks)  # [H, N, dim]
             mu = x.mean(1)
             xc = x - mu[:, None]
             cov = torch.bmm(xc.transpose(1, 2), xc) / max(1, x.shape[1] - 1)
@@ -496,11 +519,7 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
             mean[layer, k, :, :dim] = mu.numpy()
             basis[layer, k, :, :dim, :dim] = b16
             sigma[layer, k, :, :dim] = sd
-            u = (coef / torch.from_numpy(np.maximum(sd, 1e-12))[:, None, :]).numpy()
-            live = sd > 1e-6 * max(float(sd.max()), 1e-30)
-            u = u[:, :, :][np.broadcast_to(live[:, None, :], u.shape)]
-            u.sort()
-            cdf[layer, k] = np.searchsorted(u, grid, side="right") / max(1, len(u)) if len(u) else (grid >= 0)
+            cdf[layer, k] = _pooled_cdf(coef.numpy(), sd, grid)
         progress("pca", layer + 1, L)
     for layer in range(L):  # unused dims of the smaller kind stay an identity basis (never read)
         for k, dim in ((0, kd), (1, vd)):
@@ -516,6 +535,10 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
                                       fisher_continuation, sinks, fisher_samples, seed, progress)
     warnings += fisher_warnings
     step = _component_steps(fisher, base, kd, vd)
+    arrays = {"mean": mean, "basis": basis, "sigma": sigma, "cdf": cdf, "base_step": base.astype(np.float32),
+              "sensitivity": sens.astype(np.float32), "step": step}
+    if mix:
+        arrays.update(_fit_mix(kvs, arrays, rotary, sinks, kd, vd, grid, progress))
     fit = {"texts": len(texts), "tokens": tokens, "sensitivity_texts": sensitivity_texts,
            "sensitivity_tokens": sensitivity_tokens, "continuation": continuation, "seed": seed,
            "fisher_samples": fisher_samples, "fisher_continuation": fisher_continuation,
@@ -523,10 +546,101 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
            "warnings": warnings}
     ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
     return Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
-                   arrays={"mean": mean, "basis": basis, "sigma": sigma, "cdf": cdf,
-                           "base_step": base.astype(np.float32), "sensitivity": sens.astype(np.float32),
-                           "step": step},
-                   fit=fit)
+                   arrays=arrays, fit=fit)
+
+
+def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progress=None) -> Profile:
+    """``profile`` (version 2 or 3, fitted on ``texts`` for ``lm``) made version 4: its mix, sigma and cdf
+    exactly as ``fit_profile(..., mix=True)`` would fit them on the same texts, without refitting the rest
+    (the mix depends only on the PCA, the steps and the calibration caches)."""
+    from kvc.runtime.prefill import prefill, tokenize
+
+    if profile.mixed or "step" not in profile.arrays:
+        raise ProfileError("add_mix needs a version-2 or 3 profile")
+    profile.check_model(lm_identity(lm))
+    kvs = []
+    for text in texts:
+        ids = tokenize(lm, text)
+        kvs.append((ids, prefill(lm, ids[:tokens])))
+    grid = np.linspace(GRID[0], GRID[1], GRID[2])
+    arrays = dict(profile.arrays)
+    arrays.update(_fit_mix(kvs, arrays, profile.rotary, profile.sinks, profile.key_dim, profile.value_dim, grid,
+                           on_progress or (lambda stage, done, total: None)))
+    return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
+                   value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
+                   fit=dict(profile.fit, mix=True))
+
+
+def lm_identity(lm) -> dict:
+    from kvc.runtime.identity import model_identity
+
+    return model_identity(lm)
+
+
+def _calibration_frame(kvs, layer: int, kind: str, rotary: dict | None, sinks: int) -> torch.Tensor:
+    """Every calibration token of one (layer, kind) past the sinks, keys un-rotated: float64 ``[H, N, dim]``."""
+    xs = []
+    for _, kv in kvs:
+        lay = kv.layers[layer]
+        x = _pre_frame(getattr(lay, kind), kind, layer, lay.start, rotary)
+        skip = max(0, sinks - lay.start)  # sinks are stored raw, never through the model
+        if x.shape[1] > skip:
+            xs.append(x[:, skip:])
+    if not xs:
+        raise ProfileError("calibration texts are too short to fit a profile")
+    return torch.cat(xs, dim=1)
+
+
+def _pooled_cdf(coef: np.ndarray, sd: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The empirical CDF at ``grid`` of every live channel's coefficients over its std (``coef [..., N, C]``,
+    ``sd [..., C]``, channels last)."""
+    u = coef / np.maximum(sd, 1e-12)[..., None, :]
+    live = sd > 1e-6 * max(float(sd.max()), 1e-30)
+    u = u[np.broadcast_to(live[..., None, :], u.shape)]
+    u.sort()
+    return np.searchsorted(u, grid, side="right") / max(1, len(u)) if len(u) else (grid >= 0)
+
+
+def _signed_eigh(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (columns) of ``cov``, largest eigenvalue first, each signed so that its
+    largest-magnitude entry is positive (deterministic)."""
+    _, vecs = torch.linalg.eigh(cov)
+    vecs = vecs.flip(-1)
+    idx = vecs.abs().argmax(-2, keepdim=True)
+    return vecs * torch.sign(torch.gather(vecs, -2, idx))
+
+
+def _fit_mix(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np.ndarray, progress) -> dict:
+    """Version 4's ``mix`` and the ``sigma``/``cdf`` of the mixed coefficients. Per (layer, kind): the
+    calibration coefficients divided by their steps, ``w [N, H·dim]`` (channel h·dim + d), whose squared
+    error is the sensitivity-weighted error; their PCA ``R`` (float16) decorrelates the heads
+    (bench/decorrelation.py: 14.7% fewer bits at equal KL on SmolLM2). The coded coefficients are
+    ``y = w @ inv(Rᵀ)``; ``sigma`` holds their stds ``[H, dim]`` in channel order, ``cdf`` their pooled shape."""
+    from kvc.codec.transforms import analysis_matrix, pca_forward
+
+    mean, basis, step = arrays["mean"], arrays["basis"], arrays["step"]
+    L, _, H, D = mean.shape
+    mix = np.zeros((L, 2, H * D, H * D), np.float16)
+    sigma = arrays["sigma"].copy()
+    cdf = arrays["cdf"].copy()
+    for layer in range(L):
+        for k, kind in enumerate(("key", "value")):
+            dim = kd if k == 0 else vd
+            n = H * dim
+            x = _calibration_frame(kvs, layer, kind, rotary, sinks)
+            ana = torch.from_numpy(analysis_matrix(basis[layer, k, :, :dim, :dim]))
+            coef = pca_forward(x, torch.from_numpy(mean[layer, k, :, :dim].astype(np.float64)), ana)
+            coef /= torch.from_numpy(step[layer, k, :, :dim].astype(np.float64))[:, None, :]
+            w = coef.permute(1, 0, 2).reshape(-1, n)  # [N, H·dim]
+            r16 = _signed_eigh(w.T @ w / max(1, len(w) - 1)).numpy().astype(np.float16)
+            y = (w @ torch.from_numpy(np.linalg.inv(r16.astype(np.float64).T))).numpy()
+            sd = y.std(0)
+            mix[layer, k, :n, :n] = r16
+            mix[layer, k, n:, n:] = np.eye(H * D - n, dtype=np.float16)  # never read
+            sigma[layer, k, :, :dim] = sd.reshape(H, dim)
+            cdf[layer, k] = _pooled_cdf(y, sd, grid)
+        progress("mix", layer + 1, L)
+    return {"mix": mix, "sigma": sigma, "cdf": cdf}
 
 
 def _component_steps(fisher: np.ndarray | None, base: np.ndarray, kd: int, vd: int) -> np.ndarray:

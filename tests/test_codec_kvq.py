@@ -30,6 +30,12 @@ def tiny_profile(tiny_llama):
     return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8)
 
 
+@pytest.fixture(scope="module")
+def tiny_profile_v2(tiny_llama):
+    """The same fit without mixing across heads: a version-2 profile (per-coefficient steps)."""
+    return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8, mix=False)
+
+
 def _kv(lm, text=TEXTS[1]):
     from kvc.runtime.prefill import prefill, tokenize
 
@@ -295,14 +301,15 @@ def test_smollm2_error_bound_and_kl(smollm2):
 
 def _as_version_1(profile: Profile) -> Profile:
     """The same profile without per-coefficient steps: a version-1 profile (per-head ``base_step``)."""
-    arrays = {k: v for k, v in profile.arrays.items() if k != "step"}
+    arrays = {k: v for k, v in profile.arrays.items() if k not in ("step", "mix")}
     return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
                    value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
                    fit=profile.fit)
 
 
-def test_profile_versions_and_per_coefficient_steps(tiny_profile):
-    # fit_profile writes version 2: one step per (layer, kind, head, coefficient), and they differ
+def test_profile_versions_and_per_coefficient_steps(tiny_profile_v2):
+    tiny_profile = tiny_profile_v2
+    # fit_profile(mix=False) writes version 2: one step per (layer, kind, head, coefficient), and they differ
     assert tiny_profile.version == 2
     step = tiny_profile.arrays["step"]
     assert step.shape == tiny_profile.arrays["sigma"].shape and np.all(step > 0)
@@ -322,11 +329,11 @@ def test_profile_versions_and_per_coefficient_steps(tiny_profile):
     assert np.array_equal(v2.steps(1, 0).numpy(), step[1, 0, :, : tiny_profile.key_dim].astype(np.float64) * scale)
 
 
-def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_profile):
+def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_profile_v2):
     """Version 1 is version 2 with every coefficient of a head at the head's step: the same bytes and values,
     so generalising the steps changed nothing for files made with version-1 profiles."""
-    old = _as_version_1(tiny_profile)
-    flat = _as_version_1(tiny_profile)
+    old = _as_version_1(tiny_profile_v2)
+    flat = _as_version_1(tiny_profile_v2)
     per_head = np.repeat(old.arrays["base_step"][..., None], old.arrays["sigma"].shape[-1], -1)
     flat.arrays = dict(flat.arrays, step=per_head)
     assert flat.version == 2 and flat.sha256 != old.sha256
@@ -342,7 +349,8 @@ def test_per_head_steps_as_version_2_encode_the_same_bytes(tiny_llama, tiny_prof
                 assert blob_a == blob_b and torch.equal(y_a, y_b)
 
 
-def test_version_2_profile_tensors_are_checked(tiny_profile):
+def test_version_2_profile_tensors_are_checked(tiny_profile_v2):
+    tiny_profile = tiny_profile_v2
     import json
     import struct
 
@@ -369,9 +377,49 @@ def test_version_2_profile_tensors_are_checked(tiny_profile):
     with pytest.raises(ProfileError, match="version differs"):  # the header says what the file says
         Profile.from_bytes(rebuild(dict(header, version=1), version=2))
     with pytest.raises(VersionError):
-        Profile.from_bytes(rebuild(header, version=4))
+        Profile.from_bytes(rebuild(header, version=5))
     bad = dict(tiny_profile.arrays, step=-tiny_profile.arrays["step"])
     forged = _as_version_1(tiny_profile)
     forged.arrays = bad
     with pytest.raises(ProfileError):
         Profile.from_bytes(forged.to_bytes())
+
+
+def test_mixed_profile_decorrelates_heads_and_round_trips(tiny_llama, tiny_profile, tiny_profile_v2):
+    """Version 4 (fit_profile's default): one rotation across the heads of each (layer, kind) after the
+    per-coefficient steps; the coded coefficients' stds are what the profile says, every level decodes
+    within its stated bound, and the profile file checks the rotation like the basis."""
+    import hashlib
+    import json
+    import struct
+
+    prof = tiny_profile
+    assert prof.version == 4 and prof.mixed and not tiny_profile_v2.mixed
+    H, kd = prof.heads, prof.key_dim
+    n = H * kd
+    R = prof.arrays["mix"][1, 0, :n, :n].astype(np.float64)
+    assert np.abs(R.T @ R - np.eye(n)).max() < 5e-3
+    # the same PCA and steps as version 2; only sigma and cdf describe the mixed coefficients
+    for name in ("mean", "basis", "step", "base_step"):
+        assert np.array_equal(prof.arrays[name], tiny_profile_v2.arrays[name]), name
+    assert not np.array_equal(prof.arrays["sigma"], tiny_profile_v2.arrays["sigma"])
+    kv = _kv(tiny_llama)
+    for level in LEVEL_SCALES:
+        codec = build_codec(level_entry(level, prof), prof)
+        worst, rel = _bound_ratio(codec, kv, _decode_all(codec, kv, 32), 32)
+        assert worst <= 1.0 and rel <= codec.relative_rmse_bound, level
+    # bytes: round trip, and a mix that is not a rotation is refused (checksum recomputed)
+    again = Profile.from_bytes(prof.to_bytes())
+    assert again.version == 4 and again.sha256 == prof.sha256
+    data = prof.to_bytes()
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    header = json.loads(data[16 : 16 + hlen])
+    entry = next(t for t in header["tensors"] if t["name"] == "mix")
+    blob = bytearray(data[16 + hlen : -32])
+    off = entry["offset"]
+    blob[off : off + 2] = np.float16(3.0).tobytes()  # mix[0, 0, 0, 0] = 3
+    body = data[: 16 + hlen] + bytes(blob)
+    with pytest.raises(ProfileError, match="not orthonormal"):
+        Profile.from_bytes(body + hashlib.sha256(body).digest())
+    # a version-2 reader's view: a version-4 file is refused by version, never misread
+    assert int.from_bytes(data[8:10], "little") == 4
