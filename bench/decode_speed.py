@@ -38,8 +38,10 @@ from kvc.api import decode_chunk  # noqa: E402
 from kvc.runtime.kv import ContextKV, LayerKV  # noqa: E402
 
 
-def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0):
-    """(cache, profile, model identity) of the given shape: identity PCA, no rotary, σ_d = 4·0.9^d."""
+def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0, mix: bool = False):
+    """(cache, profile, model identity) of the given shape: identity PCA, no rotary, σ_d = 4·0.9^d; with
+    ``mix`` a version-4 profile whose ``mix`` is a random rotation across the heads (unit steps), so the
+    cost of synthesising every head from all heads' coefficients is measured at that size."""
     from kvc.codec.profile import GRID, SINKS, Profile
 
     sigma = (4.0 * 0.9 ** np.arange(dim)).astype(np.float32)
@@ -57,9 +59,14 @@ def synthetic(layers: int, heads: int, dim: int, tokens: int, seed: int = 0):
         "base_step": np.ones((layers, 2, heads), np.float32),
         "sensitivity": np.ones((layers, 2, heads), np.float32),
     }
+    g = torch.Generator().manual_seed(seed)
+    if mix:
+        n = heads * dim
+        rot = torch.linalg.qr(torch.randn(layers * 2, n, n, generator=g, dtype=torch.float64))[0]
+        arrays["step"] = np.ones((layers, 2, heads, dim), np.float32)
+        arrays["mix"] = rot.numpy().astype(np.float16).reshape(layers, 2, n, n)
     profile = Profile(identity=identity, layers=layers, heads=heads, key_dim=dim, value_dim=dim, rotary=None,
                       sinks=SINKS, arrays=arrays)  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
     std = torch.from_numpy(sigma)
     kv = ContextKV(token_ids=[1] * tokens, layers=[
         LayerKV(key=(torch.randn(heads, tokens, dim, generator=g) * std).half(),
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--synthetic", default=None, help="LAYERS,KV_HEADS,HEAD_DIM,TOKENS instead of SmolLM2")
     parser.add_argument("--no-v1", action="store_true", help="skip the version-1 size comparison")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--mix", action="store_true", help="with --synthetic: a version-4 (mixed) profile")
     parser.add_argument("--profile", default=None, help="a profile file for the model (default: the one kvc finds)")
     parser.add_argument("--ceiling", action="store_true", help="also measure what 2 threads give on this "
                         "machine for a plain matrix product and a numba integer loop (the decoder's two halves)")
@@ -158,7 +166,7 @@ def main() -> None:
     contexts = []  # (name, kv, identity, profile or None, prefill seconds or None)
     if args.synthetic:
         L, H, D, T = (int(v) for v in args.synthetic.split(","))
-        kv, profile, identity = synthetic(L, H, D, T)
+        kv, profile, identity = synthetic(L, H, D, T, mix=args.mix)
         contexts.append((f"synthetic {L}x{H}x{D}, {T} tok", kv, identity, profile, None))
     else:
         from kvc.runtime.identity import model_identity
