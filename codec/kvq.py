@@ -211,8 +211,13 @@ class KvqCodec:
         n = H * dim
         R = self.profile.arrays["mix"][layer, k, :n, :n].astype(np.float64)
         step = self.profile.component_steps(layer, k)[:, :dim]  # [H, dim]
-        rt = R.T.reshape(n, H, dim).transpose(1, 0, 2)  # [H, n, dim]: (Rᵀ)[:, h-block]
-        return self.scale * np.einsum("hjd,hd,hed->hje", rt, step, B)
+        # W_h[i, j] = Σ_d (scale · R[h·dim + d, i] · step[h, d]) · B[h, j, d], summed over d in increasing order
+        # (a fixed order, not a BLAS product's, so every decoder gets the same float64 and so float32 bits)
+        out = np.zeros((H, n, dim))
+        for h in range(H):
+            for d in range(dim):
+                out[h] += np.multiply.outer(self.scale * R[h * dim + d, :] * step[h, d], B[h, :, d])
+        return out
 
     def _mixing(self, layer: int, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A mixed profile's (steps ``[H, dim]``, analysis ``inv(Rᵀ)`` ``[H·dim, H·dim]``), float64."""
