@@ -3,7 +3,8 @@
 Fits on ``calibration_essays()`` only (never the evaluation essays) and writes
 ``codec/profiles/smollm2-135m.kvcp``; same inputs and seed give the same bytes on one platform.
 
-``--mix-from V2.kvcp [OUT]`` makes the version-4 profile from the version-2 one fitted on the same essays
+``--mix-from V2.kvcp [OUT]`` makes the version-4 profile (shipped as
+``codec/profiles/optional/smollm2-135m-mix.kvcp``) from the version-2 one fitted on the same essays
 (``kvc.codec.profile.add_mix``: the same bytes as a whole refit, in a minute instead of ~14: only the mix
 depends on anything new)."""
 

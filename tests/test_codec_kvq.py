@@ -32,8 +32,14 @@ def tiny_profile(tiny_llama):
 
 @pytest.fixture(scope="module")
 def tiny_profile_v2(tiny_llama):
-    """The same fit without mixing across heads: a version-2 profile (per-coefficient steps)."""
+    """Explicitly without mixing across heads: a version-2 profile (per-coefficient steps)."""
     return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8, mix=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile_mix(tiny_llama):
+    """The same fit mixed across heads: a version-4 profile."""
+    return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8, mix=True)
 
 
 def _kv(lm, text=TEXTS[1]):
@@ -385,15 +391,15 @@ def test_version_2_profile_tensors_are_checked(tiny_profile_v2):
         Profile.from_bytes(forged.to_bytes())
 
 
-def test_mixed_profile_decorrelates_heads_and_round_trips(tiny_llama, tiny_profile, tiny_profile_v2):
-    """Version 4 (fit_profile's default): one rotation across the heads of each (layer, kind) after the
+def test_mixed_profile_decorrelates_heads_and_round_trips(tiny_llama, tiny_profile_mix, tiny_profile_v2):
+    """Version 4 (fit_profile(mix=True)): one rotation across the heads of each (layer, kind) after the
     per-coefficient steps; the coded coefficients' stds are what the profile says, every level decodes
     within its stated bound, and the profile file checks the rotation like the basis."""
     import hashlib
     import json
     import struct
 
-    prof = tiny_profile
+    prof = tiny_profile_mix
     assert prof.version == 4 and prof.mixed and not tiny_profile_v2.mixed
     H, kd = prof.heads, prof.key_dim
     n = H * kd
@@ -423,3 +429,15 @@ def test_mixed_profile_decorrelates_heads_and_round_trips(tiny_llama, tiny_profi
         Profile.from_bytes(body + hashlib.sha256(body).digest())
     # a version-2 reader's view: a version-4 file is refused by version, never misread
     assert int.from_bytes(data[8:10], "little") == 4
+
+
+def test_the_optional_mixed_smollm2_profile_is_found_by_hash_only():
+    """SmolLM2's version-4 profile ships in profiles/optional/: encoding picks the version-2 default (fast
+    CPU decode), a file that names the mixed one by hash still decodes without being told where it is."""
+    from kvc.codec.profile import find_profile, find_profile_by_sha, optional_profiles_dir
+
+    mixed = Profile.load(optional_profiles_dir() / "smollm2-135m-mix.kvcp")
+    assert mixed.version == 4
+    default = find_profile(mixed.identity)
+    assert default is not None and default.version == 2 and default.matches(mixed.identity)
+    assert find_profile_by_sha(mixed.sha256).sha256 == mixed.sha256

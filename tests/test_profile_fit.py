@@ -78,11 +78,11 @@ def test_sensitivity_is_measured_on_sliding_window_layers(models, arch):
     assert len(np.unique(prof.arrays["base_step"])) == prof.arrays["base_step"].size
     warnings = prof.fit["warnings"]
     assert not any(w.startswith("sensitivity") for w in warnings)
-    assert warnings == [] and prof.version == 4  # mixed across heads (the default)
+    assert warnings == []
     if arch == "gemma3":
-        assert prof.rotary["layer_theta"] == [1e4, 1e6, 1e4, 1e6]
+        assert prof.rotary["layer_theta"] == [1e4, 1e6, 1e4, 1e6] and prof.version == 3
     else:
-        assert prof.rotary == {"theta": 50000.0, "dim": 16}
+        assert prof.rotary == {"theta": 50000.0, "dim": 16} and prof.version == 2
     again = Profile.from_bytes(prof.to_bytes())  # the record survives the file
     assert again.fit["warnings"] == warnings and again.fit["sliding_layers"] == sliding
 
@@ -198,11 +198,11 @@ def test_kvc_profile_warns_in_one_line_per_fallback(models, tmp_path):
     assert len(warned) == 1 and "sensitivity" in warned[0]
     result = json.loads(run.stdout)
     assert result["rotary"]["layer_theta"] == [1e4, 1e6, 1e4, 1e6] and len(result["warnings"]) == 1
-    assert result["version"] == 4  # mixed across heads unless told --no-mix (below)
+    assert result["version"] == 3  # a base per layer; not mixed across heads unless told --mix (below)
     assert Profile.load(out).fit["warnings"] == result["warnings"]
     # a model whose profile does all of its job prints no warning
     clean = subprocess.run([KVC, "profile", "--model", str(models["qwen2-sw"]), str(text), "-o",
-                            str(tmp_path / "q.kvcp"), "--tokens", "160", "--no-mix"], capture_output=True, text=True,
+                            str(tmp_path / "q.kvcp"), "--tokens", "160", "--mix"], capture_output=True, text=True,
                            timeout=300)
     assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr
-    assert Profile.load(tmp_path / "q.kvcp").version == 2
+    assert Profile.load(tmp_path / "q.kvcp").version == 4
