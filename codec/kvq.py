@@ -224,9 +224,9 @@ class KvqCodec:
         key = ("mix", layer, k)
         if key not in self._mats:
             n = self.profile.heads * dim
-            R = self.profile.arrays["mix"][layer, k, :n, :n].astype(np.float64)
+            R = self.profile.arrays["mix"][layer, k, :n, :n]
             step = torch.from_numpy(self.profile.component_steps(layer, k)[:, :dim])
-            self._mats[key] = (step, torch.from_numpy(np.linalg.inv(R.T)))
+            self._mats[key] = (step, torch.from_numpy(analysis_matrix(R[None])[0]))
         return self._mats[key]
 
     # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
@@ -615,12 +615,9 @@ class KvqCodec:
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
         if coef.device.type != "cpu":
             mean32, synth = self._on_device(("m", layer, k), (mean32, synth), coef.device)
-        if self.profile.mixed:  # every head from all the (layer, kind)'s symbols, token-major
-            H, T, D = coef.shape
-            y = coef.permute(1, 0, 2).reshape(T, H * D)
-            x = torch.empty(H, T, D, dtype=torch.float32, device=coef.device)
-            for h in range(H):
-                torch.addmm(mean32[h], y, synth[h], out=x[h])
+        if self.profile.mixed:
+            x = torch.empty(coef.shape, dtype=torch.float32, device=coef.device)
+            self._product_into(coef, mean32, synth, x)
         else:
             x = torch.baddbmm(mean32[:, None, :], coef, synth)
         if k == 0 and self.profile.rotary is not None:
@@ -643,14 +640,20 @@ class KvqCodec:
         from kvc.codec.finish import finish_in_place
 
         _, _, _, mean32, synth = self._matrices(layer, k, coef.shape[2])
-        H, T, D = coef.shape
-        y = coef.permute(1, 0, 2).reshape(T, H * D) if self.profile.mixed else None
-        for h in range(H):
-            torch.addmm(mean32[h], coef[h] if y is None else y, synth[h], out=out[h, lead:])
+        self._product_into(coef, mean32, synth, out[:, lead:])
         cos = sin = None
         if k == 0 and self.profile.rotary is not None:
             cos, sin = (t.numpy() for t in self._cos_sin(layer, first, coef.shape[1]))
         finish_in_place(out.numpy()[:, lead:], cos, sin)
+
+    def _product_into(self, coef: torch.Tensor, mean32, synth, dest: torch.Tensor) -> None:
+        """``dest[h] = src @ synth[h] + mean32[h]``, one ``addmm`` per head into ``dest [H, T, D]`` (each
+        ``dest[h]`` contiguous): ``src`` is head ``h``'s coefficients, or for a mixed profile every head's,
+        token-major ``[T, H·D]``."""
+        H, T, D = coef.shape
+        y = coef.permute(1, 0, 2).reshape(T, H * D) if self.profile.mixed else None
+        for h in range(H):
+            torch.addmm(mean32[h], coef[h] if y is None else y, synth[h], out=dest[h])
 
     def _on_device(self, key, tensors: tuple, device: torch.device) -> tuple:
         """Copies of per-(layer, kind) matrices on ``device``, made once."""

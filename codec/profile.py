@@ -79,9 +79,10 @@ class Profile:
         across the heads of their (layer, kind) by ``mix`` (version 4; CODEC.md step 3b)."""
         return "mix" in self.arrays
 
-    def coded_steps(self, layer: int, k: int) -> np.ndarray:
-        """float64 ``[H, D]`` base steps of the coefficients the coder sees: the per-coefficient steps, or
-        in a mixed profile 1 (its coefficients are already divided by their steps before mixing)."""
+    def coded_steps(self, layer: int | None = None, k: int | None = None) -> np.ndarray:
+        """float64 base steps of the coefficients the coder sees, shaped as :meth:`component_steps`: the
+        per-coefficient steps, or in a mixed profile 1 (its coefficients are already divided by their
+        steps before mixing)."""
         st = self.component_steps(layer, k)
         return np.ones_like(st) if self.mixed else st
 
@@ -252,9 +253,9 @@ class Profile:
             return 0
         idx = np.asarray(sorted(set(layers)), dtype=np.int64)
         total = 0
+        steps = self.coded_steps()
         for k, dim in ((0, self.key_dim), (1, self.value_dim)):
             sigma = self.arrays["sigma"][idx, k, :, :dim].astype(np.float64)  # [l, H, dim]
-            steps = np.ones_like(self.component_steps()) if self.mixed else self.component_steps()
             step = steps[idx, k, :, :dim] * float(scale)
             radius = np.clip(np.ceil(10.0 * sigma / step) + 1, 1, 4096)
             total += int(48 * (2 * radius + 1).sum()) + 320 * radius.size
@@ -378,8 +379,9 @@ def _orthonormal(mats: np.ndarray, tol: float = 0.05) -> bool:
 
 def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict:
     """A profile's ``rotary`` settings, checked field by field (``error(message)`` makes the exception):
-    ``{"theta": number in (0, 1e12], "dim": key_dim (even)}``, plus in version 3 (and only there)
-    ``"layer_theta"``: one such number per layer, the first equal to ``theta``. Nothing else."""
+    ``{"theta": number in (0, 1e12], "dim": key_dim (even)}``, plus ``"layer_theta"`` — required in version 3,
+    allowed in version 4, refused before — one such number per layer, the first equal to ``theta``. Nothing
+    else."""
     def need(condition: bool, message: str) -> None:
         if not condition:
             raise error(message)
@@ -512,12 +514,7 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
             mu = x.mean(1)
             xc = x - mu[:, None]
             cov = torch.bmm(xc.transpose(1, 2), xc) / max(1, x.shape[1] - 1)
-            _, vecs = torch.linalg.eigh(cov)
-            vecs = vecs.flip(-1)  # largest variance first
-            # Deterministic sign: the largest-magnitude entry of each direction is positive.
-            idx = vecs.abs().argmax(1, keepdim=True)
-            vecs = vecs * torch.sign(torch.gather(vecs, 1, idx))
-            b16 = vecs.numpy().astype(np.float16)
+            b16 = _signed_eigh(cov).numpy().astype(np.float16)
             from kvc.codec.transforms import analysis_matrix
 
             ana = torch.from_numpy(analysis_matrix(b16))
@@ -560,11 +557,12 @@ def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progr
     """``profile`` (version 2 or 3, fitted on ``texts`` for ``lm``) made version 4: its mix, sigma and cdf
     exactly as ``fit_profile(..., mix=True)`` would fit them on the same texts, without refitting the rest
     (the mix depends only on the PCA, the steps and the calibration caches)."""
+    from kvc.runtime.identity import model_identity
     from kvc.runtime.prefill import prefill, tokenize
 
     if profile.mixed or "step" not in profile.arrays:
         raise ProfileError("add_mix needs a version-2 or 3 profile")
-    profile.check_model(lm_identity(lm))
+    profile.check_model(model_identity(lm))
     kvs = []
     for text in texts:
         ids = tokenize(lm, text)
@@ -576,12 +574,6 @@ def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progr
     return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
                    value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
                    fit=dict(profile.fit, mix=True))
-
-
-def lm_identity(lm) -> dict:
-    from kvc.runtime.identity import model_identity
-
-    return model_identity(lm)
 
 
 def _calibration_frame(kvs, layer: int, kind: str, rotary: dict | None, sinks: int) -> torch.Tensor:
@@ -640,7 +632,7 @@ def _fit_mix(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np.n
             coef /= torch.from_numpy(step[layer, k, :, :dim].astype(np.float64))[:, None, :]
             w = coef.permute(1, 0, 2).reshape(-1, n)  # [N, H·dim]
             r16 = _signed_eigh(w.T @ w / max(1, len(w) - 1)).numpy().astype(np.float16)
-            y = (w @ torch.from_numpy(np.linalg.inv(r16.astype(np.float64).T))).numpy()
+            y = (w @ torch.from_numpy(analysis_matrix(r16[None])[0])).numpy()  # as the codec's _mixing
             sd = y.std(0)
             mix[layer, k, :n, :n] = r16
             mix[layer, k, n:, n:] = np.eye(H * D - n, dtype=np.float16)  # never read
