@@ -107,12 +107,8 @@ def kl_sweep(lm, prof, modes, rotations, contexts, scales, continuation) -> list
             for s in scales:
                 bits, recon_gs = 0.0, []
                 for i, g in enumerate(gs):
-                    y = g if rots is None else g @ rots[i]
-                    q = np.round(y / s).astype(np.int64)
-                    for col in q.T:
-                        if col.any():
-                            _, counts = np.unique(col, return_counts=True)
-                            bits += float(-(counts * np.log2(counts / len(col))).sum())
+                    _, q, b, _ = quantise(g, None if rots is None else rots[i], s)
+                    bits += b
                     yq = q * s
                     recon_gs.append(yq if rots is None else yq @ rots[i].T)
                 wq = ungroup(recon_gs, w.shape, mode)
@@ -146,21 +142,26 @@ def fit_rotations(cal: list[np.ndarray], mode: str) -> list[np.ndarray] | None:
     return rots
 
 
+def quantise(g: np.ndarray, rot: np.ndarray | None, s: float) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """One group ``[T, n]`` rotated (``rot``: columns = directions) and quantised with step ``s``: (its
+    coefficients, their symbols, the summed per-channel empirical entropy in bits, channels kept)."""
+    from coder_gap import empirical_bits
+
+    y = g if rot is None else g @ rot
+    q = np.round(y / s).astype(np.int64)
+    live = [col for col in q.T if col.any()]
+    return y, q, sum(empirical_bits(col) for col in live), len(live)
+
+
 def rate_distortion(gs, rots, s: float) -> tuple[float, float, float]:
     """(bits per element, weighted squared error per element, multiply-adds per token of synthesis)."""
     bits = err = 0.0
     n = macs = 0
     for i, g in enumerate(gs):
-        y = g if rots is None else g @ rots[i]
-        q = np.round(y / s).astype(np.int64)
+        y, q, b, kept = quantise(g, None if rots is None else rots[i], s)
+        bits += b
         err += float(((y - q * s) ** 2).sum())
         n += y.size
-        kept = 0
-        for col in q.T:
-            if col.any():
-                kept += 1
-                _, counts = np.unique(col, return_counts=True)
-                bits += float(-(counts * np.log2(counts / len(col))).sum())
         macs += kept * g.shape[1]
     return bits / n, err / n, macs
 
