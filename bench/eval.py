@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", default=None, help="a profile file for the lossy levels (default: the one kvc "
+                        "finds), e.g. codec/profiles/optional/smollm2-135m-mix.kvcp")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                 levels=levels,
                 repeat=args.repeat,
                 name=name,
+                profile=args.profile,
             )
         )
     depths = [float(v) for v in args.depths.split(",")]
     lengths = [int(v) for v in args.lengths.split(",")]
     console.print(f"  needle sweep: depths {depths} x lengths {lengths}")
-    needle = evaluate_needle(lm, depths=depths, lengths=lengths, levels=levels)
+    needle = evaluate_needle(lm, depths=depths, lengths=lengths, levels=levels, profile=args.profile)
     console.print(report.replay_table(results, bandwidths))
     console.print(report.needle_table(needle))
     doc = report.to_json(

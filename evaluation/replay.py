@@ -394,12 +394,15 @@ def evaluate_tokens(
     name: str = "context",
     workdir: str | Path | None = None,
     on_step: Callable[[str], None] | None = None,
+    profile=None,
 ) -> ContextResult:
     """Encode ``context_ids`` at ``levels`` into a temporary .kvc file and replay it: the benchmark's
-    path, and the way to evaluate text that has no file yet."""
+    path, and the way to evaluate text that has no file yet. ``profile`` (a Profile or a path) encodes
+    the lossy levels with it instead of the one kvc finds for the model (it must be findable by hash
+    when the file is read back, as the shipped optional profiles are, or be passed to reads too)."""
     import kvc
 
-    data = kvc.encode_tokens(lm, list(context_ids), levels=tuple(levels))
+    data = kvc.encode_tokens(lm, list(context_ids), levels=tuple(levels), profile=profile)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / f"{Path(name).stem}.kvc"
         kvc.save(path, data)
