@@ -20,6 +20,7 @@ from kvc.errors import FormatError, InputError, LimitError, ProfileError
 from kvc.formats.container import PayloadSpool, write_atomic
 from kvc.index import KvcIndex
 from kvc.runtime.identity import check_same_model, model_identity
+from kvc.runtime.kernels import kernel_fingerprint
 from kvc.runtime.kv import ContextKV, LayerKV
 from kvc.runtime.prefill import prefill, tokenize
 
@@ -269,6 +270,8 @@ def prefill_record(lm, slice_tokens: int, batch: int | None = None) -> dict:
         "torch": torch.__version__.split("+")[0],
         "transformers": _transformers_version(),
         "machine": platform.machine(),
+        # which arithmetic the kernels did: a deep verify asks for exact bytes only where it matches
+        "kernels": kernel_fingerprint(lm.dtype, lm.device),
     }
     if batch is not None:
         info["batch"] = batch

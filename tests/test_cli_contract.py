@@ -152,9 +152,13 @@ def test_a_bf16_file_is_verified_and_evaluated_in_bf16(work, doc, llama):
     # lossless stores the cache's own dtype: half the bytes of float32 (zstd does a little differently on each)
     assert 0.3 < bf16.stat().st_size / fp32.stat().st_size < 0.7
     deep = json.loads(run("verify", "--deep", bf16, "--json").stdout)  # no --dtype: the file's is used
-    assert deep["ok"] and deep["levels"]["lossless"]["exact"]
+    # torch's bf16 attention on CPU is not deterministic (1 prefill in ~20 differs by an ulp): verify says so
+    # and holds the file to bf16's precision, not to exact bytes
+    assert deep["ok"] and not deep["same_environment"] and "not deterministic" in deep["environment_differs"]
+    assert deep["levels"]["lossless"]["relative_rmse"] < 0.0078
     ev = json.loads(run("eval", bf16, "--repeat", "1", "--continuation-tokens", "16", "--json").stdout)
-    assert ev["model"]["dtype"] == "bfloat16" and ev["aggregate"]["lossless"]["perplexity_ratio"] == 1.0
+    # 1.0 but for the ulps of bf16 attention on CPU, which is not deterministic
+    assert ev["model"]["dtype"] == "bfloat16" and abs(ev["aggregate"]["lossless"]["perplexity_ratio"] - 1.0) < 1e-3
     one_line_error(run("verify", "--deep", bf16, "--dtype", "fp32", check_rc=None), 5, "pass --dtype bfloat16")
     one_line_error(run("verify", "--deep", bf16, "--dtype", "fp12", check_rc=None), 2, "unknown dtype 'fp12'")
 
@@ -169,6 +173,33 @@ def test_auto_dtype_is_the_checkpoints(work, doc, llama):
     report = json.loads(run("encode", doc, "-o", out, "--model", folder, "--level", "lossless", "--json").stdout)
     assert report["dtype"] == "bfloat16"
     assert json.loads(run("verify", "--deep", out, "--json").stdout)["ok"]
+
+
+def _kernels_under(env: dict, dtype: str) -> str:
+    code = f"import torch; from kvc.runtime.kernels import kernel_fingerprint; print(kernel_fingerprint(torch.{dtype}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
+                          env={**os.environ, **env}).stdout.strip()  # fmt: skip
+
+
+def test_other_kernels_hold_lossless_to_tolerance_not_exactness(work, doc, llama):
+    """float32 GEMMs split their sums by thread count, and oneDNN rounds otherwise under AVX2 than under
+    AVX-512 or AMX: a verify whose kernels are not the file's is told so and holds lossless to float
+    tolerance; where they are the file's, to exact bytes."""
+    out = work / "kernels.kvc"
+    run("encode", doc, "-o", out, "--model", llama, "--level", "lossless")
+    recorded = kvc.open(out).header["prefill"]["kernels"]
+    assert recorded == _kernels_under({}, "float32") and re.fullmatch("[0-9a-f]{16}", recorded)
+    other = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    proc = kvc_proc("verify", "--deep", out, "--json", env=other)
+    assert proc.returncode == 0, proc.stderr.decode()
+    deep = json.loads(proc.stdout)
+    if _kernels_under(other, "float32") == recorded:  # a one-core machine without AVX-512: nothing differs
+        assert deep["same_environment"] and deep["levels"]["lossless"]["exact"]
+    else:
+        assert not deep["same_environment"] and "kernels" in deep["environment_differs"]
+        assert deep["levels"]["lossless"]["bound"].startswith("relative RMSE < 0.0001")
+    same = json.loads(run("verify", "--deep", out, "--json").stdout)
+    assert same["same_environment"] and same["levels"]["lossless"]["exact"]
 
 
 # ---- 3. sizes read the right way round, per level ---------------------------------------------------
