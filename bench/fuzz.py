@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FIXTURE_VERSION = "kvc-fuzz-fixtures-1"
+FIXTURE_VERSION = "kvc-fuzz-fixtures-2"
 TEXT = "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 6
 CONTEXT_TOKENS = 72
 CHUNK_TOKENS = 16
@@ -100,6 +100,21 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
     for arch, path in (model_dirs or {}).items():
         if not (folder / arch).exists():
             (folder / arch).symlink_to(Path(path).resolve(), target_is_directory=True)
+    import torch
+
+    # Built with the one torch thread the workers run (worker_main): the files then record the workers'
+    # kernel fingerprint, and verify --deep holds them to exact bytes there.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _build(folder)
+    finally:
+        torch.set_num_threads(threads)
+    done.write_text(stamp)
+    return folder
+
+
+def _build(folder: Path) -> None:
     import kvc
     from kvc.codec.profile import fit_profile
     from kvc.runtime.loading import load_model
@@ -121,8 +136,6 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
             lm, ids, levels=levels, chunk_tokens=CHUNK_TOKENS, profile=profile, embed_profile=embed
         )
         (folder / f"{name}.kvc").write_bytes(data)
-    done.write_text(stamp)
-    return folder
 
 
 def fixture_stamp() -> str:

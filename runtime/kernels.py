@@ -30,7 +30,7 @@ def _values(count: int, multiplier: int, offset: int, modulus: int) -> torch.Ten
 
 
 @cache
-def _fingerprint(dtype: torch.dtype, device: str) -> str:
+def _fingerprint(dtype: torch.dtype, device: str, threads: int) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for rows, k, out in _LINEAR_SHAPES:
@@ -49,7 +49,7 @@ def _fingerprint(dtype: torch.dtype, device: str) -> str:
 def kernel_fingerprint(dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
     """16 hex digits naming the arithmetic of this process's kernels in ``dtype`` on ``device``.
 
-    Cached per process: a process keeps the kernels it picked (a thread count set on kvc's own pool
-    threads does not reach the thread that prefills)."""
+    Cached per process and intra-op thread count (the one thing a process changes that changes its
+    kernels' sums)."""
     device = torch.device(device)
-    return _fingerprint(dtype, str(device))
+    return _fingerprint(dtype, str(device), torch.get_num_threads())
