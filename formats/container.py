@@ -264,6 +264,20 @@ def read_head(read: Callable[[int, int, str], bytes], size: int | None, name: st
     return Head(header=header, version=(major, minor), data_start=data_start)
 
 
+def same_content(a: bytes, b: bytes) -> bool:
+    """Whether two .kvc files hold the same context, payloads and metadata: byte for byte, but for the
+    fingerprint of the kernels that prefilled them (``prefill.kernels``; a Ray actor given one CPU runs
+    torch on one thread and records another than a process running on several)."""
+
+    def parts(data: bytes) -> tuple[dict, bytes]:
+        head = read_head(lambda offset, length, what: data[offset : offset + length], len(data), "a file")
+        header = dict(head.header, prefill=dict(head.header.get("prefill", {})))
+        header["prefill"].pop("kernels", None)
+        return header, data[head.data_start :]
+
+    return parts(a) == parts(b)
+
+
 class Container:
     """An opened .kvc: its validated header and checked access to its payloads."""
 

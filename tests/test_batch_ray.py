@@ -9,6 +9,7 @@ import pytest
 
 import kvc
 from kvc.batch import encode_corpus
+from kvc.formats.container import same_content
 from tests.test_batch import _corpus
 
 pytest.importorskip("ray.data")
@@ -46,7 +47,8 @@ def test_ray_writes_what_one_process_writes(cluster, llama, tmp_path):
     read = lambda d: [json.loads(x) for x in (d / "kvc-manifest.jsonl").read_text().splitlines()]  # noqa: E731
     assert _stable(read(remote), remote) == _stable(read(local), local)
     for path in sorted(local.glob("*.kvc")):
-        assert (remote / path.name).read_bytes() == path.read_bytes()
+        # byte-identical, but for the kernel fingerprint: each actor has one CPU, so torch one thread
+        assert same_content((remote / path.name).read_bytes(), path.read_bytes())
         kvc.open(remote / path.name).read()  # every payload checked against its checksum
     again = encode_corpus([str(docs)], str(remote), ray=True, **settings)
     assert again.unchanged == 6 and again.encoded == 0

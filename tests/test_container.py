@@ -268,3 +268,22 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         kvc.save(target, encode(synthetic_kv(3)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_content_ignores_only_the_kernel_fingerprint():
+    from kvc.formats.container import same_content
+
+    data = encode(synthetic_kv(12), chunk_tokens=5)
+
+    def kernels(value):
+        def change(header):
+            header.setdefault("prefill", {})["kernels"] = value
+
+        return change
+
+    a, b = _rewrite_header(data, kernels("0123456789abcdef")), _rewrite_header(data, kernels("fedcba9876543210"))
+    assert a != b and same_content(a, b) and same_content(a, data)
+    other_source = _rewrite_header(a, lambda h: h["context"].update(source="elsewhere"))
+    assert not same_content(a, other_source)
+    flipped = _restamp_payload(a, lambda p: p[:-1] + bytes([p[-1] ^ 1]), ("sha256", "xxh3_128"))
+    assert not same_content(a, flipped)
