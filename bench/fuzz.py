@@ -3,7 +3,9 @@
 
 Each case is one file made from a genuine fixture (a tiny Llama from tests/tiny_models.py, so a
 prefill takes milliseconds; fixtures: lossless, high, balanced, compact, tiny, cachegen, a multi-level
-file, an embedded-profile file, and a Gemma-2 file with sliding-window layers) by mutations an
+file, an embedded-profile file, a Gemma-2 file with sliding-window layers, a file embedding a version-4
+profile (coefficients mixed across heads) and a Gemma-3 file embedding a version-3 profile (a rotary
+base per layer); the profile family forges the profile each file was encoded with) by mutations an
 attacker would make, with the header digest, every payload and attachment SHA-256 and the embedded
 profile's own digest recomputed afterwards. The generator knows the container and JSON, not the
 codecs' internals: it mutates bytes, zstd frames, u32 length fields and whole segments, so a new
@@ -72,7 +74,12 @@ FIXTURES = {  # name -> (tiny model, levels, embed the profile)
     "multi": ("llama", ["lossless", "balanced", "cachegen"], False),
     "embedded": ("llama", ["compact"], True),
     "sliding": ("gemma2", ["lossless"], False),
+    "mixed": ("llama", ["balanced"], True),  # a version-4 profile (coefficients mixed across heads), embedded
+    "layer-theta": ("gemma3", ["balanced"], True),  # a version-3 profile (a rotary base per layer), embedded
 }
+# The profile each fixture is encoded with (default "llama", version 2): profile files in the fixture folder.
+FIXTURE_PROFILES = {"mixed": "llama-mix", "layer-theta": "gemma3"}
+ARCHS = ("llama", "gemma2", "gemma3")
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MB = 1 << 20
 DEFAULT_CAP = 64 * MB
@@ -116,22 +123,28 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
 
 def _build(folder: Path) -> None:
     import kvc
-    from kvc.codec.profile import fit_profile
+    from kvc.codec.profile import add_mix, fit_profile
     from kvc.runtime.loading import load_model
     from tests.tiny_models import build_tiny_model
 
     models = {}
-    for arch in ("llama", "gemma2"):
+    for arch in ARCHS:
         path = folder / arch
         if not (path / "config.json").exists():
             with contextlib.redirect_stderr(io.StringIO()):
                 build_tiny_model(arch, path)
         models[arch] = load_model(str(path), device="cpu")
-    profile = fit_profile(models["llama"], [TEXT, TEXT[::-1]], tokens=64, sensitivity_tokens=40, continuation=8)
-    profile.save(folder / "llama.kvcp")
+    texts, fit = [TEXT, TEXT[::-1]], dict(tokens=64, sensitivity_tokens=40, continuation=8)
+    profiles = {"llama": fit_profile(models["llama"], texts, **fit)}
+    profiles["llama-mix"] = add_mix(profiles["llama"], models["llama"], texts, tokens=64)
+    profiles["gemma3"] = fit_profile(models["gemma3"], texts, **fit)
+    assert (profiles["llama"].version, profiles["llama-mix"].version, profiles["gemma3"].version) == (2, 4, 3)
+    for name, profile in profiles.items():
+        profile.save(folder / f"{name}.kvcp")
     for name, (arch, levels, embed) in FIXTURES.items():
         lm = models[arch]
         ids = kvc.tokenize(lm, TEXT)[:CONTEXT_TOKENS]
+        profile = profiles[FIXTURE_PROFILES.get(name, "llama")]
         data = kvc.encode_tokens(
             lm, ids, levels=levels, chunk_tokens=CHUNK_TOKENS, profile=profile, embed_profile=embed
         )
@@ -167,8 +180,9 @@ def kv_digest(kv) -> str:
 class Fixtures:
     folder: Path
     files: dict[str, bytes]
-    profile: object
+    profile: object  # the llama's version-2 profile: what a case is opened with, as a user's --profile
     models: dict[str, object]
+    profiles: dict[str, object] = field(default_factory=dict)  # fixture name -> the profile it was encoded with
     genuine: set[str] = field(default_factory=set)  # digests of every genuine decode
     kv: dict[tuple[str, str], object] = field(default_factory=dict)  # (fixture, level) -> genuine ContextKV
     codecs: dict[tuple[str, str], object] = field(default_factory=dict)
@@ -186,8 +200,10 @@ class Fixtures:
             folder=folder,
             files={name: (folder / f"{name}.kvc").read_bytes() for name in FIXTURES},
             profile=Profile.load(folder / "llama.kvcp"),
-            models={arch: load_model(str(folder / arch), device="cpu") for arch in ("llama", "gemma2")},
+            models={arch: load_model(str(folder / arch), device="cpu") for arch in ARCHS},
         )
+        loaded = {name: Profile.load(folder / f"{name}.kvcp") for name in {"llama", *FIXTURE_PROFILES.values()}}
+        fx.profiles = {name: loaded[FIXTURE_PROFILES.get(name, "llama")] for name in FIXTURES}
         for name, data in fx.files.items():
             f = kvc.open(data, profile=fx.profile)
             fx.truth_for(f)
@@ -850,7 +866,7 @@ def forge_bomb(rng: random.Random, parts: Parts, cap: int) -> str:
     return f"{L}x[{heads},{T},{dim}] {dtype} ≈ {2 * L * heads * T * dim * itemsize >> 10} KiB"
 
 
-def forge_profile(rng: random.Random, parts: Parts, fx: Fixtures, raw: RawText) -> str:
+def forge_profile(rng: random.Random, parts: Parts, fx: Fixtures, raw: RawText, fixture: str) -> str:
     """An embedded profile forged (its own digest recomputed) and named by the kvq levels' hash, or
     left unnamed (it must then never be parsed)."""
     import numpy as np
@@ -859,7 +875,8 @@ def forge_profile(rng: random.Random, parts: Parts, fx: Fixtures, raw: RawText) 
 
     h = parts.header
     kvq = [name for name, e in h["levels"].items() if e.get("codec") == "kvq"]
-    genuine = fx.profile.to_bytes()
+    own = fx.profiles.get(fixture, fx.profile)  # version 2, 3 (layer_theta) or 4 (mix), as the fixture was encoded
+    genuine = own.to_bytes()
     kind = rng.randrange(5)
     what = ""
     if kind == 0:  # the header JSON, structurally
@@ -878,19 +895,20 @@ def forge_profile(rng: random.Random, parts: Parts, fx: Fixtures, raw: RawText) 
         blob = body + hashlib.sha256(body).digest()
         what = "header " + ",".join(ops)
     elif kind == 1:  # values: huge sigma (tables explode), tiny or bad steps, NaN
-        arrays = {k: v.copy() for k, v in fx.profile.arrays.items()}
-        name = rng.choice(["sigma", "base_step", "mean", "basis", "cdf"])
+        arrays = {k: v.copy() for k, v in own.arrays.items()}
+        name = rng.choice([n for n in ("sigma", "base_step", "mean", "basis", "cdf", "step", "mix", "mix")
+                           if n in arrays])  # fmt: skip
         arrays[name].reshape(-1)[rng.randrange(arrays[name].size)] = rng.choice([1e30, 1e-30, 0.0, -1.0, np.nan, 1e6])
         if rng.random() < 0.5:
             arrays["sigma"] *= rng.choice([1e3, 1e6])
-        prof = Profile(**{**_profile_fields(fx.profile), "arrays": arrays})
+        prof = Profile(**{**_profile_fields(own), "arrays": arrays})
         blob = prof.to_bytes()
         what = f"values {name}"
     elif kind == 2:  # a valid profile of another (larger) shape, and the file's layout forged to match it
         heads = rng.choice([1, 2, 8, 64])
         dim = rng.choice([2, 16, 64, 128])
-        L = rng.choice([1, fx.profile.layers])
-        prof = _shaped_profile(fx.profile, L, heads, dim, sigma=rng.choice([1.0, 1e3, 1e6]))
+        L = rng.choice([1, own.layers])
+        prof = _shaped_profile(own, L, heads, dim, sigma=rng.choice([1.0, 1e3, 1e6]))
         blob = prof.to_bytes()
         h["layout"]["layers"] = [{"kv_heads": heads, "key_dim": dim, "value_dim": dim, "start": 0} for _ in range(L)]
         for c, chunk in enumerate(h["chunks"]):
@@ -987,7 +1005,8 @@ def make_case(seed: int, fx: Fixtures, cap: int = DEFAULT_CAP) -> Case:
     rng = random.Random(seed)
     family = rng.choices(list(FAMILIES), list(FAMILIES.values()))[0]
     if family == "profile":
-        fixture = rng.choice(["embedded", "embedded", "balanced", "multi", "tiny", "high", "compact"])
+        fixture = rng.choice(["embedded", "embedded", "mixed", "mixed", "layer-theta", "layer-theta", "balanced",
+                              "multi", "tiny", "high", "compact"])  # fmt: skip
     elif family == "bomb":
         fixture = rng.choice(["lossless", "multi", "sliding"])
     else:
@@ -1002,7 +1021,7 @@ def make_case(seed: int, fx: Fixtures, cap: int = DEFAULT_CAP) -> Case:
     elif family == "bomb":
         what = forge_bomb(rng, parts, cap)
     elif family == "profile":
-        what = forge_profile(rng, parts, fx, raw)
+        what = forge_profile(rng, parts, fx, raw, fixture)
         forged_payload = True
     header, data = index(parts)
     if family in ("header", "combo"):
