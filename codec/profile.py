@@ -687,6 +687,7 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, si
     s = np.zeros((L, 2, H, D))
     gen = torch.Generator().manual_seed(seed)
     total, done = len(chosen) * samples, 0
+    progress("fisher", 0, total)  # the stage shows at once: its first step (a prefill and a backward) is long
     for ids in chosen:
         n_cont = min(continuation, len(ids) - 32)
         n_ctx = min(ctx_tokens, len(ids) - n_cont)
@@ -750,6 +751,7 @@ def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progre
     gen = torch.Generator().manual_seed(seed)
     total = len(chosen) * L * 2 * H
     done = 0
+    progress("sensitivity", 0, total)
     for ids in chosen:
         n_ctx = min(ctx_tokens, len(ids) - continuation)
         cont = ids[n_ctx : n_ctx + continuation]

@@ -206,3 +206,18 @@ def test_kvc_profile_warns_in_one_line_per_fallback(models, tmp_path):
                            timeout=300)
     assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr
     assert Profile.load(tmp_path / "q.kvcp").version == 4
+
+
+def test_every_fitting_stage_reports_its_start_and_its_end(models):
+    """`kvc profile` shows one bar per stage: each stage announces itself before its first (long) step
+    and ends at its total, in the order the fit runs them."""
+    lm = load_model(str(models["gemma3"]), device="cpu")
+    seen: list[tuple[str, int, int]] = []
+    fit_profile(lm, [TEXT, TEXT[::-1]], tokens=120, sensitivity_tokens=64, continuation=16, mix=True,
+                on_progress=lambda stage, done, total: seen.append((stage, done, total)))  # fmt: skip
+    stages = list(dict.fromkeys(stage for stage, _, _ in seen))
+    assert stages == ["prefill", "pca", "sensitivity", "fisher", "mix"]
+    for stage in ("sensitivity", "fisher"):
+        steps = [(done, total) for s, done, total in seen if s == stage]
+        assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] > 0
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps)
