@@ -103,7 +103,9 @@ def sync(device: str) -> None:
 def machine_ceiling(repeat: int) -> dict:
     """What two threads can give on this machine at all, measured the way the decoder uses them
     (interleaved rounds, median of paired ratios): a float32 matrix product (torch's own threads, as the
-    synthesis) and a branchy integer loop in numba run from two Python threads (as the lane kernel)."""
+    synthesis), a branchy integer loop in numba run from two Python threads (as the lane kernel), and a
+    streaming copy of 256 MB in numba from two Python threads (memory bandwidth, as zstd and the plane
+    join of lossless, which write ~0.9 GB/s of output per thread)."""
     import threading
 
     import numba
@@ -117,9 +119,16 @@ def machine_ceiling(repeat: int) -> dict:
                 x ^= i
         return x
 
+    @numba.njit(nogil=True, cache=False)
+    def stream(src, dst, lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            dst[i] = src[i] + 1
+
     n = 30_000_000
     spin(10)
     a = torch.randn(1024, 1024)
+    src, dst = np.ones(32 << 20, np.float64), np.empty(32 << 20, np.float64)  # 256 MB each: far past any cache
+    stream(src, dst, 0, 10)
 
     def mm(threads: int) -> float:
         torch.set_num_threads(threads)
@@ -137,8 +146,18 @@ def machine_ceiling(repeat: int) -> dict:
             p.join()
         return time.perf_counter() - t
 
+    def copy(threads: int) -> float:
+        share = len(src) // threads
+        parts = [threading.Thread(target=stream, args=(src, dst, i * share, (i + 1) * share)) for i in range(threads)]
+        t = time.perf_counter()
+        for p in parts:
+            p.start()
+        for p in parts:
+            p.join()
+        return time.perf_counter() - t
+
     out = {}
-    for name, fn in (("matmul", mm), ("integer_loop", loop)):
+    for name, fn in (("matmul", mm), ("integer_loop", loop), ("memory_copy", copy)):
         fn(1), fn(2)
         pairs = [(fn(1), fn(2)) for _ in range(repeat)]
         out[name] = float(np.median([x / y for x, y in pairs]))
