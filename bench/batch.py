@@ -11,7 +11,8 @@ rerun   `kvc encode FOLDER --out-dir OUT` run again over the finished batch, as 
 bad     the same corpus with 5% bad documents (empty, binary, over-long): every good one written,
         every bad one named in the summary, exit code 8.
 ray     --ray-docs documents through a local 2-worker Ray cluster and through one process: manifest
-        rows equal (seconds aside), files byte-identical but for the prefill's kernel fingerprint, per-document overhead of the Ray path.
+        rows equal (seconds aside), files byte-identical but for the prefill's kernel fingerprint,
+        per-document overhead of the Ray path.
 memory  peak RSS of encoding one --long-tokens context at each --memory-levels level (default lossless
         and balanced), old path (whole container in memory) and new (kvc.batch: streamed through a
         spool), each in a fresh subprocess: the model plus what the encode adds over the warmed
