@@ -137,8 +137,7 @@ def machine_ceiling(repeat: int) -> dict:
             torch.mm(a, a)
         return time.perf_counter() - t
 
-    def loop(threads: int) -> float:  # the same total work on 1 or 2 threads
-        parts = [threading.Thread(target=spin, args=(n // threads,)) for _ in range(threads)]
+    def timed(parts: list) -> float:  # seconds from starting the threads to the last one ending
         t = time.perf_counter()
         for p in parts:
             p.start()
@@ -146,15 +145,13 @@ def machine_ceiling(repeat: int) -> dict:
             p.join()
         return time.perf_counter() - t
 
+    def loop(threads: int) -> float:  # the same total work on 1 or 2 threads
+        return timed([threading.Thread(target=spin, args=(n // threads,)) for _ in range(threads)])
+
     def copy(threads: int) -> float:
         share = len(src) // threads
-        parts = [threading.Thread(target=stream, args=(src, dst, i * share, (i + 1) * share)) for i in range(threads)]
-        t = time.perf_counter()
-        for p in parts:
-            p.start()
-        for p in parts:
-            p.join()
-        return time.perf_counter() - t
+        return timed([threading.Thread(target=stream, args=(src, dst, i * share, (i + 1) * share))
+                      for i in range(threads)])
 
     out = {}
     for name, fn in (("matmul", mm), ("integer_loop", loop), ("memory_copy", copy)):
