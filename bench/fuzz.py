@@ -875,7 +875,7 @@ def forge_profile(rng: random.Random, parts: Parts, fx: Fixtures, raw: RawText, 
 
     h = parts.header
     kvq = [name for name, e in h["levels"].items() if e.get("codec") == "kvq"]
-    own = fx.profiles.get(fixture, fx.profile)  # version 2, 3 (layer_theta) or 4 (mix), as the fixture was encoded
+    own = fx.profiles[fixture]  # version 2, 3 (layer_theta) or 4 (mix), as the fixture was encoded
     genuine = own.to_bytes()
     kind = rng.randrange(5)
     what = ""
