@@ -46,8 +46,8 @@ def profile_command(
     heads whose sensitivity cannot be measured) prints one warning line each and is recorded in the
     profile (fit.warnings); the profile still works, with less compression at a given quality.
 
-    Put the result in $KVC_CACHE_DIR/profiles/ to have it found automatically, or pass --profile
-    to encode, decode, verify and eval.
+    Put the result in $KVC_CACHE_DIR/profiles/ (by default ~/.cache/kvc/profiles/) to have it found
+    automatically, or pass --profile to encode, decode, verify and eval.
     """
     from kvc.codec.profile import fit_profile
     from kvc.runtime.loading import load_model, parse_dtype

@@ -295,16 +295,20 @@ def optional_profiles_dir() -> Path:
     return shipped_profiles_dir() / "optional"
 
 
-def _cache_profiles_dir() -> Path | None:
-    root = os.environ.get("KVC_CACHE_DIR")
-    return Path(root) / "profiles" if root else None
+def _cache_profiles_dir() -> Path:
+    # The same cache the model conversion uses (~/.cache/kvc unless $KVC_CACHE_DIR moves it), so a
+    # profile put where the docs say is found with or without the variable. Imported here, not at the
+    # top, to keep kvc.codec importable without kvc.runtime.
+    from kvc.runtime.loading import cache_dir
+
+    return cache_dir() / "profiles"
 
 
 def find_profile(identity: dict, path: str | None = None) -> Profile | None:
     """The profile for this model: an explicit path (must match), else a shipped one, else one in
-    ``$KVC_CACHE_DIR/profiles/``; None when there is none. Within a folder the newest profile version wins
-    (a model may ship its version-1 profile beside its version-2 one, for files that name it), then the
-    first by name. Corrupt files found while searching are skipped."""
+    ``$KVC_CACHE_DIR/profiles/`` (by default ``~/.cache/kvc/profiles/``); None when there is none. Within
+    a folder the newest profile version wins (a model may ship its version-1 profile beside its version-2
+    one, for files that name it), then the first by name. Corrupt files found while searching are skipped."""
     if path is not None:
         prof = Profile.load(path)
         prof.check_model(identity)

@@ -190,6 +190,17 @@ def test_wrong_model_profile_refused(tiny_profile, tiny_model_dirs, tmp_path, mo
     assert find_profile(dict(tiny_profile.identity)).sha256 == tiny_profile.sha256
 
 
+def test_profile_found_in_default_cache_without_env(tiny_profile, tmp_path, monkeypatch):
+    """Without $KVC_CACHE_DIR the search still reaches the default cache, ~/.cache/kvc/profiles/."""
+    monkeypatch.delenv("KVC_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / ".cache" / "kvc" / "profiles"
+    folder.mkdir(parents=True)
+    tiny_profile.save(folder / "tiny.kvcp")
+    assert find_profile(dict(tiny_profile.identity)).sha256 == tiny_profile.sha256
+
+
 def test_coder_within_one_percent_of_model_entropy(tiny_profile):
     codec = build_codec(level_entry("high", tiny_profile), tiny_profile)
     g = torch.Generator().manual_seed(3)
