@@ -6,10 +6,10 @@ prefill takes milliseconds; fixtures: lossless, high, balanced, compact, tiny, c
 file, an embedded-profile file, a Gemma-2 file with sliding-window layers, a file embedding a version-4
 profile (coefficients mixed across heads) and a Gemma-3 file embedding a version-3 profile (a rotary
 base per layer); the profile family forges the profile each file was encoded with) by mutations an
-attacker would make, with the header digest, every payload and attachment SHA-256 and the embedded
-profile's own digest recomputed afterwards. The generator knows the container and JSON, not the
-codecs' internals: it mutates bytes, zstd frames, u32 length fields and whole segments, so a new
-codec version (kvq v2) is covered unchanged.
+attacker would make, with the header digest, every payload's digests (SHA-256 and XXH3-128), every
+attachment SHA-256 and the embedded profile's own digest recomputed afterwards. The generator knows the
+container and JSON, not the codecs' internals: it mutates bytes, zstd frames, u32 length fields and
+whole segments, so a new codec version (kvq v2) is covered unchanged.
 
     .venv/bin/python bench/fuzz.py --cases 100000 --seed 1 --json bench/results/fuzz.json
     .venv/bin/python bench/fuzz.py --seed 1234 --cases 1 --replay     # one case in process, with traceback
