@@ -197,7 +197,7 @@ def validate(header: dict, data_bytes: int) -> None:
     prefill = header.get("prefill", {})
     if "slice_tokens" in prefill:  # verify --deep repeats the prefill with it
         _int(prefill["slice_tokens"], 1, layout.MAX_TOKENS, "prefill.slice_tokens")
-    for key in ("device", "torch", "transformers", "machine", "kernels"):
+    for key in ("dtype", "device", "torch", "transformers", "machine", "kernels"):
         _optional(prefill, key, (str,), "prefill")
 
     context = header["context"]

@@ -214,6 +214,7 @@ def test_newer_minor_version_is_read():
         (lambda h: h["chunks"][0]["encodings"][0].update(xxh3_128=None), "xxh3_128"),
         (lambda h: h["chunks"][0]["encodings"][0].pop("sha256"), "sha256"),
         (lambda h: h.update(dtype="int8"), "dtype"),
+        (lambda h: h.setdefault("prefill", {}).update(dtype=16), "prefill.dtype"),
         (lambda h: h["levels"]["lossless"].update(codec="future-codec"), None),
     ],
 )
