@@ -7,8 +7,8 @@ come, is this module's decision. It is re-made every time the link is about to s
 every time the model is about to start one, with throughputs measured while loading:
 
 * ``link``: bytes per second of the link and the latency of one request (from each fetch's
-  first-byte and last-byte times), and the seconds per byte of checking a payload (its SHA-256,
-  on the link thread before the next request),
+  first-byte and last-byte times), and the seconds per byte of checking a payload (its XXH3-128, or
+  SHA-256 for files before format 1.3, on the link thread before the next request),
 * ``decode``: seconds per cached element, per level (each chunk decoded is a sample), plus the
   one-time cost of a level's first decode in a process (its coding tables are built then),
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
@@ -19,9 +19,11 @@ load with a budget, what the last load from the same origin in this process meas
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
-device speed), decode from a nominal per-codec speed. All are exponentially weighted moving
-averages after that, and the compute speeds are remembered per (model, device, level) for the
-next load in the same process (a link per origin, as the prior of the next load with a budget).
+device speed), decode from a nominal per-codec speed. After that the link's rate and latency (and a
+level's one-time cost) are exponentially weighted moving averages, and the compute speeds (prefill,
+decode, first token, checking) the median of their recent samples (:class:`Recent`); the compute
+speeds are remembered per (model, device, level) for the next load in the same process (a link per
+origin, as the prior of the next load with a budget).
 
 A *plan* for the chunks nobody has started yet, ``front..back``, is "fetch the last ``n`` of them
 at level L (from the back), recompute the rest from text". Its predicted finish is
@@ -64,7 +66,9 @@ PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prio
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
 _DECODE_S_PER_ELEMENT = {"lossless": 15e-9}
 _DEFAULT_DECODE_S_PER_ELEMENT = 40e-9
-_CHECK_S_PER_BYTE = 1.5e-9  # SHA-256 of a payload on the link thread, before it is queued (~650 MB/s)
+# Checking a payload on the link thread, before it is queued: SHA-256's ~650 MB/s. Files of format 1.3 are
+# checked by their faster XXH3-128, so for them this is a conservative prior until one is measured.
+_CHECK_S_PER_BYTE = 1.5e-9
 OPTIMISTIC_LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s: the link's prior, until a payload has been timed
 _COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
 _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
@@ -150,7 +154,8 @@ class Estimates:
     decode_s_per_element: dict[str, Ewma | Recent]
     first_token_s: Ewma | Recent
     cold_s: dict[str, Ewma] = field(default_factory=dict)  # one-time cost of a level's first decode in a process
-    # SHA-256 of a payload, on the link thread after its last byte and before the next request
+    # checking a payload (XXH3-128, or SHA-256 for files before format 1.3), on the link thread after its
+    # last byte and before the next request
     check_s_per_byte: Ewma | Recent = field(default_factory=lambda: Recent(_CHECK_S_PER_BYTE))
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
