@@ -8,8 +8,9 @@
   measured on the chunk itself and stored with it (side information, counted in the bytes);
 * no profile: the codec works on raw post-rotary keys and values.
 
-Segment layout: ``u8 version | u16 reserved | f16 scales[T] | u32 table_len | zstd(tables) |
-u32 n_words | u32 words[n_words]``.
+Segment layout (docs/CODEC.md): ``u8 version | u16 reserved | f16 scales[T] | u32 table_len |
+zstd(tables) | u32 n_anchor_words | u32 words[n_anchor_words] | u32 n_delta_words |
+u32 words[n_delta_words]``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The byte layout of a kvq segment, version 2 (docs/CODEC.md, "kvq segment version 2").
+"""The byte layout of a kvq segment, version 2 (docs/CODEC.md, "Byte layout of a kvq segment, version 2").
 
     u8   version = 2
     u8   flags   = 1 if the segment holds sink tokens else 0

@@ -1,8 +1,9 @@
 """The lossy level ladder and codec registration (imported by kvc.codec.registry).
 
-Every kvq level is one global step scale over the profile's sensitivity-derived per-head steps;
-the rate–quality points below are measured by ``bench/codec.py`` on held-out essays (SmolLM2-135M,
-2,048-token contexts; docs/CODEC.md has the table):
+Every kvq level is one global step scale over the profile's sensitivity-derived steps (per
+coefficient from profile version 2 on, per head in version 1; version 4 divides its coefficients by
+them before mixing, so the scale is the step); the rate–quality points below are measured by
+``bench/codec.py`` on held-out essays (SmolLM2-135M, 2,048-token contexts; docs/CODEC.md has the table):
 
 * ``high``     — near-lossless: KL ≈ 1e-3 or less;
 * ``balanced`` — the default: the smallest level with KL ≤ 0.01;

@@ -1,5 +1,5 @@
 """Every failure a user can cause maps to one of these; the CLI prints the message on one line
-and exits with the class's code (documented in docs/CLI.md). Anything else is a bug and exits 1."""
+and exits with the class's code (documented in README.md, "Exit codes"). Anything else is a bug and exits 1."""
 
 
 class KvcError(Exception):

@@ -1,6 +1,6 @@
 """kvc's own rANS: integer tables, lane bitstreams and the kernels that code them.
 
-The bitstream is specified in docs/CODEC.md ("kvq segment version 2"); in short:
+The bitstream is specified in docs/CODEC.md ("Byte layout of a kvq segment, version 2"); in short:
 
 * a *model* is an integer frequency table over an alphabet of ``A`` symbols summing to
   ``M = 2**PRECISION`` (``tables.quantize_frequencies`` is the one written-down rule that turns
@@ -13,7 +13,7 @@ The bitstream is specified in docs/CODEC.md ("kvq segment version 2"); in short:
 
 Modules: ``tables`` (quantisation, cumulative and lookup tables), ``reference`` (a plain-Python
 coder that is the executable spec, used by the tests), ``cpu`` (numba kernels, GIL released,
-parallel over lanes), ``gpu`` (Triton kernel, bit-exact with ``cpu``).
+parallel over lanes), ``gpu`` (numba CUDA kernel, bit-exact with ``cpu``).
 """
 
 PRECISION = 16  # probability bits: every table sums to 2**16
