@@ -14,7 +14,8 @@ KV produced (2 bytes per element, whatever the stored dtype). ``v2/v1`` is the s
 lane bitstream over what version 1 (one constriction stream per segment) writes for the same symbols.
 ``by chunk`` (CPU) decodes the same level chunk by chunk with one thread, as the streaming loader
 does, from payloads already read and checked (so no checksum in it). ``--ceiling`` adds what two threads
-give on this machine at all for a plain matrix product and a numba integer loop. Prints a table;
+give on this machine at all for a plain matrix product, a numba integer loop and a streaming copy of
+256 MiB in numba (memory bandwidth). Prints a table;
 ``--json PATH`` writes the rows.
 """
 
@@ -175,7 +176,8 @@ def main() -> None:
     parser.add_argument("--mix", action="store_true", help="with --synthetic: a version-4 (mixed) profile")
     parser.add_argument("--profile", default=None, help="a profile file for the model (default: the one kvc finds)")
     parser.add_argument("--ceiling", action="store_true", help="also measure what 2 threads give on this "
-                        "machine for a plain matrix product and a numba integer loop (the decoder's two halves)")
+                        "machine for a plain matrix product and a numba integer loop (the decoder's two halves) "
+                        "and a 256 MiB memory copy (memory bandwidth)")
     args = parser.parse_args()
     levels, threads = args.levels.split(","), [int(t) for t in args.threads.split(",")]
     default_torch_threads = torch.get_num_threads()
