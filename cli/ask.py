@@ -60,7 +60,8 @@ def ask_command(
     profile: str = typer.Option(None, "--profile", help="Profile file, if a level's profile is not found."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length cap in tokens."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds an http(s) request may go without an answer."),
-    json_out: bool = typer.Option(False, "--json", help="Print {answer, report} as one JSON document on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print {answer, question, model, report} as one JSON "
+                                  "document on stdout."),
 ) -> None:
     import torch
 

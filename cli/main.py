@@ -32,7 +32,7 @@ app = typer.Typer(
     "Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 corrupt or invalid file, "
     "4 newer format, 5 model mismatch, 6 verification failed, 7 profile missing or wrong, "
     "8 batch finished with failed documents, "
-    "130/143 interrupted (SIGINT/SIGTERM), 141 stdout closed early.",
+    "130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP), 141 stdout closed early.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
