@@ -59,7 +59,8 @@ def ask_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     profile: str = typer.Option(None, "--profile", help="Profile file, if a level's profile is not found."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length cap in tokens."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds an http(s) request may go without an answer."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds an http(s) request may go without an answer "
+                                  "(or a body with less than 1 KiB)."),
     json_out: bool = typer.Option(False, "--json", help="Print {answer, question, model, report} as one JSON "
                                   "document on stdout."),
 ) -> None:
@@ -73,6 +74,8 @@ def ask_command(
         raise InputError("--level forces one level: it does not combine with --slo or --min-level")
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
+    if not 0 < timeout <= 86_400:  # also refuses nan and inf, which the socket layer rejects with a traceback
+        raise InputError("--timeout must be more than 0 and at most 86400 seconds")
     options = {"timeout": timeout} if source.lower().startswith(("http://", "https://")) else {}
     with open_stream(source, profile=profile, **options) as stream:
         # The model loads between reading the header and loading the context: it is not part of the

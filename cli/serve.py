@@ -33,8 +33,8 @@ def serve_command(
     from kvc.streaming.server import RangeServer, gbit, parse_rate
 
     bytes_per_s = parse_rate(rate) if rate else None
-    if latency < 0:
-        raise InputError("--latency must not be negative")
+    if not 0 <= latency <= 60_000:  # also refuses nan and inf, which would fail every response
+        raise InputError("--latency must be between 0 and 60000 ms")
     if not 0 <= port <= 65535:
         raise InputError("--port must be between 0 and 65535")
     logger = (lambda line: print(line, file=sys.stderr, flush=True)) if log else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import os
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,27 +84,29 @@ def _etag(st: os.stat_result) -> str:
     return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
 
 
+_SPAN = re.compile(r"^([0-9]*)-([0-9]*)$")  # digits only: int() would also take signs, spaces and "1_0"
+
+
 def _parse_range(value: str, size: int) -> tuple[int, int] | None | str:
-    """``bytes=a-b`` → (a, b) inclusive within the file; None to send the whole file; "416" if unsatisfiable."""
+    """``bytes=a-b`` → (a, b) inclusive within the file; None to send the whole file (no range, or one that
+    does not parse, as RFC 9110 says to ignore it); "416" if unsatisfiable."""
     unit, _, spec = value.partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
+    match = _SPAN.match(spec.strip())
+    if match is None or match.group(1) == match.group(2) == "":
         return None
-    try:
-        if first == "":
-            n = int(last)
-            if n <= 0:
-                return "416"
-            return max(0, size - n), size - 1
-        a = int(first)
-        b = int(last) if last else size - 1
-    except ValueError:
-        return None
+    first, last = match.groups()
+    if first == "":
+        n = int(last)
+        if n <= 0 or size == 0:  # a suffix of an empty file is no byte at all
+            return "416"
+        return max(0, size - n), size - 1
+    a = int(first)
+    b = int(last) if last else size - 1
     if a >= size:
         return "416"
-    if a < 0 or b < a:
+    if b < a:
         return None
     return a, min(b, size - 1)
 
@@ -129,7 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             target = (root / path.lstrip("/")).resolve()
             target.relative_to(root)
-        except (ValueError, OSError):
+            target.is_file()  # a name too long for the file system raises here, not later
+        except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
             return None
         return target
 
@@ -191,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             path.resolve().relative_to(self.server.root)
             return True
-        except (ValueError, OSError):
+        except (ValueError, OSError, RuntimeError):
             return False
 
     def _send_file(self, handle, offset: int, length: int) -> None:
@@ -217,6 +221,8 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address, root: Path, link: Link, latency: float, log):
         self.root, self.link, self.latency, self.log = root, link, latency, log
+        if ":" in address[0]:  # an IPv6 literal such as ::1 (the base class listens on IPv4 only)
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def handle_error(self, request, client_address):  # a client that went away is not an error

@@ -25,14 +25,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from kvc.errors import FormatError, InputError
 
 DEFAULT_TIMEOUT_S = 30.0
-_PIECE = 64 * 1024  # bytes read between two checks for cancellation (and progress reports)
-_FIRST_PIECE = 16 * 1024  # an HTTP body's first pieces, doubling up to _PIECE: on a slow link the loader can
-# tell the rate (and cancel) after a few ms instead of a 64 KiB piece's 50 ms at 10 Mbit/s
+_PIECE = 64 * 1024  # the most bytes read between two checks for cancellation (and progress reports); an HTTP
+# body is read as its packets arrive, so on a slow link the loader tells the rate (and cancels) after a few ms
+_STALL_FLOOR = 1024  # an HTTP body that brings fewer bytes than this within the timeout has stalled
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"  # what a request target keeps unescaped (RFC 3986 pchar, plus "/" and "%")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception from a storage backend as a short reason: its message, or its type when it has none."""
+    return str(exc) or type(exc).__name__
 
 
 class SourceError(InputError):
@@ -242,16 +248,18 @@ class FsspecSource(RangeSource):
         self.name = url
         parts = urlsplit(url)
         self.origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else None
+        # Backends raise their own exception types (botocore's NoCredentialsError is no OSError; an ftp://
+        # URL's refused connection comes out of url_to_fs), so anything they raise is this source's error.
         try:
             self._fs, self._path = fsspec.core.url_to_fs(url, **storage_options)
-        except (ImportError, ValueError) as exc:
-            raise SourceError(f"cannot open {url}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"cannot open {url}: {_reason(exc)}") from exc
         try:
             info = self._fs.info(self._path)
         except FileNotFoundError as exc:
             raise SourceError(f"not found: {url}") from exc
-        except OSError as exc:
-            raise SourceError(f"cannot open {url}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"cannot open {url}: {_reason(exc)}") from exc
         if info.get("type") == "directory":
             raise InputError(f"{url} is a folder, not a .kvc file")
         size = info.get("size")
@@ -262,8 +270,8 @@ class FsspecSource(RangeSource):
             data = self._fs.cat_file(self._path, start=offset, end=offset + length)
         except FileNotFoundError as exc:
             raise SourceError(f"{self.name} disappeared while {what} was read") from exc
-        except OSError as exc:
-            raise SourceError(f"{self.name}: reading {what} failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - as in __init__: the backend's own types
+            raise SourceError(f"{self.name}: reading {what} failed: {_reason(exc)}") from exc
         if cancel is not None and cancel.is_set():
             return None
         if len(data) != length:
@@ -286,10 +294,17 @@ class HttpSource(RangeSource):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"not an http(s) URL: {url}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise InputError(f"not a valid port in {url}") from None
         self.name, self._timeout = url, timeout
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, port
         self.origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # A request line is ASCII without spaces: other characters are percent-encoded (as a browser
+        # does); escapes already in the URL stay as they are.
+        self._target = quote(parts.path or "/", safe=_URL_SAFE) + (
+            f"?{quote(parts.query, safe=_URL_SAFE + '?')}" if parts.query else "")
         self._headers = dict(headers or {})
         self._conn: http.client.HTTPConnection | None = None
         self._etag: str | None = None
@@ -312,7 +327,9 @@ class HttpSource(RangeSource):
 
     def _send(self, offset: int, length: int):
         headers = {**self._headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        if self._etag is not None:
+        if self._etag is not None and not self._etag.startswith("W/"):
+            # If-Match compares strongly (RFC 9110): a weak tag there fails on an unchanged file, so a
+            # server with weak ETags is checked by comparing the tags it sends back instead
             headers["If-Match"] = self._etag
         for attempt in (0, 1):
             conn = self._connect()
@@ -327,7 +344,7 @@ class HttpSource(RangeSource):
             except TimeoutError as exc:
                 self._drop()
                 raise SourceError(f"{self.name}: no answer within {self._timeout:g} s") from exc
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, UnicodeError) as exc:  # UnicodeError: a host not in ASCII
                 self._drop()
                 raise SourceError(f"cannot reach {self.name}: {getattr(exc, 'strerror', None) or exc}") from exc
         raise AssertionError("unreachable")
@@ -383,9 +400,12 @@ class HttpSource(RangeSource):
             raise FormatError(f"truncated file: {what} lies past the end of {self.name} (HTTP 416)")
         if resp.status == 200:
             raise SourceError(
-                f"{self.name}: the server ignores Range requests (HTTP 200); serve the file with `kvc serve` "
-                f"or pipe it in (... | kvc ask - QUESTION)"
+                f"{self.name}: the server answered with the whole resource (HTTP 200): it ignores Range requests, "
+                f"or the URL is not a file; serve the file with `kvc serve` or pipe it in (... | kvc ask - QUESTION)"
             )
+        if 300 <= resp.status < 400 and resp.getheader("Location"):
+            raise SourceError(f"{self.name}: HTTP {resp.status} {resp.reason}: redirects are not followed; give the "
+                              f"URL it points to ({resp.getheader('Location')})")
         raise SourceError(f"{self.name}: HTTP {resp.status} {resp.reason}")
 
     def _finish(self, resp) -> None:
@@ -394,20 +414,30 @@ class HttpSource(RangeSource):
         self._drop()
 
     def _body(self, resp, length, what, cancel, progress) -> bytes | None:
+        """The response's ``length`` bytes. Read one system call at a time (``read1``), so cancellation,
+        progress and a stalled link are noticed between any two packets: a socket timeout alone never
+        fires on a server that trickles a byte every few seconds."""
         buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
+        got, mark_t, mark_got = 0, time.monotonic(), 0
         try:
             while got < length:
                 if cancel is not None and cancel.is_set():
                     self._finish(resp)
                     return None
-                n = resp.readinto(view[got : min(length, got + min(_PIECE, max(_FIRST_PIECE, got)))])
-                if not n:
+                data = resp.read1(min(length - got, _PIECE))
+                if not data:
                     break
+                n = len(data)
+                buf[got : got + n] = data
                 got += n
                 if progress is not None:
                     progress(n)
+                if got - mark_got >= _STALL_FLOOR:
+                    mark_t, mark_got = time.monotonic(), got
+                elif time.monotonic() - mark_t > self._timeout:
+                    self._finish(resp)
+                    raise SourceError(f"{self.name}: the link stalled: {got - mark_got} bytes of {what} in "
+                                      f"{self._timeout:g} s ({got} of {length} in all)")
         except TimeoutError as exc:
             self._finish(resp)
             raise SourceError(f"{self.name}: timed out after {got} of {length} bytes of {what}") from exc
@@ -419,9 +449,15 @@ class HttpSource(RangeSource):
         if got < length:
             self._finish(resp)
             raise SourceError(f"{self.name}: the connection dropped after {got} of {length} bytes of {what}")
-        if resp.read(1):  # more than the range: a confused server
+        if resp.length is None:
+            # Chunked, or ended by closing the connection: the asked bytes are here (Content-Range said
+            # they are the range); whatever follows is not waited for, and the connection is not reused.
+            self._finish(resp)
+        elif resp.length:  # a Content-Length past the range: a confused server
             self._finish(resp)
             raise SourceError(f"{self.name}: the server sent more than the {length} bytes of {what} asked for")
+        else:
+            resp.close()  # the body is read to its end (read1 leaves that to the caller); the connection stays
         return bytes(buf)
 
     def close(self) -> None:

@@ -87,6 +87,11 @@ def test_ask_and_serve_errors_are_one_line(server, folder):
                    "does not combine")
     one_line_error(run("serve", folder, "--rate", "fast", check_rc=None), 2, "--rate")
     one_line_error(run("serve", folder / "doc.kvc", check_rc=None), 2, "not a folder")
+    for bad in ("nan", "inf", "-1", "0"):  # the socket layer would raise ValueError/OverflowError for these
+        one_line_error(run("ask", server + "doc.kvc", "q", "--timeout", bad, check_rc=None), 2, "--timeout")
+    for bad in ("nan", "inf", "-5"):  # accepted before, then every response failed
+        one_line_error(run("serve", folder, "--latency", bad, check_rc=None), 2, "--latency")
+    one_line_error(run("ask", "http://127.0.0.1:99999/doc.kvc", "q", check_rc=None), 2, "port")
 
 
 def test_eval_link_measures_ttft_through_the_loader(folder, tmp_path):
