@@ -155,6 +155,8 @@ def run_codec(codec, kv: ContextKV, size_fn=len):
     enc_s = dec_s = 0.0
     nbytes = 0
     layers = []
+    if hasattr(codec, "bind_tokens"):  # kvq levels with fine tokens find them by token id
+        codec.bind_tokens(kv.token_ids)
     for li, lay in enumerate(kv.layers):
         parts = {}
         for kind in ("key", "value"):

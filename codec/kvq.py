@@ -17,6 +17,7 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import torch
 from kvc.codec import kvq_segment
 from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
-from kvc.codec.profile import GRID, Profile
+from kvc.codec.profile import GRID, MAX_FINE_TOKENS, Profile
 from kvc.codec.quantizers import (
     SYMBOL_LIMIT,
     pack_sinks,
@@ -41,7 +42,7 @@ from kvc.errors import FormatError, ProfileError, VersionError
 from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
-SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes; 1 and 2 both decode
+SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes without fine tokens (3 with them); 1, 2 and 3 decode
 BATCH_COEFFICIENTS = 1 << 20  # a CPU decode task's share: ~4 MB of float32 coefficients (L2-sized)
 _KINDS = {"key": 0, "value": 1}
 
@@ -71,10 +72,27 @@ class _ParsedV2(NamedTuple):
     pos: int  # where the body (channel flags, lane table, words) starts in data
     lanes: int  # rANS lanes in the body (0 when no channel is flagged)
     body: int  # tokens past the sinks (0: the segment is all sinks and has no body)
+    fine: np.ndarray | None  # version 3: the fine rows (body offsets, int64); None for version 2
+    shift: int  # their symbols are in steps of 2**-shift
 
 
 def _finite_range(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max) if dtype.is_floating_point else float("inf")
+
+
+def _fine_params(params: dict) -> tuple[np.ndarray | None, int]:
+    """A level's fine tokens (``fine_tokens``: token ids whose positions are quantised ``2**fine_shift`` times
+    finer; the encoder's choice, recorded so a re-encode repeats it: decoding reads each segment's own rows)."""
+    ids = params.get("fine_tokens")
+    if ids is None:
+        return None, 0
+    shift = params.get("fine_shift")
+    if type(ids) is not list or not 0 < len(ids) <= MAX_FINE_TOKENS or any(
+            type(i) is not int or not 0 <= i < 1 << 31 for i in ids):  # fmt: skip
+        raise FormatError(f"kvq fine_tokens must list 1 to {MAX_FINE_TOKENS} token ids")
+    if type(shift) is not int or not 1 <= shift <= kvq_segment.MAX_FINE_SHIFT:
+        raise FormatError(f"kvq fine_shift must be an integer from 1 to {kvq_segment.MAX_FINE_SHIFT}")
+    return np.unique(np.asarray(ids, dtype=np.int64)), shift
 
 
 class KvqCodec:
@@ -100,11 +118,28 @@ class KvqCodec:
             raise FormatError("kvq scale out of range")
         self.profile = profile
         self.sinks = profile.sinks
+        self.fine_ids, self.fine_shift = _fine_params(params)
+        self._fine_at: np.ndarray | None = None  # per context position: is its token a fine one (bind_tokens)
         self._grid = np.linspace(GRID[0], GRID[1], GRID[2])
         self._banks = self._mats = _shared_state(profile, self.scale)
         self._steps: dict[tuple[int, int], torch.Tensor] = {}
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freqs: dict[float, np.ndarray] = {}
+
+    def bind_tokens(self, token_ids) -> None:
+        """The context's token ids, which a level with fine tokens needs to encode (decoding reads the fine
+        rows from each segment and needs nothing)."""
+        if self.fine_ids is not None:
+            self._fine_at = np.isin(np.asarray(list(token_ids), dtype=np.int64), self.fine_ids)
+
+    def _fine_rows(self, start: int, count: int) -> np.ndarray | None:
+        """The fine rows among positions ``start..start+count`` as offsets from ``start`` (None: the level has
+        no fine tokens)."""
+        if self.fine_ids is None:
+            return None
+        if self._fine_at is None or start + count > len(self._fine_at):
+            raise ValueError("this level refines fine tokens: bind the context's token ids first (bind_tokens)")
+        return np.flatnonzero(self._fine_at[start : start + count]).astype(np.int64)
 
     def _inv_freq(self, layer: int) -> np.ndarray | None:
         """The rotary frequencies keys of ``layer`` are un-rotated with (None: keys are coded as they are).
@@ -368,6 +403,9 @@ class KvqCodec:
             coef = (coef.permute(1, 0, 2).reshape(T, H * dim) @ mix_analysis).reshape(T, H, dim)
             coef = coef.permute(1, 0, 2).contiguous()
         coef.div_(self.steps(layer, k)[:, None, :])  # quantize_uniform, in place
+        fine = self._fine_rows(start, coef.shape[1])
+        if fine is not None and len(fine):  # fine rows: steps 2**shift times finer (an exact power of two)
+            coef[:, torch.from_numpy(fine)] *= float(1 << self.fine_shift)
         coef.round_()
         torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
         coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
@@ -382,13 +420,14 @@ class KvqCodec:
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
         q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
-        pieces, at, body_at = [], 0, 0
+        pieces, at, body_at, fines = [], 0, 0, []
         for seg in segments:
             t = seg.shape[1]
             n_sink = sink_count(seg.start, t, self.sinks)
             sinks = pack_sinks(tensor[:, at : at + n_sink]) if n_sink else None
             body = t - n_sink
             pieces.append((sinks, body_at, body))  # the segment's body: q[:, body_at : body_at + body]
+            fines.append(self._fine_rows(seg.start + n_sink, body))
             at += t
             body_at += body
         # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
@@ -433,8 +472,9 @@ class KvqCodec:
                 lanes_of.setdefault(owner, []).append(w)
         return [
             kvq_segment.write(sinks, H * D if body else 0,
-                              flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []))
-            for i, ((sinks, _, body), flagged) in enumerate(zip(pieces, flagged_per))
+                              flagged if flagged is not None else np.zeros(0, np.int64), lanes_of.get(i, []),
+                              fine, self.fine_shift)
+            for i, ((sinks, _, body), flagged, fine) in enumerate(zip(pieces, flagged_per, fines))
         ]  # fmt: skip
 
     def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
@@ -474,11 +514,12 @@ class KvqCodec:
             batches.append((batch,))
         run_tasks(self._decode_batch, batches, threads, torch_single=True)
 
-    def _plan(self, groups) -> tuple[list[tuple], list[tuple], int]:
+    def _plan(self, groups) -> tuple[list[tuple], list[tuple], int, list[tuple]]:
         """Parses the groups and places their sinks (version-1 groups are decoded right there); returns
         (per group with body tokens: (out, layer, kind, first body position, offset of its coefficient
-        block, sink tokens leading it), the bodies for :meth:`_lane_job`, coefficients in all)."""
-        plans, offset, bodies = [], 0, []
+        block, sink tokens leading it), the bodies for :meth:`_lane_job`, coefficients in all, the fine
+        rows to scale: (block offset, [H, T, D] of the block, rows in it, factor))."""
+        plans, offset, bodies, fine = [], 0, [], []
         for parts, out in groups:
             parsed = self._parse_group(parts, out)
             if parsed is None:
@@ -488,16 +529,18 @@ class KvqCodec:
             lead = self._place_sinks(parsed, out)
             if T > lead:
                 bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
+                fine += [(offset, (H, T - lead, D), t0 + p.fine, 2.0**-p.shift)
+                         for p, t0 in self._bodies(parsed) if p.fine is not None and len(p.fine)]
                 plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
                 offset += H * (T - lead) * D
-        return plans, bodies, offset
+        return plans, bodies, offset, fine
 
     def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
         """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
         synthesis per group."""
         from kvc.codec.rans import cpu
 
-        plans, bodies, offset = self._plan(groups)
+        plans, bodies, offset, fine = self._plan(groups)
         if not plans:
             return
         coef = np.empty(offset, dtype=np.float32)
@@ -508,6 +551,8 @@ class KvqCodec:
             bad = np.flatnonzero(status)
             if len(bad):
                 self._check_lanes(status[bad[:1]], *owners(bad[0]))
+        for off, shape, rows, factor in fine:  # symbols in finer steps: q · 2**-s (exact in float32)
+            coef[off : off + math.prod(shape)].reshape(shape)[:, rows, :] *= np.float32(factor)
         for out, layer, k, first, off, lead in plans:
             H, T, D = out.shape
             c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
@@ -520,7 +565,7 @@ class KvqCodec:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
         from kvc.codec.rans import gpu
 
-        plans, bodies, offset = self._plan(groups)
+        plans, bodies, offset, fine = self._plan(groups)
         coef = torch.zeros(offset, dtype=torch.float32, device=groups[0][1].device)  # unflagged channels: 0
         if bodies:
             job, owners, _ = self._lane_job(bodies)
@@ -529,6 +574,8 @@ class KvqCodec:
                 bad = np.flatnonzero(status)
                 if len(bad):
                     self._check_lanes(status[bad[:1]], *owners(bad[0]))
+        for off, shape, rows, factor in fine:
+            coef[off : off + math.prod(shape)].view(shape)[:, torch.from_numpy(rows).to(coef.device)] *= factor
         for out, layer, k, first, off, lead in plans:
             H, T, D = out.shape
             c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
@@ -597,7 +644,7 @@ class KvqCodec:
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
         version, flags_byte, n_lanes = kvq_segment.read_head(data)
-        if version != kvq_segment.VERSION:
+        if version not in (kvq_segment.VERSION, kvq_segment.FINE_VERSION):
             raise VersionError(f"kvq segment version {version} needs a newer kvc")
         n_sink = sink_count(segment.start, T, self.sinks)
         if flags_byte != (1 if n_sink else 0):
@@ -608,7 +655,10 @@ class KvqCodec:
         body = T - n_sink
         if body == 0 and (pos != len(data) or n_lanes):
             raise FormatError("kvq segment holds bytes past its sinks")
-        return _ParsedV2(segment, sinks, data, pos, n_lanes, body)  # the body is checked by kvq_lanes
+        fine, shift = None, 0
+        if version == kvq_segment.FINE_VERSION and body:
+            fine, shift, pos = kvq_segment.read_fine(data, pos, body)
+        return _ParsedV2(segment, sinks, data, pos, n_lanes, body, fine, shift)  # the body: kvq_lanes checks it
 
     def _synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, dtype: torch.dtype) -> torch.Tensor:
         """Coefficients ``[H, T, D]`` (float32) → keys/values at absolute positions ``first..``, in ``dtype``."""
@@ -728,7 +778,9 @@ class KvqCodec:
         bank = self.bank(layer, k, dim)
         escapes = int(np.count_nonzero(np.abs(sym) >= bank.radius[:, None]))
         blob = self.encode(tensor, segment)
-        _, _, n_lanes = kvq_segment.read_head(blob)
+        version, _, n_lanes = kvq_segment.read_head(blob)
         head = 4 + (len(pack_sinks(tensor[:, :n_sink])) if n_sink else 0)
+        if version == kvq_segment.FINE_VERSION and T > n_sink:
+            head = kvq_segment.read_fine(blob, head, T - n_sink)[2]
         lanes = kvq_segment.parse_body(blob, head, H * D, T - n_sink, n_lanes)
         return bank.cross_entropy_bits(sym) + 32 * escapes, 16 * len(lanes.words)

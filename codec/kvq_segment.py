@@ -1,17 +1,25 @@
-"""The byte layout of a kvq segment, version 2 (docs/CODEC.md, "Byte layout of a kvq segment, version 2").
+"""The byte layout of a kvq segment, versions 2 and 3 (docs/CODEC.md, "Byte layout of a kvq segment").
 
-    u8   version = 2
+    u8   version = 2 or 3
     u8   flags   = 1 if the segment holds sink tokens else 0
     u16  lanes   = n (0 when no channel is flagged)
     [sinks]      as in version 1 (kvc.codec.quantizers.pack_sinks)
     [if body tokens]
+         (version 3 only)
+         u8          fine shift s: the fine rows' symbols are in steps of 2^-s (0 when there is no fine row)
+         u16         r: fine rows
+         r × u16     the fine rows: body token offsets, strictly increasing
+         (both versions)
          ceil(C / 8) bytes   channel flags, bit c of byte c // 8 (little bit order)
          n × u32             words in each lane
          Σ words × u16       the lanes' rANS words, lane after lane, each in decode order
 
 Lane j codes the flagged channels ``[j·F // n, (j+1)·F // n)`` of the F flagged ones, in channel
-order, each channel's body tokens in token order. This module turns bytes into lane descriptions
-(and back); the arithmetic lives in kvc.codec.rans, the transforms in kvc.codec.kvq.
+order, each channel's body tokens in token order. A version-3 segment's fine rows (the tokens the
+profile found the model most sensitive to, e.g. SmolLM2's " the") were quantised with a step 2^s times
+finer; their symbols are coded with the same tables and multiplied by 2^-s before synthesis. This
+module turns bytes into lane descriptions (and back); the arithmetic lives in kvc.codec.rans, the
+transforms in kvc.codec.kvq.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import numpy as np
 
 from kvc.errors import FormatError
 
-VERSION = 2
+VERSION = 2  # what a level without fine tokens writes (and every kvc since the lane bitstream reads)
+FINE_VERSION = 3  # what a level with fine tokens writes: version 2 plus the fine rows
+MAX_FINE_SHIFT = 4  # fine rows' steps are 1/2 to 1/16 of the others'
 LANE_SYMBOLS = 16384  # the encoder's target symbols per lane: enough lanes to feed every core and a GPU
 MAX_LANES = 65535
 _HEAD = struct.Struct("<BBH")
@@ -56,10 +66,16 @@ def read_head(data: bytes) -> tuple[int, int, int]:
     return _HEAD.unpack_from(data, 0)
 
 
-def write(sinks: bytes | None, channels: int, flagged: np.ndarray, lanes: list[np.ndarray]) -> bytes:
-    out = bytearray(_HEAD.pack(VERSION, 1 if sinks is not None else 0, len(lanes)))
+def write(sinks: bytes | None, channels: int, flagged: np.ndarray, lanes: list[np.ndarray],
+          fine: np.ndarray | None = None, shift: int = 0) -> bytes:
+    """A segment's bytes: version 3 when ``fine`` (the fine rows, body offsets; possibly empty) is given."""
+    version = VERSION if fine is None else FINE_VERSION
+    out = bytearray(_HEAD.pack(version, 1 if sinks is not None else 0, len(lanes)))
     if sinks is not None:
         out += sinks
+    if channels and fine is not None:
+        out += struct.pack("<BH", shift if len(fine) else 0, len(fine))
+        out += np.asarray(fine, dtype="<u2").tobytes()
     if channels:
         flags = np.zeros(channels, dtype=bool)
         flags[flagged] = True
@@ -68,6 +84,23 @@ def write(sinks: bytes | None, channels: int, flagged: np.ndarray, lanes: list[n
         for w in lanes:
             out += w.astype("<u2").tobytes()
     return bytes(out)
+
+
+def read_fine(data: bytes, pos: int, tokens: int) -> tuple[np.ndarray, int, int]:
+    """A version-3 segment's fine rows at ``pos`` (its body of ``tokens`` tokens starts there): (rows as
+    int64 body offsets, shift, where the channel flags start); every field checked against the bytes."""
+    if pos + 3 > len(data):
+        raise FormatError("truncated kvq segment (fine rows)")
+    shift, count = struct.unpack_from("<BH", data, pos)
+    pos += 3
+    if count > tokens or pos + 2 * count > len(data):
+        raise FormatError("kvq segment lists more fine rows than it has tokens")
+    if (count == 0) != (shift == 0) or shift > MAX_FINE_SHIFT:
+        raise FormatError(f"kvq segment fine shift {shift} is out of range for {count} fine rows")
+    rows = np.frombuffer(data, "<u2", count, pos).astype(np.int64)
+    if count and (rows[-1] >= tokens or np.any(np.diff(rows) <= 0)):
+        raise FormatError("kvq segment fine rows are not increasing body offsets")
+    return rows, shift, pos + 2 * count
 
 
 def parse_body(data: bytes, pos: int, channels: int, tokens: int, lanes: int) -> SegmentLanes:

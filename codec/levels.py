@@ -55,7 +55,10 @@ def _kvq_level(name: str):
         if profile is None:
             raise ProfileError(f"level {name!r} needs a fitted profile for this model (see `kvc profile`)")
         sha = profile.sha256
-        return {"codec": "kvq", "params": {"scale": LEVEL_SCALES[name], "profile": sha}, "profile": sha}
+        params = {"scale": LEVEL_SCALES[name], "profile": sha}
+        if profile.fine_tokens is not None:  # the encoder's choice, recorded so a re-encode (verify) repeats it
+            params.update(fine_tokens=profile.fine_tokens["ids"], fine_shift=profile.fine_tokens["shift"])
+        return {"codec": "kvq", "params": params, "profile": sha}
 
     return build
 

@@ -58,6 +58,10 @@ class Profile:
     sinks: int
     arrays: dict[str, np.ndarray]
     fit: dict = field(default_factory=dict)  # how it was fitted (texts, tokens, timings): informative only
+    # {"ids": [token ids], "shift": s}: tokens the model is far more sensitive to than to others (e.g.
+    # SmolLM2's " the", an attention sink), which kvq levels quantise 2**s times finer. The encoder's
+    # choice only: a file's segments carry their own fine rows, so decoding never needs it.
+    fine_tokens: dict | None = None
     _bytes: bytes | None = field(default=None, repr=False)
     _sha256: str | None = field(default=None, repr=False)
 
@@ -100,6 +104,13 @@ class Profile:
             st = np.broadcast_to(b[..., None], b.shape + (self.arrays["sigma"].shape[-1],))
         return np.array(st if layer is None else st[layer, k])
 
+    def with_fine_tokens(self, fine: dict | None) -> Profile:
+        """This profile with other fine tokens (a new profile: new bytes, new hash)."""
+        fine = None if fine is None else check_fine_tokens(fine, ProfileError)
+        return Profile(identity=self.identity, layers=self.layers, heads=self.heads, key_dim=self.key_dim,
+                       value_dim=self.value_dim, rotary=self.rotary, sinks=self.sinks, arrays=self.arrays,
+                       fit=dict(self.fit), fine_tokens=fine)
+
     # ---- serialisation ----
     def to_bytes(self) -> bytes:
         if self._bytes is not None:
@@ -122,6 +133,8 @@ class Profile:
             "heads": self.heads, "key_dim": self.key_dim, "value_dim": self.value_dim, "rotary": self.rotary,
             "sinks": self.sinks, "grid": list(GRID), "fit": self.fit, "tensors": tensors,
         }
+        if self.fine_tokens is not None:  # absent otherwise, so profiles without it keep their bytes (and hash)
+            header["fine_tokens"] = check_fine_tokens(self.fine_tokens, ProfileError)
         hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         body = MAGIC + struct.pack("<HHI", version, 0, len(hjson)) + hjson + bytes(blob)
         self._bytes = body + hashlib.sha256(body).digest()
@@ -227,8 +240,11 @@ class Profile:
             rotary = check_rotary(rotary, L, kd, version, lambda m: ProfileError(f"profile header is malformed: {m}"))
         elif version == 3:
             raise ProfileError("profile header is malformed: version 3 needs rotary.layer_theta")
+        fine = header.get("fine_tokens")
+        if fine is not None:
+            fine = check_fine_tokens(fine, lambda m: ProfileError(f"profile header is malformed: {m}"))
         prof = cls(identity=dict(identity), layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary,
-                   sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}))
+                   sinks=sinks, arrays=arrays, fit=dict(header.get("fit") or {}), fine_tokens=fine)
         prof._bytes = raw
         return prof
 
@@ -408,6 +424,22 @@ def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict
     else:
         need(thetas is None, "rotary.layer_theta needs profile version 3")
     return out
+
+
+MAX_FINE_TOKENS = 4096
+MAX_FINE_SHIFT = 4  # = kvq_segment.MAX_FINE_SHIFT: a segment's fine rows are 1/2 to 1/16 of the step
+
+
+def check_fine_tokens(fine, error) -> dict:
+    """A profile's ``fine_tokens``: ``{"ids": [1..4096 distinct token ids, increasing], "shift": 1..4}``."""
+    ok = (type(fine) is dict and set(fine) == {"ids", "shift"} and type(fine["ids"]) is list
+          and 0 < len(fine["ids"]) <= MAX_FINE_TOKENS and all(type(i) is int and 0 <= i < 1 << 31 for i in fine["ids"])
+          and all(a < b for a, b in zip(fine["ids"], fine["ids"][1:]))
+          and type(fine["shift"]) is int and 1 <= fine["shift"] <= MAX_FINE_SHIFT)  # fmt: skip
+    if not ok:
+        raise error(f"fine_tokens must be {{ids: 1 to {MAX_FINE_TOKENS} increasing token ids, shift: 1 to "
+                    f"{MAX_FINE_SHIFT}}}")
+    return {"ids": list(fine["ids"]), "shift": fine["shift"]}
 
 
 def layer_theta(rotary: dict, layer: int) -> float:

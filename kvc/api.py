@@ -164,6 +164,8 @@ def _encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_
     try:
         for name, entry in entries.items():
             codec = build_codec(entry, profile)
+            if hasattr(codec, "bind_tokens"):  # kvq levels with fine tokens find their positions by token id
+                codec.bind_tokens(kv.token_ids)
             slots = list(_slot_groups(kv, bounds, dtype))
             for g in range(0, len(slots), size):
                 batch = slots[g : g + size]

@@ -40,6 +40,8 @@ def _reencoding_differs(f, level: str, reference: ContextKV, decoded: ContextKV)
     from kvc.codec.base import Segment
 
     codec = f._codec(level)
+    if hasattr(codec, "bind_tokens"):  # a level with fine tokens re-encodes with the file's own token ids
+        codec.bind_tokens(f.token_ids)
     differing = 0
     for chunk in f.header["chunks"]:
         for i, (ref, got) in enumerate(zip(reference.layers, decoded.layers)):

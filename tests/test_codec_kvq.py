@@ -452,3 +452,105 @@ def test_the_optional_mixed_smollm2_profile_is_found_by_hash_only():
     default = find_profile(mixed.identity)
     assert default is not None and default.version == 2 and default.matches(mixed.identity)
     assert find_profile_by_sha(mixed.sha256).sha256 == mixed.sha256
+
+
+def _fine_file(lm, profile, kv, fine_ids, shift=1):
+    import kvc
+
+    prof = profile.with_fine_tokens({"ids": sorted(fine_ids), "shift": shift})
+    data = kvc.encode_kv(kv, {"name": "tiny"}, ["balanced"], chunk_tokens=32, profile=prof, embed_profile=True)
+    return prof, data
+
+
+def test_fine_tokens_are_quantised_finer_and_read_back(tiny_llama, tiny_profile_v2, tiny_profile_mix):
+    """A profile's fine tokens: every kvq level quantises the positions holding them with a step 2**shift
+    times finer, lists those rows in each segment (version 3) and decodes them exactly as it encoded them;
+    the other positions are untouched."""
+    import kvc
+    from kvc.codec import kvq_segment
+
+    kv = _kv(tiny_llama)
+    ids = list(kv.token_ids)
+    fine_ids = sorted(set(ids), key=lambda i: (-ids.count(i), i))[:2]
+    at = np.isin(ids, fine_ids)
+    at[: tiny_profile_v2.sinks] = False  # sinks are stored exactly anyway
+    assert 3 <= at.sum() < len(ids) - 10
+    for base in (tiny_profile_v2, tiny_profile_mix):
+        plain = kvc.encode_kv(kv, {"name": "tiny"}, ["balanced"], chunk_tokens=32, profile=base, embed_profile=True)
+        prof, data = _fine_file(tiny_llama, base, kv, fine_ids, shift=3)
+        f = kvc.open(data)
+        assert f.header["levels"]["balanced"]["params"]["fine_tokens"] == sorted(fine_ids)
+        rows_seen = 0
+        for index, chunk in enumerate(f.header["chunks"]):
+            for enc, payload in f._container.payloads([index], "balanced"):
+                view, off = memoryview(payload), 0
+                for s, length in enumerate(enc["segments"]):
+                    seg = bytes(view[off : off + length])
+                    off += length
+                    assert kvq_segment.read_head(seg)[0] == 3
+                    if s == 0:  # layer 0 keys: its fine rows are the chunk's fine positions past the sinks
+                        n_sink = max(0, min(chunk["end"], prof.sinks) - chunk["start"])
+                        start = 4 + ((1 + 2 * prof.heads * n_sink * prof.key_dim) if n_sink else 0)
+                        rows, shift, _ = kvq_segment.read_fine(seg, start, chunk["end"] - chunk["start"] - n_sink)
+                        want = np.flatnonzero(at[chunk["start"] + n_sink : chunk["end"]])
+                        assert rows.tolist() == want.tolist() and shift == (3 if len(want) else 0)
+                        rows_seen += len(rows)
+        assert rows_seen == at.sum()
+        fine_read, plain_read = f.read("balanced"), kvc.open(plain).read("balanced")
+        codec = f._codec("balanced")
+        mask = torch.from_numpy(at)
+        sq_fine, sq_plain = {"key": 0.0, "value": 0.0}, {"key": 0.0, "value": 0.0}
+        for i, (x, a, b) in enumerate(zip(kv.layers, fine_read.layers, plain_read.layers)):
+            for kind in ("key", "value"):
+                err_fine = (getattr(a, kind) - getattr(x, kind)).abs()
+                err_plain = (getattr(b, kind) - getattr(x, kind)).abs()
+                # elsewhere the same symbols, so the same values; at fine positions, smaller errors
+                assert torch.equal(err_fine[:, ~mask], err_plain[:, ~mask])
+                sq_fine[kind] += float(err_fine[:, mask].pow(2).sum())
+                sq_plain[kind] += float(err_plain[:, mask].pow(2).sum())
+                assert err_fine.max() <= codec.max_abs_error_bound(i, kind) * (1 + 1e-5) + 1e-6
+        # (the random tiny model's keys are so insensitive that even 8x finer steps round most to 0)
+        assert sq_fine["key"] <= sq_plain["key"] and sq_fine["value"] < 0.25 * sq_plain["value"]
+        # chunk by chunk (the streaming loader's path) gives the same bits as the whole read
+        for index in range(len(f.header["chunks"])):
+            enc, payload = next(iter(f._container.payloads([index], "balanced")))
+            part = kvc.api.decode_chunk(f.header, codec, index, enc, payload, f.dtype)
+            c = f.header["chunks"][index]
+            for (key, value), whole in zip(part, fine_read.layers):
+                assert torch.equal(key, whole.key[:, c["start"] : c["end"]])
+                assert torch.equal(value, whole.value[:, c["start"] : c["end"]])
+
+
+def test_fine_tokens_need_the_context_and_are_checked(tiny_llama, tiny_profile_v2):
+    from kvc.codec import kvq_segment
+
+    prof = tiny_profile_v2.with_fine_tokens({"ids": [3, 7], "shift": 2})
+    again = Profile.from_bytes(prof.to_bytes())
+    assert again.fine_tokens == {"ids": [3, 7], "shift": 2} and again.sha256 == prof.sha256
+    assert tiny_profile_v2.fine_tokens is None and prof.sha256 != tiny_profile_v2.sha256
+    for bad in ({"ids": [7, 3], "shift": 1}, {"ids": [], "shift": 1}, {"ids": [1], "shift": 5},
+                {"ids": [-1], "shift": 1}, {"ids": [1]}, {"ids": [True], "shift": 1}):
+        with pytest.raises(ProfileError, match="fine_tokens"):
+            tiny_profile_v2.with_fine_tokens(bad)
+    codec = build_codec(level_entry("balanced", prof), prof)
+    t = torch.randn(prof.heads, 20, prof.key_dim)
+    with pytest.raises(ValueError, match="bind"):
+        codec.encode(t, Segment(0, "key", 8, tuple(t.shape), t.dtype))
+    for params in ({"fine_tokens": [1], "fine_shift": 0}, {"fine_tokens": "1", "fine_shift": 1},
+                   {"fine_tokens": [1]}):
+        with pytest.raises(FormatError, match="fine"):
+            build_codec({"codec": "kvq", "params": {"scale": 0.5, **params}}, prof)
+    # a segment's fine rows are checked against its own bytes before anything is scaled
+    codec.bind_tokens([3, 1, 7, 1] * 10)
+    seg = Segment(0, "key", 8, tuple(t.shape), t.dtype)
+    blob = codec.encode(t, seg)
+    rows, shift, _ = kvq_segment.read_fine(blob, 4, 20)
+    assert rows.tolist() == [i for i in range(20) if (8 + i) % 2 == 0] and shift == 2
+    assert torch.equal(codec.decode(blob, seg), codec.decode(blob, seg))
+    for forged in (blob[:4] + bytes([5]) + blob[5:],  # shift past 4
+                   blob[:4] + bytes([0]) + blob[5:],  # no shift for its rows
+                   blob[:5] + (21).to_bytes(2, "little") + blob[7:],  # more rows than tokens
+                   blob[:7] + blob[9:11] + blob[7:9] + blob[11:],  # rows out of order
+                   blob[:6]):  # truncated
+        with pytest.raises(FormatError):
+            codec.decode(forged, seg)

@@ -22,10 +22,17 @@ def test_there_is_a_fixture_per_kvq_segment_version_and_format_version():
     # v1-/v2-: kvq segment versions 1 and 2 (container 1.0); f12-: container 1.2, payloads level-major;
     # f13-: container 1.3, payloads carry XXH3-128 beside SHA-256;
     # p2-: a profile of version 2 (per-coefficient steps); p3-: version 3 (a tiny Gemma 3: sliding-window
-    # layers, a rotary base per layer); p4-: version 4 (coefficients mixed across heads); the others embed
+    # layers, a rotary base per layer); p4-: version 4 (coefficients mixed across heads); s3-: kvq segment
+    # version 3 (a profile with fine tokens: segments list their finer rows); the others embed
     # version-1 profiles
     assert {"v1-tiny-llama", "v2-tiny-llama", "f12-tiny-llama", "f13-tiny-llama", "p2-tiny-llama",
-            "p3-tiny-gemma3", "p4-tiny-llama"} <= set(NAMES)
+            "p3-tiny-gemma3", "p4-tiny-llama", "s3-tiny-llama"} <= set(NAMES)
+    with kvc.open(FIXTURES / "s3-tiny-llama.kvc") as f:
+        from kvc.codec import kvq_segment
+
+        assert f.header["levels"]["balanced"]["params"]["fine_shift"] == 1
+        payloads = [p for _, p in f._container.payloads(list(range(len(f.header["chunks"]))), "balanced")]
+        assert {kvq_segment.read_head(p[:4])[0] for p in payloads} == {3}
     with kvc.open(FIXTURES / "f12-tiny-llama.kvc") as f:
         assert f.version == (1, 2) and f.header.get("payload_order") == "level"
         assert all("xxh3_128" not in e for c in f.header["chunks"] for e in c["encodings"])

@@ -1,0 +1,108 @@
+"""Fine tokens: the token ids whose cache the model is far more sensitive to than to the others.
+
+Some tokens act as attention sinks well past the first few positions: in SmolLM2 every " the" (3% of
+English text) and the bare " " token. Measured with the model's own gradients on held-out text, an
+error on such a token costs 40-110× what the same error costs on a typical token, so a handful of them
+carry about half of the KL a uniform quantiser causes. kvq levels quantise their positions with a step
+``2**shift`` times finer (the segment lists those rows, CODEC.md), which costs a few hundredths of a bit
+per element and buys much of the KL back (bench/rd_levers.py --variants ...fine...).
+
+Which ids those are is a property of the model, fitted once here and kept in its profile
+(``Profile.fine_tokens``): per calibration text and sampled continuation, the gradient of the
+continuation's log-likelihood with respect to the cache gives each position a weight
+``w_t = Σ_{l,k,h,d} (∂/∂c_{t,d})² · step²_{l,k,h,d}`` (its share of the KL a uniform quantiser at the
+profile's steps causes); positions in the last quarter of the context (what the next tokens read most,
+for any token) and the sinks are left out; an id is fine when it occurs at least ``MIN_COUNT`` times and
+the median of its positions' weights is at least ``MIN_RATIO`` times the median position's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+MIN_COUNT = 8  # occurrences in the calibration contexts before an id can be judged
+MIN_RATIO = 10.0  # median weight of its positions over the median position's
+MAX_IDS = 64
+SHIFT = 1  # fine rows get half the step: measured on SmolLM2 like 1/4 (bench/rd_levers.py), and cheaper
+SAMPLES = 4  # sampled continuations per text
+
+
+def position_weights(lm, profile, ids: list[int], tokens: int, continuation: int, samples: int,
+                     generator: torch.Generator) -> np.ndarray:
+    """``w_t`` for the body positions (past the sinks) of the context ``ids[:tokens]``, summed over
+    ``samples`` continuations of ``continuation`` tokens drawn from the model after it."""
+    from kvc.codec.profile import layer_theta
+    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
+    from kvc.runtime.cache import to_transformers_cache
+    from kvc.runtime.prefill import prefill
+
+    n_ctx = min(tokens, len(ids) - continuation)
+    ctx = prefill(lm, ids[:n_ctx])
+    cont = torch.tensor([ids[n_ctx : n_ctx + continuation]], device=lm.device)
+    positions = torch.arange(n_ctx, n_ctx + continuation, device=lm.device)
+    leaves = []
+    for lay in ctx.layers:
+        lay.key = lay.key.detach().float().clone().requires_grad_(True)
+        lay.value = lay.value.detach().float().clone().requires_grad_(True)
+        leaves += [lay.key, lay.value]
+    steps = profile.component_steps()  # [L, 2, H, D]
+    S = profile.sinks
+    w = np.zeros(max(0, n_ctx - S))
+    for _ in range(samples):
+        cache = to_transformers_cache(ctx, lm.model.config, device=lm.device)
+        with torch.enable_grad():
+            logits = lm.model(input_ids=cont, past_key_values=cache, use_cache=True,
+                              cache_position=positions).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            drawn = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
+            grads = torch.autograd.grad(logp[torch.arange(len(drawn), device=logp.device), drawn].sum(), leaves,
+                                        allow_unused=True)  # fmt: skip
+        for layer, lay in enumerate(ctx.layers):
+            skip = max(0, S - lay.start)
+            for k in (0, 1):
+                g = grads[2 * layer + k]
+                if g is None or g.shape[1] <= skip:
+                    continue
+                g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
+                if k == 0 and profile.rotary is not None:
+                    inv = rope_inv_freq(layer_theta(profile.rotary, layer), profile.rotary["dim"])
+                    g = unrotate_keys(g, lay.start + skip, inv)
+                dim = g.shape[2]
+                b = torch.from_numpy(profile.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))
+                gc2 = torch.bmm(g, b).pow(2).numpy()  # [H, T, dim]
+                first = lay.start + skip - S  # body index of this layer's first kept position
+                w[first : first + gc2.shape[1]] += (gc2 * steps[layer, k, :, None, :dim] ** 2).sum((0, 2))
+    return w
+
+
+def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuation: int = 128,
+                    samples: int = SAMPLES, seed: int = 0,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> tuple[dict | None, dict]:
+    """(``{"ids": [...], "shift": SHIFT}`` or None when no id qualifies, the statistics behind it:
+    per qualifying or near id its count and median weight ratio) from calibration ``texts``."""
+    from kvc.runtime.prefill import tokenize
+
+    progress = on_progress or (lambda stage, done, total: None)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [ids for ids in (tokenize(lm, t) for t in texts) if len(ids) >= 4 * continuation]
+    ratios: dict[int, list[float]] = {}
+    progress("fine", 0, len(chosen))
+    for i, ids in enumerate(chosen):
+        w = position_weights(lm, profile, ids, tokens, continuation, samples, generator)
+        n = len(w)
+        far = np.arange(n) < n - n // 4  # the last quarter is what any next token reads most: left out
+        median = float(np.median(w[far])) if far.any() else 0.0
+        if median > 0:
+            body = ids[profile.sinks : profile.sinks + n]
+            for t in np.flatnonzero(far):
+                ratios.setdefault(int(body[t]), []).append(float(w[t] / median))
+        progress("fine", i + 1, len(chosen))
+    stats = {tid: (len(r), float(np.median(r))) for tid, r in ratios.items() if len(r) >= MIN_COUNT}
+    picked = sorted((tid for tid, (n, m) in stats.items() if m >= MIN_RATIO),
+                    key=lambda tid: -stats[tid][1])[:MAX_IDS]  # fmt: skip
+    report = {str(tid): {"count": n, "median_ratio": round(m, 2)}
+              for tid, (n, m) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:16]}  # fmt: skip
+    return ({"ids": sorted(picked), "shift": SHIFT} if picked else None), report
