@@ -179,7 +179,7 @@ def run_codec(codec, kv: ContextKV, size_fn=len):
     return ContextKV(token_ids=kv.token_ids, layers=layers), nbytes, enc_s, dec_s
 
 
-def methods(profile, num_layers):
+def methods(profile, num_layers, kvq_scales=()):
     from kvc.codec.cachegen import default_params
     from kvc.codec.levels import LEVEL_SCALES
     from kvc.codec.registry import build_codec, level_entry
@@ -191,6 +191,10 @@ def methods(profile, num_layers):
         out.append((f"CacheGen {'/'.join(map(str, bits))}b", build_codec(entry), len))
     for name in LEVEL_SCALES:
         out.append((f"kvq {name}", build_codec(level_entry(name, profile), profile), len))
+    for scale in kvq_scales:  # the balanced entry (so the profile's fine tokens too) at another scale
+        entry = level_entry("balanced", profile)
+        entry = {**entry, "params": {**entry["params"], "scale": scale}}
+        out.append((f"kvq @{scale:g}", build_codec(entry, profile), len))
     return out
 
 
@@ -208,6 +212,8 @@ def main(argv=None):
                     "code2, legal2, technical2) to use instead of the held-out essays")
     ap.add_argument("--target-kl", default="", help="comma-separated KL targets: one kvc encode --target-kl row each")
     ap.add_argument("--level", default="balanced", help="the level --target-kl rows tune")
+    ap.add_argument("--kvq-scales", default="", help="comma-separated kvq scales: one more row each ('kvq @S'), "
+                    "how the level scales are chosen")
     ap.add_argument("--aim", type=float, default=None, help="steer the tail estimate to aim × target "
                     "(default: kvc.codec.targeting.AIM)")
     ap.add_argument("--tail", type=int, default=None, help="tail tokens the estimate is measured on "
@@ -226,7 +232,7 @@ def main(argv=None):
         prefill_s = time.perf_counter() - t0
         prepared.append((name, kv, cont, continuation_logprobs(lm, kv, cont), prefill_s))
     rows = []
-    meths = methods(profile, len(prepared[0][1].layers))
+    meths = methods(profile, len(prepared[0][1].layers), [float(x) for x in args.kvq_scales.split(",") if x])
     if args.only:
         keys = args.only.split(",")
         meths = [m for m in meths if any(k in m[0] for k in keys)]

@@ -12,8 +12,11 @@ Which ids those are is a property of the model, fitted once here and kept in its
 continuation's log-likelihood with respect to the cache gives each position a weight
 ``w_t = Σ_{l,k,h,d} (∂/∂c_{t,d})² · step²_{l,k,h,d}`` (its share of the KL a uniform quantiser at the
 profile's steps causes); positions in the last quarter of the context (what the next tokens read most,
-for any token) and the sinks are left out; an id is fine when it occurs at least ``MIN_COUNT`` times and
-the median of its positions' weights is at least ``MIN_RATIO`` times the median position's.
+for any token) and the sinks are left out. An id is fine when it occurs at least ``MIN_COUNT`` times,
+its positions' mean weight is at least ``MIN_CONCENTRATION`` times the mean position's (what refining
+it buys per bit it costs) and they hold at least ``MIN_SHARE`` of all the weight. The mean, not the
+median: only some occurrences of " the" are sinks (its median position weighs 2× the median, its mean
+110×), and the quantiser cannot tell which, so it refines them all and the mean is what that buys.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 
 MIN_COUNT = 8  # occurrences in the calibration contexts before an id can be judged
-MIN_RATIO = 10.0  # median weight of its positions over the median position's
+MIN_CONCENTRATION = 4.0  # mean weight of its positions over the mean position's
+MIN_SHARE = 0.01  # of all the (far) positions' weight
 MAX_IDS = 64
 SHIFT = 1  # fine rows get half the step: measured on SmolLM2 like 1/4 (bench/rd_levers.py), and cheaper
 SAMPLES = 4  # sampled continuations per text
@@ -81,8 +85,8 @@ def position_weights(lm, profile, ids: list[int], tokens: int, continuation: int
 def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuation: int = 128,
                     samples: int = SAMPLES, seed: int = 0,
                     on_progress: Callable[[str, int, int], None] | None = None) -> tuple[dict | None, dict]:
-    """(``{"ids": [...], "shift": SHIFT}`` or None when no id qualifies, the statistics behind it:
-    per qualifying or near id its count and median weight ratio) from calibration ``texts``."""
+    """(``{"ids": [...], "shift": SHIFT}`` or None when no id qualifies, the statistics behind it: for
+    the 16 most concentrated ids their count, concentration and share) from calibration ``texts``."""
     from kvc.runtime.prefill import tokenize
 
     progress = on_progress or (lambda stage, done, total: None)
@@ -100,9 +104,12 @@ def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuat
             for t in np.flatnonzero(far):
                 ratios.setdefault(int(body[t]), []).append(float(w[t] / median))
         progress("fine", i + 1, len(chosen))
-    stats = {tid: (len(r), float(np.median(r))) for tid, r in ratios.items() if len(r) >= MIN_COUNT}
-    picked = sorted((tid for tid, (n, m) in stats.items() if m >= MIN_RATIO),
+    n_all = sum(len(r) for r in ratios.values())
+    total = sum(sum(r) for r in ratios.values())
+    stats = {tid: (len(r), sum(r) / len(r) / (total / n_all), sum(r) / total)  # count, concentration, share
+             for tid, r in ratios.items() if len(r) >= MIN_COUNT} if total > 0 else {}  # fmt: skip
+    picked = sorted((tid for tid, (n, c, share) in stats.items() if c >= MIN_CONCENTRATION and share >= MIN_SHARE),
                     key=lambda tid: -stats[tid][1])[:MAX_IDS]  # fmt: skip
-    report = {str(tid): {"count": n, "median_ratio": round(m, 2)}
-              for tid, (n, m) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:16]}  # fmt: skip
+    report = {str(tid): {"count": n, "concentration": round(c, 2), "share": round(share, 4)}
+              for tid, (n, c, share) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:16]}  # fmt: skip
     return ({"ids": sorted(picked), "shift": SHIFT} if picked else None), report

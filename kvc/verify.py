@@ -23,13 +23,20 @@ def _errors(reference: ContextKV, decoded: ContextKV) -> dict:
     return {"exact": exact, "max_abs_error": max_abs, "relative_rmse": (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0}
 
 
-def _elements_outside_bound(codec, reference: ContextKV, decoded: ContextKV) -> int:
+def _elements_outside_bound(codec, reference: ContextKV, decoded: ContextKV, slack: float = 0.0) -> int:
+    """Elements of ``decoded`` farther from ``reference`` than the codec's bound allows. ``slack`` (relative)
+    widens it where the reference prefill ran other arithmetic than the file's (a padded batch, other
+    kernels): the file was quantised from a cache a few ulps away, so an element's error can exceed the
+    bound by that much (a sink token's float16 rounding, say, lands on the other side)."""
     outside = 0
     for i, (a, b) in enumerate(zip(reference.layers, decoded.layers)):
         for kind, x, y in (("key", a.key, b.key), ("value", a.value, b.value)):
             if x.numel():
-                limit = codec.element_error_bound(i, kind, x, a.start)
-                outside += int(((y.double() - x.double()).abs() > limit.double()).sum().item())
+                limit = codec.element_error_bound(i, kind, x, a.start).double()
+                if slack:
+                    xd = x.double()
+                    limit = limit + slack * (xd.abs() + xd.pow(2).mean().sqrt())
+                outside += int(((y.double() - x.double()).abs() > limit).sum().item())
     return outside
 
 
@@ -158,10 +165,13 @@ def verify(f, deep: bool = False, lm=None) -> dict:
             bound = f"relative RMSE ≤ {limit:.3g}" if limit is not None else "no stated bound"
             if hasattr(codec, "element_error_bound"):
                 # The strict bound: every element within what the quantiser can have moved it.
-                outside = _elements_outside_bound(codec, reference, kv)
+                slack = 0.0 if same_env else lossless_tolerance(reference.layers[0].key.dtype)
+                outside = _elements_outside_bound(codec, reference, kv, slack)
                 err["elements_outside_bound"] = outside
                 passed = passed and outside == 0
-                bound += f"; every element within its quantiser bound ({outside} outside)"
+                within = "its quantiser bound" + ("" if same_env else f" (+{slack:.3g} relative: {why})")
+                bound += (f"; every element within {within}" if outside == 0
+                          else f"; {outside} elements outside {within}")
             if same_env:
                 # Where the file was written, re-encoding the fresh prefill reproduces the level exactly.
                 differing = _reencoding_differs(f, level, reference, kv)
