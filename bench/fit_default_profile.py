@@ -6,7 +6,11 @@ Fits on ``calibration_essays()`` only (never the evaluation essays) and writes
 ``--mix-from V2.kvcp [OUT]`` makes the version-4 profile (shipped as
 ``codec/profiles/optional/smollm2-135m-mix.kvcp``) from the version-2 one fitted on the same essays
 (``kvc.codec.profile.add_mix``: the same bytes as a whole refit, in a minute instead of ~14: only the mix
-depends on anything new)."""
+depends on anything new).
+
+``--fine-from PROFILE [OUT]`` gives a profile the fine tokens a whole refit measures as its last step
+(``kvc.codec.profile.add_fine_tokens`` on the same essays): how the shipped default and the optional mixed
+profile got theirs from the profiles they replace (kept under ``codec/profiles/superseded/``)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,11 @@ if __name__ == "__main__":
         from kvc.codec.profile import Profile, add_mix
 
         prof = add_mix(Profile.load(args[1]), lm, texts, on_progress=default_progress() or _plain)
+        args = args[2:]
+    elif args[:1] == ["--fine-from"]:
+        from kvc.codec.profile import Profile, add_fine_tokens
+
+        prof = add_fine_tokens(Profile.load(args[1]), lm, texts, on_progress=default_progress() or _plain)
         args = args[2:]
     else:
         prof = fit_profile(lm, texts, on_progress=default_progress() or _plain)

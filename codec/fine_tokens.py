@@ -93,6 +93,8 @@ def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuat
     generator = torch.Generator().manual_seed(seed)
     chosen = [ids for ids in (tokenize(lm, t) for t in texts) if len(ids) >= 4 * continuation]
     ratios: dict[int, list[float]] = {}
+    if not chosen:  # texts too short to tell a sink from the context's end
+        return None, {}
     progress("fine", 0, len(chosen))
     for i, ids in enumerate(chosen):
         w = position_weights(lm, profile, ids, tokens, continuation, samples, generator)

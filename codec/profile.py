@@ -311,6 +311,12 @@ def optional_profiles_dir() -> Path:
     return shipped_profiles_dir() / "optional"
 
 
+def superseded_profiles_dir() -> Path:
+    """Shipped profiles a newer one replaced (e.g. SmolLM2's before it had fine tokens): never picked for
+    encoding, kept so the files that name them by hash still decode."""
+    return shipped_profiles_dir() / "superseded"
+
+
 def _cache_profiles_dir() -> Path:
     # The same cache the model conversion uses (~/.cache/kvc unless $KVC_CACHE_DIR moves it), so a
     # profile put where the docs say is found with or without the variable. Imported here, not at the
@@ -339,7 +345,7 @@ def find_profile_by_sha(sha256: str, identity: dict | None = None, path: str | N
         if prof.sha256 != sha256:
             raise ProfileError(f"profile {path} is {prof.sha256[:16]}…, but the file needs {sha256[:16]}…")
         return prof
-    return _search(lambda prof: prof.sha256 == sha256, extra=(optional_profiles_dir(),))
+    return _search(lambda prof: prof.sha256 == sha256, extra=(optional_profiles_dir(), superseded_profiles_dir()))
 
 
 _FOUND: dict[tuple, Profile | None] = {}  # (path, size, mtime) -> the profile read there (None: unreadable)
@@ -504,7 +510,8 @@ def rotary_for(lm) -> dict | None:
 def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int = 2,
                 sensitivity_tokens: int = 1024, continuation: int = 64, sinks: int = SINKS, seed: int = 0,
                 fisher_samples: int = FISHER_SAMPLES, fisher_continuation: int = 128,
-                on_progress: Callable[[str, int, int], None] | None = None, mix: bool = False) -> Profile:
+                on_progress: Callable[[str, int, int], None] | None = None, mix: bool = False,
+                fine: bool = True) -> Profile:
     """Fit a profile for ``lm`` on calibration ``texts`` (each cut to ``tokens``).
 
     PCA bases, coefficient stds and shapes come from every text; sensitivities from the first
@@ -513,7 +520,9 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
     and ``fisher_continuation`` continuation tokens. With ``mix`` (version 4; off by default: it costs H× the
     decode synthesis) a second PCA over all heads of
     each (layer, kind), of the coefficients divided by their steps, gives ``mix``; ``sigma`` and ``cdf``
-    then describe the mixed coefficients the coder sees (PROFILE.md, fitting step 8)."""
+    then describe the mixed coefficients the coder sees (PROFILE.md, fitting step 8). With ``fine`` the token
+    ids the model is far more sensitive to than to others become the profile's fine tokens (PROFILE.md,
+    fitting step 9; kvc.codec.fine_tokens), measured on up to FINE_TEXTS texts."""
     from kvc.codec.transforms import pca_forward
     from kvc.runtime.identity import model_identity
     from kvc.runtime.prefill import prefill, tokenize
@@ -585,8 +594,24 @@ def fit_profile(lm, texts: list[str], tokens: int = 2048, sensitivity_texts: int
            "sliding_layers": [i for i, lay in enumerate(first.layers) if lay.start > 0],
            "warnings": warnings}
     ident = {"name": identity.get("name"), **{k: identity[k] for k in IDENTITY_KEYS}}
-    return Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
+    prof = Profile(identity=ident, layers=L, heads=H, key_dim=kd, value_dim=vd, rotary=rotary, sinks=sinks,
                    arrays=arrays, fit=fit)
+    return add_fine_tokens(prof, lm, texts, tokens, seed=seed, on_progress=progress) if fine else prof
+
+
+FINE_TEXTS = 3  # calibration texts the fine tokens are measured on (about a minute each for SmolLM2 on 2 cores)
+
+
+def add_fine_tokens(profile: Profile, lm, texts: list[str], tokens: int = 2048, seed: int = 0,
+                    on_progress=None) -> Profile:
+    """``profile`` with the fine tokens measured on the first FINE_TEXTS of ``texts`` (what fit_profile does
+    as its last step, so the same texts give the same bytes); its ``fit`` records what was measured."""
+    from kvc.codec.fine_tokens import fit_fine_tokens
+
+    fine, stats = fit_fine_tokens(lm, profile, texts[:FINE_TEXTS], tokens, seed=seed, on_progress=on_progress)
+    out = profile.with_fine_tokens(fine)
+    out.fit["fine_tokens"] = {"texts": min(len(texts), FINE_TEXTS), "most_concentrated": stats}
+    return out
 
 
 def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progress=None) -> Profile:

@@ -452,6 +452,22 @@ def test_the_optional_mixed_smollm2_profile_is_found_by_hash_only():
     default = find_profile(mixed.identity)
     assert default is not None and default.version == 2 and default.matches(mixed.identity)
     assert find_profile_by_sha(mixed.sha256).sha256 == mixed.sha256
+    # both carry SmolLM2's fine token, " the" (id 260: PROFILE.md fitting step 9)
+    assert default.fine_tokens == mixed.fine_tokens == {"ids": [260], "shift": 1}
+
+
+def test_superseded_smollm2_profiles_still_decode_their_files():
+    """The profiles the fine-token ones replaced ship in profiles/superseded/: never chosen to encode,
+    found by hash for the files that name them, the same arrays as their successors."""
+    from kvc.codec.profile import find_profile, find_profile_by_sha, superseded_profiles_dir
+
+    old = {p.name: Profile.load(p) for p in superseded_profiles_dir().glob("*.kvcp")}
+    assert {"smollm2-135m-2026-12-07.kvcp", "smollm2-135m-mix-2026-12-07.kvcp"} <= set(old)
+    for prof in old.values():
+        assert prof.fine_tokens is None and find_profile_by_sha(prof.sha256).sha256 == prof.sha256
+    new = find_profile(old["smollm2-135m-2026-12-07.kvcp"].identity)
+    assert new.sha256 not in {p.sha256 for p in old.values()}
+    assert all(np.array_equal(new.arrays[k], old["smollm2-135m-2026-12-07.kvcp"].arrays[k]) for k in new.arrays)
 
 
 def _fine_file(lm, profile, kv, fine_ids, shift=1):
