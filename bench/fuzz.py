@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FIXTURE_VERSION = "kvc-fuzz-fixtures-2"
+FIXTURE_VERSION = "kvc-fuzz-fixtures-3"
 TEXT = "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 6
 CONTEXT_TOKENS = 72
 CHUNK_TOKENS = 16
@@ -76,9 +76,10 @@ FIXTURES = {  # name -> (tiny model, levels, embed the profile)
     "sliding": ("gemma2", ["lossless"], False),
     "mixed": ("llama", ["balanced"], True),  # a version-4 profile (coefficients mixed across heads), embedded
     "layer-theta": ("gemma3", ["balanced"], True),  # a version-3 profile (a rotary base per layer), embedded
+    "fine": ("llama", ["balanced"], True),  # a profile with fine tokens: kvq segment version 3, embedded
 }
 # The profile each fixture is encoded with (default "llama", version 2): profile files in the fixture folder.
-FIXTURE_PROFILES = {"mixed": "llama-mix", "layer-theta": "gemma3"}
+FIXTURE_PROFILES = {"mixed": "llama-mix", "layer-theta": "gemma3", "fine": "llama-fine"}
 ARCHS = ("llama", "gemma2", "gemma3")
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MB = 1 << 20
@@ -138,6 +139,9 @@ def _build(folder: Path) -> None:
     profiles = {"llama": fit_profile(models["llama"], texts, **fit)}
     profiles["llama-mix"] = add_mix(profiles["llama"], models["llama"], texts, tokens=64)
     profiles["gemma3"] = fit_profile(models["gemma3"], texts, **fit)
+    ids = kvc.tokenize(models["llama"], TEXT)[:CONTEXT_TOKENS]  # its two most frequent tokens are fine ones
+    profiles["llama-fine"] = profiles["llama"].with_fine_tokens(
+        {"ids": sorted(sorted(set(ids), key=lambda i: (-ids.count(i), i))[:2]), "shift": 1})
     assert (profiles["llama"].version, profiles["llama-mix"].version, profiles["gemma3"].version) == (2, 4, 3)
     for name, profile in profiles.items():
         profile.save(folder / f"{name}.kvcp")
@@ -1005,8 +1009,8 @@ def make_case(seed: int, fx: Fixtures, cap: int = DEFAULT_CAP) -> Case:
     rng = random.Random(seed)
     family = rng.choices(list(FAMILIES), list(FAMILIES.values()))[0]
     if family == "profile":
-        fixture = rng.choice(["embedded", "embedded", "mixed", "mixed", "layer-theta", "layer-theta", "balanced",
-                              "multi", "tiny", "high", "compact"])  # fmt: skip
+        fixture = rng.choice(["embedded", "embedded", "mixed", "mixed", "layer-theta", "layer-theta", "fine", "fine",
+                              "balanced", "multi", "tiny", "high", "compact"])  # fmt: skip
     elif family == "bomb":
         fixture = rng.choice(["lossless", "multi", "sliding"])
     else:

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,12 +163,14 @@ def test_gpu_kernel_is_bit_exact_in_the_cuda_simulator(tmp_path):
     assert "bit-exact" in run.stdout and status[3] != OK
 
 
-def test_gpu_read_path_matches_cpu_in_the_cuda_simulator():
+@pytest.mark.parametrize("fixture", ["v2-tiny-llama", "s3-tiny-llama"])
+def test_gpu_read_path_matches_cpu_in_the_cuda_simulator(fixture):
     """The batched GPU read (every lane of every group in one launch, then synthesis per group) decodes the
-    v2 fixture to exactly what the CPU path gives; run on host tensors under numba's simulator."""
+    v2 fixture, and the version-3 one with fine rows, to exactly what the CPU path gives; run on host
+    tensors under numba's simulator."""
     script = textwrap.dedent("""
         import torch, kvc
-        f = kvc.open("tests/data/fixtures/v2-tiny-llama.kvc")
+        f = kvc.open("tests/data/fixtures/FIXTURE.kvc")
         codec = f._codec("balanced")
         expected = f.read("balanced")
         groups = []  # the same groups read() builds, decoded through the GPU path
@@ -191,7 +194,7 @@ def test_gpu_read_path_matches_cpu_in_the_cuda_simulator():
             ref = expected.layers[s // 2].value if s % 2 else expected.layers[s // 2].key
             assert torch.equal(out, ref), s
         print("gpu path bit-exact")
-    """)
+    """).replace("FIXTURE", fixture)
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
