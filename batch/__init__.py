@@ -48,7 +48,7 @@ def encode_corpus(
     inputs: list[str] | None = None,
     out_dir: str = ".",
     *,
-    glob: str = "*.txt",
+    glob: str | list[str] = "*.txt",
     dataset: str | None = None,
     text_field: str = "text",
     split: str = "train",
@@ -92,7 +92,9 @@ def encode_documents(
         mkey = model_key(s, lm.folder) if lm.folder else f"{lm.name}:{lm.source}"
     else:
         mkey = model_key(s)
-    previous = {} if overwrite else manifest.read(out_dir)
+    storage.check_folder(out_dir)
+    earlier = manifest.read(out_dir)
+    previous = {} if overwrite else earlier
     present = {} if overwrite else storage.sizes(out_dir)
     plan = make_plan(docs, settings_key(s, mkey), previous, overwrite, present)
     if on_plan is not None:
@@ -101,6 +103,13 @@ def encode_documents(
     writer = manifest.Writer(out_dir)
 
     def record(r: dict) -> None:
+        if r["status"] == "failed" and earlier.get(r["output"], {}).get("status") in manifest.DONE:
+            # the document changed and now fails: its old cache no longer matches it, and a reader
+            # must not take it for the document's (only outputs an earlier batch wrote are removed)
+            try:
+                storage.remove(r["output"])
+            except OSError:
+                pass  # the row says failed either way
         rows[r["output"]] = r
         writer.add(r)
         if on_row is not None:

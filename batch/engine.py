@@ -72,10 +72,11 @@ class Encoder:
         self.batchable = "lossless" not in self.levels and settings["batch_tokens"] > 0 and can_batch(self.lm)
 
     def tokens(self, text: str) -> list[int]:
-        from kvc.runtime.prefill import tokenize
+        from kvc.runtime.prefill import check_context, tokenize
 
         s = self.settings
-        return tokenize(self.lm, text, max_tokens=None if s["truncate"] else s["max_tokens"])[: s["max_tokens"]]
+        ids = tokenize(self.lm, text, max_tokens=None if s["truncate"] else s["max_tokens"])[: s["max_tokens"]]
+        return check_context(self.lm, ids)
 
     def groups(self, items: Iterable[tuple]) -> Iterator[list[tuple]]:
         """Prefill groups from (unit, ids, ...) tuples in order: consecutive short documents share a batch

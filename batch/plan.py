@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from kvc.batch import storage
+from kvc.batch import manifest, storage
 from kvc.errors import InputError
 
 TEXT_CACHE_BYTES = 256 << 20  # texts kept from planning for encoding; past this they are read again
@@ -53,13 +53,18 @@ class Plan:
     failed: list[Document] = field(default_factory=list)
 
 
-def documents_from_paths(inputs: list[str], out_dir: str, glob: str) -> list[Document]:
+def documents_from_paths(inputs: list[str], out_dir: str, glob: str | list[str]) -> list[Document]:
+    """``glob``: a pattern or several (a file is taken if any matches)."""
+    patterns = [glob] if isinstance(glob, str) else list(glob)
     docs, seen = [], {}
     for item in inputs:
         if storage.is_dir(item):
-            files = storage.list_files(item, glob)
+            # a batch's own products are never its input: a re-run with --out-dir inside the folder
+            # (and a broad --glob) would otherwise encode the manifest and the caches themselves
+            files = [(path, rel) for path, rel in storage.list_files(item, patterns)
+                     if not _is_output(path, out_dir)]  # fmt: skip
             if not files:
-                raise InputError(f"folder {item} has no files matching {glob!r}")
+                raise InputError(f"folder {item} has no files matching {' or '.join(map(repr, patterns))}")
         elif storage.exists(item):
             files = [(item, item.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1])]
         else:
@@ -71,6 +76,19 @@ def documents_from_paths(inputs: list[str], out_dir: str, glob: str) -> list[Doc
             seen[target] = path
             docs.append(Document(source=_source_name(path), output=target))
     return docs
+
+
+def _is_output(path: str, out_dir: str) -> bool:
+    """A .kvc, a manifest, or anything under the output folder."""
+    name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    if name.endswith(".kvc") or name == manifest.NAME:
+        return True
+    if storage.is_url(path) or storage.is_url(out_dir):
+        root = out_dir.rstrip("/") + "/"
+        return path.startswith(root)
+    from pathlib import Path
+
+    return Path(path).resolve().is_relative_to(Path(out_dir).resolve())
 
 
 def _source_name(path: str) -> str:

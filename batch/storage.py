@@ -85,18 +85,21 @@ def sizes(root: str) -> dict[str, int]:
             if name.startswith(prefix)}  # fmt: skip
 
 
-def list_files(root: str, pattern: str) -> list[tuple[str, str]]:
-    """(path, path relative to root) of the files under a folder or prefix whose name matches ``pattern``."""
+def list_files(root: str, pattern: str | list[str]) -> list[tuple[str, str]]:
+    """(path, path relative to root) of the files under a folder or prefix whose name matches ``pattern``
+    (or any of several), each once, sorted."""
     import fnmatch
 
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     if not is_url(root):
         base = Path(root)
-        return [(str(p), str(p.relative_to(base))) for p in sorted(base.rglob(pattern)) if p.is_file()]
+        found = {p for pat in patterns for p in base.rglob(pat)}
+        return [(str(p), str(p.relative_to(base))) for p in sorted(found) if p.is_file()]
     fs, inner = filesystem(root)
     prefix = inner.rstrip("/") + "/"
     names = sorted(n for n in fs.find(inner) if n.startswith(prefix))
     return [(join(root, n[len(prefix) :]), n[len(prefix) :]) for n in names
-            if fnmatch.fnmatch(n.rsplit("/", 1)[-1], pattern)]  # fmt: skip
+            if any(fnmatch.fnmatch(n.rsplit("/", 1)[-1], pat) for pat in patterns)]  # fmt: skip
 
 
 def is_dir(path: str) -> bool:
@@ -104,6 +107,27 @@ def is_dir(path: str) -> bool:
         return Path(path).is_dir()
     fs, inner = filesystem(path)
     return fs.isdir(inner)
+
+
+def check_folder(path: str) -> None:
+    """InputError unless ``path`` is a folder or could be made one (local paths: no file in the way)."""
+    if is_url(path):
+        return  # object stores have no folders to be in the way
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{p} is not a folder")
+            return
+
+
+def remove(path: str) -> None:
+    """Delete a file if it is there."""
+    if not is_url(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(path)
+    if fs.exists(inner):
+        fs.rm(inner)
 
 
 def exists(path: str) -> bool:

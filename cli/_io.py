@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def open_kvc_arg(path: str, profile: str | None = None, header_only: bool = Fals
     return kvc.open(source, profile=profile)
 
 
+def check_output_file(path: str) -> None:
+    """InputError when ``path`` ('-' aside) names a folder: an existing one, or one by its trailing
+    separator (written as a file, 'new/' would become a file called 'new'). Commands call it before
+    their work as well, so the mistake costs no prefill."""
+    if path == "-":
+        return
+    if Path(path).is_dir():
+        raise InputError(f"{path} is a folder: give a file name")
+    if path.endswith(("/", os.sep)):
+        raise InputError(f"{path} names a folder: give a file name")
+
+
 def write_output(path: str, data: bytes) -> None:
     """``data`` to stdout ('-') or atomically to a file, with the permissions any new file gets
     (0666 less the umask), so a shared cache folder stays readable by a serving process."""
@@ -46,9 +59,8 @@ def write_output(path: str, data: bytes) -> None:
             raise InputError("refusing to write binary data to a terminal: redirect stdout or give -o FILE")
         write_all(sys.stdout, data)
         return
+    check_output_file(path)
     p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{path} is a folder: give a file name")
     if not p.parent.exists():
         raise InputError(f"folder {p.parent} does not exist")
     try:

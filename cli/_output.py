@@ -39,6 +39,18 @@ class Output:
             text = captured.get()
         write_all(self.stream, text.encode(getattr(self.stream, "encoding", None) or "utf-8", "replace"))
 
+    def line(self, text: str, bar: Bar | None = None) -> None:
+        """One line of the result as soon as it is known (a batch's documents), not in --json mode. It
+        goes out at once, unbuffered, so a log or a pipe shows each document while the batch runs and
+        keeps those lines when the batch is interrupted; above the progress bar where one is drawn."""
+        if self.json_mode:
+            return
+        live = getattr(bar, "_progress", None)
+        if live is not None and self.stream.isatty():  # the bar's terminal: print above it, not through it
+            live.console.print(text, markup=False, soft_wrap=True)
+            return
+        write_all(self.stream, (text + "\n").encode(getattr(self.stream, "encoding", None) or "utf-8", "replace"))
+
     def note(self, message: str) -> None:
         """A line for people on stderr (not in --json mode)."""
         if not self.json_mode:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kvc.cli._io import open_kvc_arg, parse_token_range, write_output
+from kvc.cli._io import check_output_file, open_kvc_arg, parse_token_range, write_output
 from kvc.cli._output import Output, human_bytes
 from kvc.errors import InputError
 
@@ -31,6 +31,7 @@ def decode_command(
     """
     if output is None:
         raise InputError("say where the tensors go: -o FILE.safetensors (or -o - for stdout)")
+    check_output_file(output)
     from kvc.safetensors_io import to_safetensors
 
     out = Output(json_out, data_on_stdout=output == "-")

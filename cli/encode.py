@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from kvc.cli._io import read_input_bytes, write_output
+from kvc.cli._io import check_output_file, read_input_bytes, write_output
 from kvc.cli._output import Output, human_bytes, vs_fp16
 from kvc.cli.inspect import describe_target
 from kvc.defaults import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SLICE_TOKENS
@@ -40,7 +40,8 @@ def _decode_text(data: bytes, name: str) -> str:
         raise InputError(f"{name} is not UTF-8 text") from exc
 
 
-def _documents_from_paths(inputs: list[str], output: str | None, out_dir: str | None, glob: str) -> list[Document]:
+def _documents_from_paths(inputs: list[str], output: str | None, out_dir: str | None,
+                          glob: list[str]) -> list[Document]:  # fmt: skip
     sources: list[tuple[str, str, Path]] = []  # (name, text-or-marker, output stem path)
     docs: list[Document] = []
     for item in inputs:
@@ -51,9 +52,9 @@ def _documents_from_paths(inputs: list[str], output: str | None, out_dir: str | 
         if not path.exists():
             raise InputError(f"no such file or folder: {item}")
         if path.is_dir():
-            files = sorted(p for p in path.rglob(glob) if p.is_file())
+            files = sorted({p for pattern in glob for p in path.rglob(pattern) if p.is_file()})
             if not files:
-                raise InputError(f"folder {item} has no files matching {glob!r}")
+                raise InputError(f"folder {item} has no files matching {' or '.join(map(repr, glob))}")
             for p in files:
                 sources.append((str(p), _decode_text(p.read_bytes(), str(p)), p.relative_to(path)))
         else:
@@ -120,7 +121,9 @@ def encode_command(
     truncate: bool = typer.Option(
         False, "--truncate", help="Keep the first --max-tokens tokens of longer documents instead of refusing them."
     ),
-    glob: str = typer.Option("*.txt", "--glob", help="Which files to take from folders."),
+    glob: list[str] = typer.Option(
+        None, "--glob", help="Which files to take from folders (default *.txt); repeat to take several kinds."
+    ),
     essay: list[str] = typer.Option(
         None,
         "--essay",
@@ -196,9 +199,11 @@ def encode_command(
     import kvc
     from kvc.api import default_levels
     from kvc.runtime.loading import parse_dtype
+    from kvc.runtime.prefill import check_context
 
     if output is not None and out_dir is not None:
         raise InputError("give -o FILE for one document or --out-dir FOLDER for several, not both")
+    glob = glob or ["*.txt"]
     dtype = parse_dtype(dtype)
     out = Output(json_out, data_on_stdout=output == "-")
     labels: dict[str, str] = {}  # how an input is named to people, when its path says too much
@@ -234,13 +239,20 @@ def encode_command(
             slice_tokens=slice_tokens, max_tokens=max_tokens, truncate=truncate, profile=profile,
             embed_profile=embed_profile, batch_tokens=batch_tokens,
         )  # fmt: skip
+    check_output_file(output)
     if dataset is not None:
         docs = _documents_from_dataset(dataset, text_field, split, out_dir, output, limit)
     else:
         docs = _documents_from_paths(inputs, output, out_dir, glob)
     lm = kvc.load_model(model, device=device, dtype=dtype)
     levels = level or default_levels(lm, profile)
-    token_lists = [kvc.tokenize(lm, d.text, max_tokens=None if truncate else max_tokens)[:max_tokens] for d in docs]
+    token_lists = []
+    for d in docs:  # every document is checked before the first prefill, which can take minutes
+        try:
+            ids = kvc.tokenize(lm, d.text, max_tokens=None if truncate else max_tokens)[:max_tokens]
+            token_lists.append(check_context(lm, ids))
+        except InputError as exc:
+            raise InputError(f"{labels.get(d.name, d.name)}: {exc}") from exc
     reports = []
     with out.progress("encoding", total=sum(len(t) for t in token_lists)) as advance:
         for doc, ids in zip(docs, token_lists):
@@ -305,6 +317,16 @@ def encode_command(
     out.result(reports[0], render)
 
 
+def _row_line(r: dict, labels: dict[str, str]) -> str:
+    """A batch document's line for people: one per document, for grep."""
+    name = labels.get(r["source"], r["source"])
+    if r["status"] == "failed":
+        return f"{name}: FAILED: {r['error']}"
+    sizes = "; ".join(f"{lv} {human_bytes(n)}" for lv, n in (r.get("level_bytes") or {}).items())
+    line = f"{name} → {r['output']}: {r['status']}, {r['tokens']} tokens, {human_bytes(r['bytes'] or 0)}"
+    return line + (f" ({sizes})" if sizes else "")
+
+
 def _encode_batch(out, labels, inputs, out_dir, glob, dataset, text_field, split, limit, overwrite, ray, ray_workers,
                   **settings) -> None:  # fmt: skip
     """Many documents (or any --out-dir run) through kvc.batch: manifest, resume, failures recorded."""
@@ -334,20 +356,12 @@ def _encode_batch(out, labels, inputs, out_dir, glob, dataset, text_field, split
             rate = tokens[0] / max(time.perf_counter() - started, 1e-9)
             advance.describe(f"documents ({rate:,.0f} tokens/s)")
             advance(1)
+            out.line(_row_line(row, labels), advance)  # as each finishes: a long batch shows its progress
 
         summary = encode_documents(docs, out_dir, overwrite=overwrite, ray=rays, ray_workers=ray_workers,
                                    on_row=on_row, **settings)  # fmt: skip
 
-    def render(console):
-        for r in summary.rows:
-            name = labels.get(r["source"], r["source"])
-            if r["status"] == "failed":
-                line = f"{name}: FAILED: {r['error']}"
-            else:
-                sizes = "; ".join(f"{lv} {human_bytes(n)}" for lv, n in (r.get("level_bytes") or {}).items())
-                line = f"{name} → {r['output']}: {r['status']}, {r['tokens']} tokens, {human_bytes(r['bytes'] or 0)}"
-                line += f" ({sizes})" if sizes else ""
-            console.print(line, markup=False, soft_wrap=True)
+    def render(console):  # the documents' lines went out as each finished (on_row)
         console.print(
             f"{summary.documents} documents: {summary.encoded} encoded, {summary.unchanged} unchanged, "
             f"{summary.duplicates} duplicates, {summary.failed} failed; {summary.tokens:,} tokens in "

@@ -22,7 +22,7 @@ from kvc.index import KvcIndex
 from kvc.runtime.identity import check_same_model, model_identity
 from kvc.runtime.kernels import kernel_fingerprint
 from kvc.runtime.kv import ContextKV, LayerKV
-from kvc.runtime.prefill import prefill, tokenize
+from kvc.runtime.prefill import check_context, prefill, tokenize
 
 KINDS = ("key", "value")
 _TORCH_DTYPES = {
@@ -250,7 +250,7 @@ def encode_tokens(
     ``target_kl`` (nats/token), ``max_bytes`` or ``ratio`` (× smaller than fp16) retune the one lossy
     level in ``levels`` for this file: its kvq scale is chosen with the model (kvc.codec.targeting) and
     the header's level entry records the target and what was measured."""
-    kv = prefill(lm, token_ids, slice_tokens, on_progress)
+    kv = prefill(lm, check_context(lm, token_ids), slice_tokens, on_progress)
     info = prefill_record(lm, slice_tokens)
     entries = None
     if target_kl is not None or max_bytes is not None or ratio is not None:

@@ -26,6 +26,25 @@ def tokenize(lm, text: str, max_tokens: int | None = None, add_special_tokens: b
     return ids
 
 
+def context_length(config) -> int | None:
+    """The longest input the model was built for: max_position_embeddings (a multimodal config's text
+    config's), or None where the config names none."""
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(lm, ids: list[int]) -> list[int]:
+    """``ids``, or an InputError when they are more than the model's context: positions past it were
+    never trained, so the cache would be silently wrong, and prefilling it can take minutes."""
+    limit = context_length(getattr(lm, "config", None))
+    if limit is not None and len(ids) > limit:
+        raise InputError(f"the document has {len(ids)} tokens, over the model's context length {limit}")
+    return ids
+
+
 def new_cache(config):
     from transformers import DynamicCache
 

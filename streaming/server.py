@@ -238,6 +238,8 @@ class RangeServer:
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, rate: float | None = None,
                  latency: float = 0.0, log=None):
         root = Path(root)
+        if not root.exists():  # checked here, not per request: serving nothing would answer 404 forever
+            raise InputError(f"no such folder: {root}")
         if not root.is_dir():
             raise InputError(f"{root} is not a folder")
         self.link = Link(rate)

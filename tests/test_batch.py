@@ -200,3 +200,40 @@ def test_a_loaded_model_and_its_folder_share_the_resume_key(llama, tmp_path):
     encode_corpus([str(docs)], str(out), lm=load_model(str(llama), device="cpu"), levels=["lossless"])
     report = json.loads(run("encode", docs, "--out-dir", out, "--model", llama, "-l", "lossless", "--json").stdout)
     assert report["summary"]["unchanged"] == 6 and report["summary"]["encoded"] == 0
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(llama, tmp_path):
+    docs = _corpus(tmp_path / "c2", bad=False)
+    (docs / "old.kvc").write_bytes(b"a cache from elsewhere")  # a .kvc is never a document
+    for _ in range(2):
+        report = json.loads(run("encode", docs, "--out-dir", docs / "caches", "--glob", "*", "--model", llama, "-l",
+                                "lossless", "--json").stdout)  # fmt: skip
+        assert report["summary"]["documents"] == 6 and report["summary"]["failed"] == 0
+    assert report["summary"]["unchanged"] == 6
+
+
+def test_glob_repeats_and_document_lines_are_printed(llama, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a.md", "b.py", "c.txt"):
+        (docs / name).write_text(TEXT[:80] + name)
+    out = tmp_path / "out"
+    proc = run("encode", docs, "--out-dir", out, "--glob", "*.md", "--glob", "*.py", "--model", llama, "-l",
+               "lossless")  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.kvc")) == ["a.kvc", "b.kvc"]
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("2 documents: 2 encoded")
+    assert sorted(line.split(" → ")[0].rsplit("/", 1)[-1] for line in lines[:2]) == ["a.md", "b.py"]
+
+
+def test_a_document_that_now_fails_loses_its_stale_output(llama, tmp_path):
+    docs, out = _corpus(tmp_path / "docs", bad=False), tmp_path / "out"
+    encode_corpus([str(docs)], str(out), model=str(llama), levels=["lossless"])
+    assert (out / "doc2.kvc").exists()
+    (docs / "doc2.txt").write_bytes(b"\xff\xfe not text any more")
+    (docs / "doc3.txt").write_text("")
+    summary = encode_corpus([str(docs)], str(out), model=str(llama), levels=["lossless"])
+    failed = {os.path.basename(f["source"]) for f in summary.failures}
+    assert failed == {"doc2.txt", "doc3.txt"}  # not UTF-8 (fails in planning); empty (fails when tokenised)
+    assert not (out / "doc2.kvc").exists() and not (out / "doc3.kvc").exists()
+    assert (out / "doc1.kvc").exists() and summary.unchanged == 4

@@ -213,3 +213,49 @@ def test_truncate_keeps_the_head_and_names_the_source(llama, tmp_path):
     )
     assert report["tokens"] == 30
     assert kvc.open(tmp_path / "a.kvc").header["context"]["source"] == str(doc.resolve())
+
+
+def test_documents_past_the_models_context_are_refused(tiny_model_dirs, tmp_path):
+    gpt2 = tiny_model_dirs["gpt2"]  # n_positions (its max_position_embeddings) is 1024
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "short.txt").write_text(TEXT)
+    (docs / "long.txt").write_text(TEXT * 6)  # about 1150 tokens
+    one_line_error(run("encode", docs / "long.txt", "-o", tmp_path / "a.kvc", "--model", gpt2, "-l", "lossless",
+                       check_rc=None), 2, "long.txt: the document has ")  # fmt: skip
+    assert "over the model's context length 1024" in run("encode", docs / "long.txt", "-o", tmp_path / "a.kvc",
+                                                         "--model", gpt2, check_rc=2).stderr.decode()  # fmt: skip
+    assert not (tmp_path / "a.kvc").exists()
+    proc = run("encode", docs, "--out-dir", tmp_path / "out", "--model", gpt2, "-l", "lossless", "--json", check_rc=8)
+    rows = {os.path.basename(r["source"]): r for r in json.loads(proc.stdout)["documents"]}
+    assert rows["short.txt"]["status"] == "ok"
+    assert rows["long.txt"]["status"] == "failed" and "context length 1024" in rows["long.txt"]["error"]
+    assert not (tmp_path / "out" / "long.kvc").exists()
+
+
+def test_outputs_that_are_not_where_a_file_can_go_are_refused(encoded, llama, tmp_path):
+    doc = tmp_path / "f.txt"
+    doc.write_text(TEXT[:100])
+    one_line_error(run("encode", doc, "-o", f"{tmp_path}/newdir/", "--model", llama, check_rc=None), 2,
+                   "newdir/ names a folder: give a file name")  # fmt: skip
+    one_line_error(run("decode", encoded, "-o", f"{tmp_path}/x.dir/", check_rc=None), 2, "x.dir/ names a folder")
+    assert not (tmp_path / "newdir").exists() and not (tmp_path / "x.dir").exists()
+    (tmp_path / "afile").write_text("a file, not a folder")
+    for out_dir in ("afile", "afile/sub"):
+        one_line_error(run("encode", doc, "--out-dir", tmp_path / out_dir, "--model", llama, check_rc=None), 2,
+                       f"{tmp_path / 'afile'} is not a folder")  # fmt: skip
+
+
+def test_human_lines_are_written_through_at_once(monkeypatch):
+    """A batch's document lines (Output.line) reach a pipe when written, not when the process ends."""
+    import sys
+
+    from kvc.cli._output import Output
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with open(write_end, "w", encoding="utf-8") as pipe:  # a buffered text stream, as sys.stdout is on a pipe
+        monkeypatch.setattr(sys, "stdout", pipe)
+        Output().line("doc.txt → doc.kvc: ok")
+        assert os.read(read_end, 1000).decode() == "doc.txt → doc.kvc: ok\n"  # still open: nothing flushed it
+    os.close(read_end)

@@ -104,3 +104,7 @@ def test_eval_link_measures_ttft_through_the_loader(folder, tmp_path):
         assert r["skipped"] or r["ttft_s"] > 0 and r["report"]["tokens"] == streamed["tokens"]
     assert "lossless" in streamed["crossover_gbit"]
     assert (tmp_path / "e-link-doc.png").stat().st_size > 0
+
+
+def test_serve_refuses_a_missing_folder(tmp_path):
+    one_line_error(run("serve", tmp_path / "nodir", "--port", "0", check_rc=None), 2, "no such folder: ")

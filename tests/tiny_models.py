@@ -48,7 +48,7 @@ def _config(arch: str):
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=1024,
+            max_position_embeddings=8192,  # encode refuses documents past it; tests encode a few thousand tokens
             **common,
         )
     if arch == "llama-mqa":  # multi-query: one KV head
