@@ -1,11 +1,11 @@
 """Fine tokens: the token ids whose cache the model is far more sensitive to than to the others.
 
-Some tokens act as attention sinks well past the first few positions: in SmolLM2 every " the" (3% of
-English text) and the bare " " token. Measured with the model's own gradients on held-out text, an
-error on such a token costs 40-110× what the same error costs on a typical token, so a handful of them
-carry about half of the KL a uniform quantiser causes. kvq levels quantise their positions with a step
-``2**shift`` times finer (the segment lists those rows, CODEC.md), which costs a few hundredths of a bit
-per element and buys much of the KL back (bench/rd_levers.py --variants ...fine...).
+Some tokens act as attention sinks well past the first few positions: in SmolLM2, " the". Measured
+with the model's own gradients on the calibration essays, its positions weigh 20× the mean position
+and hold 51% of the KL a uniform quantiser would cause (PROFILE.md, fitting step 9). kvq levels
+quantise the positions of fine tokens with a step ``2**shift`` times finer (each segment lists those
+rows, CODEC.md step 4b): on held-out essays that cost 0.036 bits per element at one scale and cut the
+KL by a third (BENCHMARKS.md, "Fine tokens").
 
 Which ids those are is a property of the model, fitted once here and kept in its profile
 (``Profile.fine_tokens``): per calibration text and sampled continuation, the gradient of the
@@ -15,8 +15,8 @@ profile's steps causes); positions in the last quarter of the context (what the 
 for any token) and the sinks are left out. An id is fine when it occurs at least ``MIN_COUNT`` times,
 its positions' mean weight is at least ``MIN_CONCENTRATION`` times the mean position's (what refining
 it buys per bit it costs) and they hold at least ``MIN_SHARE`` of all the weight. The mean, not the
-median: only some occurrences of " the" are sinks (its median position weighs 2× the median, its mean
-110×), and the quantiser cannot tell which, so it refines them all and the mean is what that buys.
+median: only some occurrences of " the" are sinks (its median position weighs little more than a typical
+one), and the quantiser cannot tell which, so it refines them all and the mean is what that buys.
 """
 
 from __future__ import annotations

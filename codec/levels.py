@@ -19,22 +19,24 @@ from kvc.errors import ProfileError
 DEFAULT_LEVEL = "balanced"
 
 # level name -> global step scale (multiplies the profile's steps: version 2's per-coefficient `step`, or version
-# 1's per-head `base_step`, geometric mean 1). Chosen on the version-2 SmolLM2 profile (2026-12-07: 0.22, 0.62,
-# 1.4, 2.5 before, for version-1 steps); a version-1 profile gets the same scales, so slightly finer steps.
+# 1's per-head `base_step`, geometric mean 1). Chosen on the SmolLM2 profile with fine tokens (2026-12-07):
+# balanced so that code, legal and technical text keep the mean KL the scales before gave them (0.19, 0.57,
+# 1.15, 2.5, chosen on the profile without fine tokens; 0.22, 0.62, 1.4, 2.5 for version-1 steps), the others
+# moved by the same factor. A profile without fine tokens gets the same scales, so coarser steps than before.
 LEVEL_SCALES: dict[str, float] = {
-    "high": 0.19,
-    "balanced": 0.57,
-    "compact": 1.15,
-    "tiny": 2.5,
+    "high": 0.22,
+    "balanced": 0.66,
+    "compact": 1.33,
+    "tiny": 2.9,
 }
 
 # level name -> the mean KL it gave on the held-out essays (docs/CODEC.md's table): where
 # `--target-kl` starts its search (kvc.codec.targeting), not a promise
 LEVEL_KL: dict[str, float] = {
-    "high": 0.00074,
-    "balanced": 0.0087,
-    "compact": 0.041,
-    "tiny": 0.16,
+    "high": 0.00076,
+    "balanced": 0.0077,
+    "compact": 0.045,
+    "tiny": 0.18,
 }
 
 

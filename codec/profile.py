@@ -634,7 +634,7 @@ def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progr
                            on_progress or (lambda stage, done, total: None)))
     return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
                    value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
-                   fit=dict(profile.fit, mix=True))
+                   fit=dict(profile.fit, mix=True), fine_tokens=profile.fine_tokens)
 
 
 def _calibration_frame(kvs, layer: int, kind: str, rotary: dict | None, sinks: int) -> torch.Tensor:

@@ -216,8 +216,8 @@ def test_every_fitting_stage_reports_its_start_and_its_end(models):
     fit_profile(lm, [TEXT, TEXT[::-1]], tokens=120, sensitivity_tokens=64, continuation=16, mix=True,
                 on_progress=lambda stage, done, total: seen.append((stage, done, total)))  # fmt: skip
     stages = list(dict.fromkeys(stage for stage, _, _ in seen))
-    assert stages == ["prefill", "pca", "sensitivity", "fisher", "mix"]
-    for stage in ("sensitivity", "fisher"):
+    assert stages == ["prefill", "pca", "sensitivity", "fisher", "mix", "fine"]
+    for stage in ("sensitivity", "fisher", "fine"):
         steps = [(done, total) for s, done, total in seen if s == stage]
         assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] > 0
         assert [d for d, _ in steps] == sorted(d for d, _ in steps)
