@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     lm = load_model(None, device="cpu")
     prof = find_profile(model_identity(lm), None)
+    prof = prof.with_fine_tokens(None)  # the oracle below sees the plain symbols: so must the coder's models
     codec = build_codec(level_entry(args.level, prof), prof)
     rows = []
     for spec in args.contexts.split(","):

@@ -80,6 +80,8 @@ def v1_bytes(codec, kv: ContextKV, chunk_tokens: int) -> int:
     from kvc.codec.quantizers import pack_sinks, sink_count
 
     total = 0
+    if hasattr(codec, "bind_tokens"):  # the same symbols version 2 codes, fine rows included
+        codec.bind_tokens(kv.token_ids)
     for i, layer in enumerate(kv.layers):
         for k, t in enumerate((layer.key, layer.value)):
             for a in range(0, kv.num_tokens, chunk_tokens):

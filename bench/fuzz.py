@@ -215,7 +215,9 @@ class Fixtures:
                 kv = f.read(level)
                 fx.kv[(name, level)] = kv
                 fx.genuine.add(kv_digest(kv))
-                fx.codecs[(name, level)] = f._codec(level)
+                codec = fx.codecs[(name, level)] = f._codec(level)
+                if hasattr(codec, "bind_tokens"):  # a level with fine tokens encodes by the file's token ids
+                    codec.bind_tokens(f.token_ids)
         fx.scratch = Path(tempfile.mkdtemp(prefix="kvc-fuzz-"))
         return fx
 
@@ -1097,6 +1099,8 @@ def faithful(f, level: str, kv, truth) -> bool:
         if got.key.dtype != ref.key.dtype:
             return False
     codec = f._codec(level)
+    if hasattr(codec, "bind_tokens"):
+        codec.bind_tokens(truth.token_ids)
     for chunk in f.header["chunks"]:
         for i, (got, ref) in enumerate(zip(kv.layers, truth.layers)):
             lo, hi = max(chunk["start"], ref.start), chunk["end"]

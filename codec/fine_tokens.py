@@ -83,18 +83,20 @@ def position_weights(lm, profile, ids: list[int], tokens: int, continuation: int
 
 
 def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuation: int = 128,
-                    samples: int = SAMPLES, seed: int = 0,
-                    on_progress: Callable[[str, int, int], None] | None = None) -> tuple[dict | None, dict]:
+                    samples: int = SAMPLES, seed: int = 0, max_texts: int = 3,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> tuple[dict | None, dict, int]:
     """(``{"ids": [...], "shift": SHIFT}`` or None when no id qualifies, the statistics behind it: for
-    the 16 most concentrated ids their count, concentration and share) from calibration ``texts``."""
+    the 16 most concentrated ids their count, concentration and share, the number of texts measured) from
+    the first ``max_texts`` calibration ``texts`` of at least ``4 · continuation`` tokens. Each text's
+    weights are divided by its own median position's, so every text counts alike."""
     from kvc.runtime.prefill import tokenize
 
     progress = on_progress or (lambda stage, done, total: None)
     generator = torch.Generator().manual_seed(seed)
-    chosen = [ids for ids in (tokenize(lm, t) for t in texts) if len(ids) >= 4 * continuation]
+    chosen = [ids for ids in (tokenize(lm, t) for t in texts) if len(ids) >= 4 * continuation][:max_texts]
     ratios: dict[int, list[float]] = {}
     if not chosen:  # texts too short to tell a sink from the context's end
-        return None, {}
+        return None, {}, 0
     progress("fine", 0, len(chosen))
     for i, ids in enumerate(chosen):
         w = position_weights(lm, profile, ids, tokens, continuation, samples, generator)
@@ -114,4 +116,4 @@ def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuat
                     key=lambda tid: -stats[tid][1])[:MAX_IDS]  # fmt: skip
     report = {str(tid): {"count": n, "concentration": round(c, 2), "share": round(share, 4)}
               for tid, (n, c, share) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:16]}  # fmt: skip
-    return ({"ids": sorted(picked), "shift": SHIFT} if picked else None), report
+    return ({"ids": sorted(picked), "shift": SHIFT} if picked else None), report, len(chosen)

@@ -17,7 +17,6 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 
 from __future__ import annotations
 
-import math
 import numbers
 import struct
 from collections.abc import Callable
@@ -93,6 +92,16 @@ def _fine_params(params: dict) -> tuple[np.ndarray | None, int]:
     if type(shift) is not int or not 1 <= shift <= kvq_segment.MAX_FINE_SHIFT:
         raise FormatError(f"kvq fine_shift must be an integer from 1 to {kvq_segment.MAX_FINE_SHIFT}")
     return np.unique(np.asarray(ids, dtype=np.int64)), shift
+
+
+def _fine_elements(fine: list[tuple]) -> list[tuple[np.ndarray, float]]:
+    """(flat indices into the coefficient buffer, factor) per distinct factor, from :meth:`KvqCodec._plan`'s
+    fine rows: (block offset, block shape [H, T, D], rows in it, factor)."""
+    by_factor: dict[float, list[np.ndarray]] = {}
+    for off, (H, T, D), rows, factor in fine:
+        idx = off + ((np.arange(H)[:, None, None] * T + rows[None, :, None]) * D + np.arange(D)[None, None, :])
+        by_factor.setdefault(factor, []).append(idx.ravel())
+    return [(np.concatenate(parts), factor) for factor, parts in by_factor.items()]
 
 
 class KvqCodec:
@@ -289,7 +298,8 @@ class KvqCodec:
         Quantisation leaves every PCA coefficient d within Δ_{h,d}/2 of its value (escapes are exact), so a
         pre-rotary element j of head h is off by at most Σ_d Δ_{h,d}/2·|B[j,d]|; re-rotation mixes the pair
         (j, j+D/2) by a plane rotation, so keys get the pair's Euclidean norm. Holds for finite inputs
-        whose coefficients stay below 2³⁰·Δ, up to float32 arithmetic (≤ ARITH_REL_SLACK·|x| more);
+        whose coefficients stay below 2³⁰·Δ (2^(30−s)·Δ on a fine row, whose step is 2^s times finer, so the
+        bound holds there with room), up to float32 arithmetic (≤ ARITH_REL_SLACK·|x| more);
         a 16-bit output ``dtype`` at most doubles it (the original is representable there, so rounding
         to nearest moves the result by no more than its existing error)."""
         m = 2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
@@ -551,8 +561,8 @@ class KvqCodec:
             bad = np.flatnonzero(status)
             if len(bad):
                 self._check_lanes(status[bad[:1]], *owners(bad[0]))
-        for off, shape, rows, factor in fine:  # symbols in finer steps: q · 2**-s (exact in float32)
-            coef[off : off + math.prod(shape)].reshape(shape)[:, rows, :] *= np.float32(factor)
+        for idx, factor in _fine_elements(fine):  # symbols in finer steps: q · 2**-s (exact in float32)
+            coef[idx] *= np.float32(factor)
         for out, layer, k, first, off, lead in plans:
             H, T, D = out.shape
             c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
@@ -574,8 +584,8 @@ class KvqCodec:
                 bad = np.flatnonzero(status)
                 if len(bad):
                     self._check_lanes(status[bad[:1]], *owners(bad[0]))
-        for off, shape, rows, factor in fine:
-            coef[off : off + math.prod(shape)].view(shape)[:, torch.from_numpy(rows).to(coef.device)] *= factor
+        for idx, factor in _fine_elements(fine):  # one transfer and one scatter per shift, not per segment
+            coef[torch.from_numpy(idx).to(coef.device)] *= factor
         for out, layer, k, first, off, lead in plans:
             H, T, D = out.shape
             c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)

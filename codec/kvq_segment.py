@@ -7,7 +7,7 @@
     [if body tokens]
          (version 3 only)
          u8          fine shift s: the fine rows' symbols are in steps of 2^-s (0 when there is no fine row)
-         u16         r: fine rows
+         u32         r: fine rows (a 65,536-token chunk can hold 65,536)
          r × u16     the fine rows: body token offsets, strictly increasing
          (both versions)
          ceil(C / 8) bytes   channel flags, bit c of byte c // 8 (little bit order)
@@ -37,6 +37,7 @@ MAX_FINE_SHIFT = 4  # fine rows' steps are 1/2 to 1/16 of the others'
 LANE_SYMBOLS = 16384  # the encoder's target symbols per lane: enough lanes to feed every core and a GPU
 MAX_LANES = 65535
 _HEAD = struct.Struct("<BBH")
+_FINE_HEAD = struct.Struct("<BI")  # version 3: fine shift, fine row count
 
 
 @dataclass
@@ -74,7 +75,7 @@ def write(sinks: bytes | None, channels: int, flagged: np.ndarray, lanes: list[n
     if sinks is not None:
         out += sinks
     if channels and fine is not None:
-        out += struct.pack("<BH", shift if len(fine) else 0, len(fine))
+        out += _FINE_HEAD.pack(shift if len(fine) else 0, len(fine))
         out += np.asarray(fine, dtype="<u2").tobytes()
     if channels:
         flags = np.zeros(channels, dtype=bool)
@@ -89,10 +90,10 @@ def write(sinks: bytes | None, channels: int, flagged: np.ndarray, lanes: list[n
 def read_fine(data: bytes, pos: int, tokens: int) -> tuple[np.ndarray, int, int]:
     """A version-3 segment's fine rows at ``pos`` (its body of ``tokens`` tokens starts there): (rows as
     int64 body offsets, shift, where the channel flags start); every field checked against the bytes."""
-    if pos + 3 > len(data):
+    if pos + _FINE_HEAD.size > len(data):
         raise FormatError("truncated kvq segment (fine rows)")
-    shift, count = struct.unpack_from("<BH", data, pos)
-    pos += 3
+    shift, count = _FINE_HEAD.unpack_from(data, pos)
+    pos += _FINE_HEAD.size
     if count > tokens or pos + 2 * count > len(data):
         raise FormatError("kvq segment lists more fine rows than it has tokens")
     if (count == 0) != (shift == 0) or shift > MAX_FINE_SHIFT:

@@ -19,15 +19,23 @@ from kvc.errors import ProfileError
 DEFAULT_LEVEL = "balanced"
 
 # level name -> global step scale (multiplies the profile's steps: version 2's per-coefficient `step`, or version
-# 1's per-head `base_step`, geometric mean 1). Chosen on the SmolLM2 profile with fine tokens (2026-12-07):
-# balanced so that code, legal and technical text keep the mean KL the scales before gave them (0.19, 0.57,
-# 1.15, 2.5, chosen on the profile without fine tokens; 0.22, 0.62, 1.4, 2.5 for version-1 steps), the others
-# moved by the same factor. A profile without fine tokens gets the same scales, so coarser steps than before.
+# 1's per-head `base_step`, geometric mean 1), for a profile with fine tokens. Chosen on SmolLM2's (2026-12-07):
+# balanced so that code, legal and technical text keep the mean KL the scales before fine tokens gave them,
+# the others moved by the same factor (docs/BENCHMARKS.md, "Fine tokens").
 LEVEL_SCALES: dict[str, float] = {
     "high": 0.22,
     "balanced": 0.66,
     "compact": 1.33,
     "tiny": 2.9,
+}
+# ... and for a profile without fine tokens (fitted before them, on short texts, or for a model where none
+# stands out): the scales chosen on SmolLM2's version-2 profile before fine tokens existed, which finer
+# steps for fine rows are what pays for coarsening (0.22, 0.62, 1.4, 2.5 before per-coefficient steps).
+PLAIN_LEVEL_SCALES: dict[str, float] = {
+    "high": 0.19,
+    "balanced": 0.57,
+    "compact": 1.15,
+    "tiny": 2.5,
 }
 
 # level name -> the mean KL it gave on the held-out essays (docs/CODEC.md's table): where
@@ -38,6 +46,24 @@ LEVEL_KL: dict[str, float] = {
     "compact": 0.045,
     "tiny": 0.18,
 }
+PLAIN_LEVEL_KL: dict[str, float] = {
+    "high": 0.00074,
+    "balanced": 0.0087,
+    "compact": 0.041,
+    "tiny": 0.16,
+}
+
+
+def level_scale(name: str, profile) -> float:
+    """The kvq scale of level ``name`` for ``profile`` (with or without fine tokens)."""
+    fine = getattr(profile, "fine_tokens", None) is not None
+    return (LEVEL_SCALES if fine else PLAIN_LEVEL_SCALES)[name]
+
+
+def level_kl(name: str, profile) -> float:
+    """The mean KL level ``name`` gave on the held-out essays with such a profile (targeting's first guess)."""
+    fine = getattr(profile, "fine_tokens", None) is not None
+    return (LEVEL_KL if fine else PLAIN_LEVEL_KL)[name]
 
 
 def _kvq_factory(params: dict, profile):
@@ -57,7 +83,7 @@ def _kvq_level(name: str):
         if profile is None:
             raise ProfileError(f"level {name!r} needs a fitted profile for this model (see `kvc profile`)")
         sha = profile.sha256
-        params = {"scale": LEVEL_SCALES[name], "profile": sha}
+        params = {"scale": level_scale(name, profile), "profile": sha}
         if profile.fine_tokens is not None:  # the encoder's choice, recorded so a re-encode (verify) repeats it
             params.update(fine_tokens=profile.fine_tokens["ids"], fine_shift=profile.fine_tokens["shift"])
         return {"codec": "kvq", "params": params, "profile": sha}

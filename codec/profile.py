@@ -604,13 +604,14 @@ FINE_TEXTS = 3  # calibration texts the fine tokens are measured on (about a min
 
 def add_fine_tokens(profile: Profile, lm, texts: list[str], tokens: int = 2048, seed: int = 0,
                     on_progress=None) -> Profile:
-    """``profile`` with the fine tokens measured on the first FINE_TEXTS of ``texts`` (what fit_profile does
+    """``profile`` with the fine tokens measured on the first FINE_TEXTS long enough ``texts`` (what fit_profile does
     as its last step, so the same texts give the same bytes); its ``fit`` records what was measured."""
     from kvc.codec.fine_tokens import fit_fine_tokens
 
-    fine, stats = fit_fine_tokens(lm, profile, texts[:FINE_TEXTS], tokens, seed=seed, on_progress=on_progress)
+    fine, stats, used = fit_fine_tokens(lm, profile, texts, tokens, seed=seed, max_texts=FINE_TEXTS,
+                                        on_progress=on_progress)
     out = profile.with_fine_tokens(fine)
-    out.fit["fine_tokens"] = {"texts": min(len(texts), FINE_TEXTS), "most_concentrated": stats}
+    out.fit["fine_tokens"] = {"texts": used, "most_concentrated": stats}
     return out
 
 

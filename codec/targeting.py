@@ -176,7 +176,7 @@ def targeted_entries(lm, kv, levels: list[str], chunk_tokens: int, profile, targ
     (docs/FORMAT.md). Other levels (lossless beside it) are left to their defaults."""
     import kvc
     from kvc.api import _resolve_profile, encode_kv
-    from kvc.codec.levels import LEVEL_KL
+    from kvc.codec.levels import LEVEL_KL, level_kl
     from kvc.codec.registry import level_entry, level_names
     from kvc.runtime.identity import model_identity
 
@@ -197,7 +197,7 @@ def targeted_entries(lm, kv, levels: list[str], chunk_tokens: int, profile, targ
     start = float(base["params"]["scale"])
     if target_kl is not None and name in LEVEL_KL and 0 < target_kl < 10:
         # first guess: the level's scale moved by KL ∝ scale² from the KL it gives on essays
-        start *= math.sqrt(aim * target_kl / LEVEL_KL[name])
+        start *= math.sqrt(aim * target_kl / level_kl(name, prof))
 
     def entry_at(scale: float) -> dict:
         return {**base, "params": {**base["params"], "scale": _round(scale)}}

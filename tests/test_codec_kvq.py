@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc.codec.base import Segment
-from kvc.codec.levels import LEVEL_SCALES
+from kvc.codec.levels import LEVEL_SCALES, PLAIN_LEVEL_SCALES, level_scale
 from kvc.codec.profile import Profile, find_profile, find_profile_by_sha, fit_profile
 from kvc.codec.registry import build_codec, level_entry, level_names
 from kvc.errors import FormatError, ProfileError
@@ -339,7 +339,8 @@ def test_profile_versions_and_per_coefficient_steps(tiny_profile_v2):
     assert again.version == 1 and "step" not in again.arrays and again.sha256 == old.sha256
     codec = build_codec(level_entry("balanced", again), again)
     assert torch.equal(codec.steps(1, 0), codec.steps(1, 0)[:, :1].expand(-1, again.key_dim))
-    scale = LEVEL_SCALES["balanced"]
+    scale = level_scale("balanced", again)  # a profile without fine tokens: the plain scales
+    assert scale == PLAIN_LEVEL_SCALES["balanced"]
     assert np.array_equal(codec.steps(1, 0)[:, 0].numpy(), again.arrays["base_step"][1, 0].astype(np.float64) * scale)
     # the v2 codec uses its per-coefficient steps
     v2 = build_codec(level_entry("balanced", tiny_profile), tiny_profile)
@@ -492,7 +493,10 @@ def test_fine_tokens_are_quantised_finer_and_read_back(tiny_llama, tiny_profile_
     at[: tiny_profile_v2.sinks] = False  # sinks are stored exactly anyway
     assert 3 <= at.sum() < len(ids) - 10
     for base in (tiny_profile_v2, tiny_profile_mix):
-        plain = kvc.encode_kv(kv, {"name": "tiny"}, ["balanced"], chunk_tokens=32, profile=base, embed_profile=True)
+        entry = level_entry("balanced", base)  # at the scale a profile with fine tokens gets
+        entry = {**entry, "params": {**entry["params"], "scale": LEVEL_SCALES["balanced"]}}
+        plain = kvc.encode_kv(kv, {"name": "tiny"}, ["balanced"], chunk_tokens=32, profile=base, embed_profile=True,
+                              level_entries={"balanced": entry})
         prof, data = _fine_file(tiny_llama, base, kv, fine_ids, shift=3)
         f = kvc.open(data)
         assert f.header["levels"]["balanced"]["params"]["fine_tokens"] == sorted(fine_ids)
@@ -565,8 +569,9 @@ def test_fine_tokens_need_the_context_and_are_checked(tiny_llama, tiny_profile_v
     assert torch.equal(codec.decode(blob, seg), codec.decode(blob, seg))
     for forged in (blob[:4] + bytes([5]) + blob[5:],  # shift past 4
                    blob[:4] + bytes([0]) + blob[5:],  # no shift for its rows
-                   blob[:5] + (21).to_bytes(2, "little") + blob[7:],  # more rows than tokens
-                   blob[:7] + blob[9:11] + blob[7:9] + blob[11:],  # rows out of order
+                   blob[:5] + (21).to_bytes(4, "little") + blob[9:],  # more rows than tokens
+                   blob[:5] + (1 << 31).to_bytes(4, "little") + blob[9:],  # a count no segment can back
+                   blob[:9] + blob[11:13] + blob[9:11] + blob[13:],  # rows out of order
                    blob[:6]):  # truncated
         with pytest.raises(FormatError):
             codec.decode(forged, seg)

@@ -1,6 +1,6 @@
 """kvc's own rANS: integer tables, lane bitstreams and the kernels that code them.
 
-The bitstream is specified in docs/CODEC.md ("Byte layout of a kvq segment, version 2"); in short:
+The bitstream is specified in docs/CODEC.md ("Byte layout of a kvq segment, versions 2 and 3"); in short:
 
 * a *model* is an integer frequency table over an alphabet of ``A`` symbols summing to
   ``M = 2**PRECISION`` (``tables.quantize_frequencies`` is the one written-down rule that turns
