@@ -12,7 +12,8 @@ Which ids those are is a property of the model, fitted once here and kept in its
 continuation's log-likelihood with respect to the cache gives each position a weight
 ``w_t = Σ_{l,k,h,d} (∂/∂c_{t,d})² · step²_{l,k,h,d}`` (its share of the KL a uniform quantiser at the
 profile's steps causes); positions in the last quarter of the context (what the next tokens read most,
-for any token) and the sinks are left out. An id is fine when it occurs at least ``MIN_COUNT`` times,
+for any token) and the sinks are left out. An id is fine when it occurs at least ``MIN_COUNT`` times
+and in two texts (a word one essay is about is no property of the model),
 its positions' mean weight is at least ``MIN_CONCENTRATION`` times the mean position's (what refining
 it buys per bit it costs) and they hold at least ``MIN_SHARE`` of all the weight. The mean, not the
 median: only some occurrences of " the" are sinks (its median position weighs little more than a typical
@@ -95,6 +96,7 @@ def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuat
     generator = torch.Generator().manual_seed(seed)
     chosen = [ids for ids in (tokenize(lm, t) for t in texts) if len(ids) >= 4 * continuation][:max_texts]
     ratios: dict[int, list[float]] = {}
+    seen_in: dict[int, set[int]] = {}  # id -> the texts it occurs in
     if not chosen:  # texts too short to tell a sink from the context's end
         return None, {}, 0
     progress("fine", 0, len(chosen))
@@ -107,12 +109,16 @@ def fit_fine_tokens(lm, profile, texts: list[str], tokens: int = 2048, continuat
             body = ids[profile.sinks : profile.sinks + n]
             for t in np.flatnonzero(far):
                 ratios.setdefault(int(body[t]), []).append(float(w[t] / median))
+                seen_in.setdefault(int(body[t]), set()).add(i)
         progress("fine", i + 1, len(chosen))
     n_all = sum(len(r) for r in ratios.values())
     total = sum(sum(r) for r in ratios.values())
     stats = {tid: (len(r), sum(r) / len(r) / (total / n_all), sum(r) / total)  # count, concentration, share
              for tid, r in ratios.items() if len(r) >= MIN_COUNT} if total > 0 else {}  # fmt: skip
-    picked = sorted((tid for tid, (n, c, share) in stats.items() if c >= MIN_CONCENTRATION and share >= MIN_SHARE),
+    # a property of the model, not of one text's topic: an id must occur in two texts when there are two
+    spread = min(2, len(chosen))
+    picked = sorted((tid for tid, (n, c, share) in stats.items()
+                     if c >= MIN_CONCENTRATION and share >= MIN_SHARE and len(seen_in[tid]) >= spread),
                     key=lambda tid: -stats[tid][1])[:MAX_IDS]  # fmt: skip
     report = {str(tid): {"count": n, "concentration": round(c, 2), "share": round(share, 4)}
               for tid, (n, c, share) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:16]}  # fmt: skip

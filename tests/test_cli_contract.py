@@ -308,7 +308,7 @@ def build_tiny_gguf(path: Path) -> Path:
     vocab, hidden, ffn, layers, heads, kv_heads = len(tokens), 64, 128, 2, 4, 2
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
-    w.add_context_length(1024)
+    w.add_context_length(8192)  # the tests' documents (up to ~2k tokens) fit
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)
