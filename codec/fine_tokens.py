@@ -39,47 +39,20 @@ def position_weights(lm, profile, ids: list[int], tokens: int, continuation: int
                      generator: torch.Generator) -> np.ndarray:
     """``w_t`` for the body positions (past the sinks) of the context ``ids[:tokens]``, summed over
     ``samples`` continuations of ``continuation`` tokens drawn from the model after it."""
-    from kvc.codec.profile import layer_theta
-    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
-    from kvc.runtime.cache import to_transformers_cache
+    from kvc.codec.profile import coefficient_gradients
     from kvc.runtime.prefill import prefill
 
     n_ctx = min(tokens, len(ids) - continuation)
     ctx = prefill(lm, ids[:n_ctx])
-    cont = torch.tensor([ids[n_ctx : n_ctx + continuation]], device=lm.device)
-    positions = torch.arange(n_ctx, n_ctx + continuation, device=lm.device)
-    leaves = []
-    for lay in ctx.layers:
-        lay.key = lay.key.detach().float().clone().requires_grad_(True)
-        lay.value = lay.value.detach().float().clone().requires_grad_(True)
-        leaves += [lay.key, lay.value]
     steps = profile.component_steps()  # [L, 2, H, D]
     S = profile.sinks
     w = np.zeros(max(0, n_ctx - S))
-    for _ in range(samples):
-        cache = to_transformers_cache(ctx, lm.model.config, device=lm.device)
-        with torch.enable_grad():
-            logits = lm.model(input_ids=cont, past_key_values=cache, use_cache=True,
-                              cache_position=positions).logits[0].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            drawn = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
-            grads = torch.autograd.grad(logp[torch.arange(len(drawn), device=logp.device), drawn].sum(), leaves,
-                                        allow_unused=True)  # fmt: skip
-        for layer, lay in enumerate(ctx.layers):
-            skip = max(0, S - lay.start)
-            for k in (0, 1):
-                g = grads[2 * layer + k]
-                if g is None or g.shape[1] <= skip:
-                    continue
-                g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
-                if k == 0 and profile.rotary is not None:
-                    inv = rope_inv_freq(layer_theta(profile.rotary, layer), profile.rotary["dim"])
-                    g = unrotate_keys(g, lay.start + skip, inv)
-                dim = g.shape[2]
-                b = torch.from_numpy(profile.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64))
-                gc2 = torch.bmm(g, b).pow(2).numpy()  # [H, T, dim]
-                first = lay.start + skip - S  # body index of this layer's first kept position
-                w[first : first + gc2.shape[1]] += (gc2 * steps[layer, k, :, None, :dim] ** 2).sum((0, 2))
+    for sample in coefficient_gradients(lm, ctx, ids[n_ctx : n_ctx + continuation], profile.arrays["basis"],
+                                        profile.rotary, S, samples, generator):  # fmt: skip
+        for layer, k, first, gc in sample:
+            gc2 = gc.pow(2).numpy()  # [H, T, dim]
+            at = first - S  # body index of this layer's first kept position
+            w[at : at + gc2.shape[1]] += (gc2 * steps[layer, k, :, None, : gc2.shape[2]] ** 2).sum((0, 2))
     return w
 
 

@@ -28,7 +28,7 @@ import torch
 from kvc.codec import kvq_segment
 from kvc.codec.base import Segment
 from kvc.codec.entropy import ChannelBank, bank_probabilities, bank_weights, channel_radius
-from kvc.codec.profile import GRID, MAX_FINE_TOKENS, Profile
+from kvc.codec.profile import GRID, Profile, check_fine_tokens
 from kvc.codec.quantizers import (
     SYMBOL_LIMIT,
     pack_sinks,
@@ -81,17 +81,13 @@ def _finite_range(dtype: torch.dtype) -> float:
 
 def _fine_params(params: dict) -> tuple[np.ndarray | None, int]:
     """A level's fine tokens (``fine_tokens``: token ids whose positions are quantised ``2**fine_shift`` times
-    finer; the encoder's choice, recorded so a re-encode repeats it: decoding reads each segment's own rows)."""
+    finer; the encoder's choice, recorded so a re-encode repeats it: decoding reads each segment's own rows),
+    checked as a profile's are (they are copied from one)."""
     ids = params.get("fine_tokens")
     if ids is None:
         return None, 0
-    shift = params.get("fine_shift")
-    if type(ids) is not list or not 0 < len(ids) <= MAX_FINE_TOKENS or any(
-            type(i) is not int or not 0 <= i < 1 << 31 for i in ids):  # fmt: skip
-        raise FormatError(f"kvq fine_tokens must list 1 to {MAX_FINE_TOKENS} token ids")
-    if type(shift) is not int or not 1 <= shift <= kvq_segment.MAX_FINE_SHIFT:
-        raise FormatError(f"kvq fine_shift must be an integer from 1 to {kvq_segment.MAX_FINE_SHIFT}")
-    return np.unique(np.asarray(ids, dtype=np.int64)), shift
+    fine = check_fine_tokens({"ids": ids, "shift": params.get("fine_shift")}, lambda m: FormatError(f"kvq {m}"))
+    return np.asarray(fine["ids"], dtype=np.int64), fine["shift"]
 
 
 def _fine_elements(fine: list[tuple]) -> list[tuple[np.ndarray, float]]:

@@ -433,11 +433,13 @@ def check_rotary(rotary, layers: int, key_dim: int, version: int, error) -> dict
 
 
 MAX_FINE_TOKENS = 4096
-MAX_FINE_SHIFT = 4  # = kvq_segment.MAX_FINE_SHIFT: a segment's fine rows are 1/2 to 1/16 of the step
 
 
 def check_fine_tokens(fine, error) -> dict:
-    """A profile's ``fine_tokens``: ``{"ids": [1..4096 distinct token ids, increasing], "shift": 1..4}``."""
+    """A profile's ``fine_tokens`` (or a kvq level's ``fine_tokens`` and ``fine_shift``, kvc.codec.kvq):
+    ``{"ids": [1..4096 distinct token ids, increasing], "shift": 1..4}``."""
+    from kvc.codec.kvq_segment import MAX_FINE_SHIFT  # the shifts a segment can carry
+
     ok = (type(fine) is dict and set(fine) == {"ids", "shift"} and type(fine["ids"]) is list
           and 0 < len(fine["ids"]) <= MAX_FINE_TOKENS and all(type(i) is int and 0 <= i < 1 << 31 for i in fine["ids"])
           and all(a < b for a, b in zip(fine["ids"], fine["ids"][1:]))
@@ -737,15 +739,12 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, si
     the real continuation), and the gradient ``g`` of their summed log-probability with respect to the cache
     (keys un-rotated, projected on the basis: ``∂/∂c = ∂/∂x · B``) gives ``s += g²`` (Fisher identity: its
     expectation is the Hessian). Tokens at positions < ``sinks`` are left out (stored raw)."""
-    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
-    from kvc.runtime.cache import to_transformers_cache
     from kvc.runtime.prefill import prefill
 
     L, _, H, D = basis.shape[:4]
     chosen = [ids for ids, _ in kvs if len(ids) >= 32 + short][:n_texts]
     if not chosen or samples < 1:  # (no text: _sensitivity has said so, and every step is the same)
         return None, []
-    inv_freqs = [rope_inv_freq(layer_theta(rotary, i), rotary["dim"]) if rotary else None for i in range(L)]
     s = np.zeros((L, 2, H, D))
     gen = torch.Generator().manual_seed(seed)
     total, done = len(chosen) * samples, 0
@@ -753,39 +752,60 @@ def _fisher(lm, kvs, basis, rotary, n_texts, ctx_tokens, short, continuation, si
     for ids in chosen:
         n_cont = min(continuation, len(ids) - 32)
         n_ctx = min(ctx_tokens, len(ids) - n_cont)
-        cont = ids[n_ctx : n_ctx + n_cont]
         ctx = prefill(lm, ids[:n_ctx])
-        leaves = []
-        for lay in ctx.layers:
-            lay.key = lay.key.detach().float().clone().requires_grad_(True)
-            lay.value = lay.value.detach().float().clone().requires_grad_(True)
-            leaves += [lay.key, lay.value]
-        ids_t = torch.tensor([cont], device=lm.device)
-        positions = torch.arange(n_ctx, n_ctx + len(cont), device=lm.device)
-        for _ in range(samples):
-            cache = to_transformers_cache(ctx, lm.model.config, device=lm.device)
-            with torch.enable_grad():
-                logits = lm.model(input_ids=ids_t, past_key_values=cache, use_cache=True,
-                                  cache_position=positions).logits[0].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                drawn = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen)[:, 0].to(logp.device)
-                total_logp = logp[torch.arange(len(drawn), device=logp.device), drawn].sum()
-                grads = torch.autograd.grad(total_logp, leaves, allow_unused=True)
-            for layer, lay in enumerate(ctx.layers):
-                skip = max(0, sinks - lay.start)
-                for k in (0, 1):
-                    g = grads[2 * layer + k]
-                    if g is None or g.shape[1] <= skip:
-                        continue
-                    g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
-                    if k == 0 and inv_freqs[layer] is not None:  # the gradient of the pre-rotary keys: R^T g
-                        g = unrotate_keys(g, lay.start + skip, inv_freqs[layer])
-                    dim = g.shape[2]
-                    b = torch.from_numpy(basis[layer, k, :, :dim, :dim].astype(np.float64))
-                    s[layer, k, :, :dim] += torch.bmm(g, b).pow(2).sum(1).numpy() / (samples * len(chosen))
+        for sample in coefficient_gradients(lm, ctx, ids[n_ctx : n_ctx + n_cont], basis, rotary, sinks, samples,
+                                            gen):  # fmt: skip
+            for layer, k, _, gc in sample:
+                s[layer, k, :, : gc.shape[2]] += gc.pow(2).sum(1).numpy() / (samples * len(chosen))
             done += 1
             progress("fisher", done, total)
     return s, []
+
+
+def coefficient_gradients(lm, ctx, cont: list[int], basis: np.ndarray, rotary: dict | None, sinks: int,
+                          samples: int, generator: torch.Generator):
+    """For each of ``samples`` continuations of the cache ``ctx`` (the real ``cont`` tokens fed, the
+    scored tokens drawn from the model's own next-token distributions with ``generator``), the gradient of
+    their summed log-probability with respect to the cache's PCA coefficients: a list of ``(layer, kind,
+    first position, ∂/∂c [H, T, dim] float64)`` per (layer, kind) with tokens at positions ≥ ``sinks``
+    (keys un-rotated: ``∂/∂c = Rᵀ ∂/∂x · B``). What the per-coefficient sensitivity (``_fisher``) and the
+    fine tokens' position weights (kvc.codec.fine_tokens) are both made of."""
+    from kvc.codec.transforms import rope_inv_freq, unrotate_keys
+    from kvc.runtime.cache import to_transformers_cache
+
+    L = len(ctx.layers)
+    inv_freqs = [rope_inv_freq(layer_theta(rotary, i), rotary["dim"]) if rotary else None for i in range(L)]
+    n_ctx = len(ctx.token_ids)
+    leaves = []
+    for lay in ctx.layers:
+        lay.key = lay.key.detach().float().clone().requires_grad_(True)
+        lay.value = lay.value.detach().float().clone().requires_grad_(True)
+        leaves += [lay.key, lay.value]
+    ids_t = torch.tensor([cont], device=lm.device)
+    positions = torch.arange(n_ctx, n_ctx + len(cont), device=lm.device)
+    for _ in range(samples):
+        cache = to_transformers_cache(ctx, lm.model.config, device=lm.device)
+        with torch.enable_grad():
+            logits = lm.model(input_ids=ids_t, past_key_values=cache, use_cache=True,
+                              cache_position=positions).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            drawn = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
+            total_logp = logp[torch.arange(len(drawn), device=logp.device), drawn].sum()
+            grads = torch.autograd.grad(total_logp, leaves, allow_unused=True)
+        out = []
+        for layer, lay in enumerate(ctx.layers):
+            skip = max(0, sinks - lay.start)
+            for k in (0, 1):
+                g = grads[2 * layer + k]
+                if g is None or g.shape[1] <= skip:
+                    continue
+                g = g[:, skip:].detach().cpu().double()  # [H, T, dim]
+                if k == 0 and inv_freqs[layer] is not None:  # the gradient of the pre-rotary keys: R^T g
+                    g = unrotate_keys(g, lay.start + skip, inv_freqs[layer])
+                dim = g.shape[2]
+                b = torch.from_numpy(basis[layer, k, :, :dim, :dim].astype(np.float64))
+                out.append((layer, k, lay.start + skip, torch.bmm(g, b)))
+        yield out
 
 
 def _sensitivity(lm, kvs, n_texts, ctx_tokens, continuation, sinks, seed, progress) -> tuple[np.ndarray, list[str]]:
