@@ -103,15 +103,18 @@ def kl_sweep(lm, prof, modes, rotations, contexts, scales, continuation) -> list
         L = len(ctx.kv.layers)
         w = np.stack([np.stack([ctx.coef[la, k] / step[la, k][:, None, :] for k in (0, 1)]) for la in range(L)])
         for mode in modes:
-            gs, rots = groups(w, mode), rotations[mode]
             for s in scales:
-                bits, recon_gs = 0.0, []
-                for i, g in enumerate(gs):
-                    _, q, b, _ = quantise(g, None if rots is None else rots[i], s)
-                    bits += b
-                    yq = q * s
-                    recon_gs.append(yq if rots is None else yq @ rots[i].T)
-                wq = ungroup(recon_gs, w.shape, mode)
+                if mode == "chain":
+                    bits, wq, _ = chain_code(w, rotations[mode][s], s)
+                else:
+                    gs, rots = groups(w, mode), rotations[mode]
+                    bits, recon_gs = 0.0, []
+                    for i, g in enumerate(gs):
+                        _, q, b, _ = quantise(g, None if rots is None else rots[i], s)
+                        bits += b
+                        yq = q * s
+                        recon_gs.append(yq if rots is None else yq @ rots[i].T)
+                    wq = ungroup(recon_gs, w.shape, mode)
                 recon = {(la, k): wq[la, k] * step[la, k][:, None, :D] for la in range(L) for k in (0, 1)}
                 qs = compare(ctx.ref, continuation_logprobs(lm, ctx.rebuild(recon), ctx.cont), ctx.cont)
                 out.append({"group": mode, "context": name, "scale": s, "bits": bits / w.size, "kl": qs.kl,
@@ -153,6 +156,62 @@ def quantise(g: np.ndarray, rot: np.ndarray | None, s: float) -> tuple[np.ndarra
     return y, q, sum(empirical_bits(col) for col in live), len(live)
 
 
+def layer_vectors(w: np.ndarray) -> np.ndarray:
+    """``[L, 2, H, T, D]`` -> ``[L, 2, T, H·D]``: each (layer, kind) as one vector per token."""
+    L, K, H, T, D = w.shape
+    return w.transpose(0, 1, 3, 2, 4).reshape(L, K, T, H * D)
+
+
+def fit_chain(cal: list[np.ndarray], s: float) -> dict:
+    """Predictive coding down the layers: layer l's vector (per kind) predicted linearly from layer l-1's
+    *reconstructed* keys and values side by side (``[T, 2·H·D]``), the residual rotated by its own PCA.
+    Fitted closed-loop at step ``s``: layer l-1 is quantised as the coder would before layer l is fitted.
+    Layer 0 is the ``xhead`` case (no prediction)."""
+    vs = [layer_vectors(c) for c in cal]
+    L, K = vs[0].shape[:2]
+    recon = [np.zeros_like(v) for v in vs]
+    preds, rots = {}, {}
+    for la in range(L):
+        for k in range(K):
+            X = np.concatenate([v[la, k] for v in vs])
+            if la == 0:
+                P = None
+                R = X
+            else:
+                prev = np.concatenate([np.concatenate([r[la - 1, 0], r[la - 1, 1]], axis=1) for r in recon])
+                P, *_ = np.linalg.lstsq(prev, X, rcond=None)
+                R = X - prev @ P
+            _, V = np.linalg.eigh(R.T @ R / len(R))
+            V = V[:, ::-1]
+            preds[la, k], rots[la, k] = P, V
+            for v, r in zip(vs, recon):
+                pred = 0.0 if P is None else np.concatenate([r[la - 1, 0], r[la - 1, 1]], axis=1) @ P
+                y = (v[la, k] - pred) @ V
+                r[la, k] = pred + (np.round(y / s) * s) @ V.T
+    return {"pred": preds, "rot": rots}
+
+
+def chain_code(w: np.ndarray, fit: dict, s: float) -> tuple[float, np.ndarray, int]:
+    """Code ``w`` ([L, 2, H, T, D]) with the chain at step ``s``: (summed per-channel entropy in bits, the
+    reconstruction in the same shape, synthesis multiply-adds per token)."""
+    from coder_gap import empirical_bits
+
+    L, K, H, T, D = w.shape
+    v = layer_vectors(w)
+    recon = np.zeros_like(v)
+    bits, macs = 0.0, 0
+    for la in range(L):
+        for k in range(K):
+            P, V = fit["pred"][la, k], fit["rot"][la, k]
+            pred = 0.0 if P is None else np.concatenate([recon[la - 1, 0], recon[la - 1, 1]], axis=1) @ P
+            q = np.round(((v[la, k] - pred) @ V) / s).astype(np.int64)
+            bits += sum(empirical_bits(col) for col in q.T if col.any())
+            recon[la, k] = pred + (q * s) @ V.T
+            macs += V.size + (0 if P is None else P.size)
+    out = recon.reshape(L, K, T, H, D).transpose(0, 1, 3, 2, 4)
+    return bits, out, macs
+
+
 def rate_distortion(gs, rots, s: float) -> tuple[float, float, float]:
     """(bits per element, weighted squared error per element, multiply-adds per token of synthesis)."""
     bits = err = 0.0
@@ -187,6 +246,7 @@ def main(argv=None) -> None:
     ap.add_argument("--kl-scales", default="0.45,0.62,0.85")
     ap.add_argument("--continuation", type=int, default=128)
     args = ap.parse_args(argv)
+    kl_scales = [float(x) for x in args.kl_scales.split(",")] if args.kl else []
     torch.set_num_threads(1)
     lm = load_model(None, device="cpu")
     prof = find_profile(model_identity(lm), None)
@@ -203,6 +263,16 @@ def main(argv=None) -> None:
     rows = []
     rotations = {}
     for mode in args.groups.split(","):
+        if mode == "chain":
+            fits = rotations[mode] = {s: fit_chain(cal, s) for s in sorted({*SCALES, *kl_scales})}
+            for name, w in tests:
+                pts = []
+                for s in SCALES:
+                    b, wq, m = chain_code(w, fits[s], s)
+                    pts.append((b / w.size, float(((w - wq) ** 2).mean()), m))
+                rows.append({"group": mode, "context": name, "points": [
+                    {"scale": s, "bits": b, "error": e, "macs_per_token": m} for s, (b, e, m) in zip(SCALES, pts)]})
+            continue
         rots = rotations[mode] = fit_rotations(cal, mode)
         for name, w in tests:
             pts = [rate_distortion(groups(w, mode), rots, s) for s in SCALES]

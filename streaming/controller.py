@@ -19,8 +19,9 @@ load with a budget, what the last load from the same origin in this process meas
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
-device speed), decode from a nominal per-codec speed. After that the link's rate and latency (and a
-level's one-time cost) are exponentially weighted moving averages, and the compute speeds (prefill,
+device speed), decode from a nominal per-codec speed. After that the link's rate is the bytes over the seconds of
+recent fetches, each weighted by its duration (:class:`LinkRate`), its latency (and a
+level's one-time cost) exponentially weighted moving averages, and the compute speeds (prefill,
 decode, first token, checking) the median of their recent samples (:class:`Recent`); the compute
 speeds are remembered per (model, device, level) for the next load in the same process (a link per
 origin, as the prior of the next load with a budget).
@@ -72,6 +73,10 @@ _CHECK_S_PER_BYTE = 1.5e-9
 OPTIMISTIC_LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s: the link's prior, until a payload has been timed
 _COLD_S = 0.3  # a lossy level's first decode in a process builds its coding tables
 _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow them quickly
+# The link's rate is bytes over seconds of the recent fetches, a fetch's weight decaying by e per LINK_TAU_S of
+# transfer after it: a 40 ms lossless fetch outweighs ten 2 ms ones, whose times are mostly a thread's wake-up.
+LINK_TAU_S = 0.1
+REMEMBERED_LINK_WEIGHT_S = 0.02  # a link remembered from the last load counts as 20 ms of transfer at its rate
 
 _REMEMBERED: dict[tuple, float] = {}
 _REMEMBERED_LOCK = threading.Lock()
@@ -133,6 +138,40 @@ class Recent:
         self.value = statistics.median(self.history)
 
 
+class LinkRate:
+    """The link's rate in bytes/s: the bytes of recent fetches over their seconds, each fetch's weight falling
+    by e for every ``LINK_TAU_S`` of transfer timed after it. Weighing fetches by their duration, not one
+    sample each, is what keeps small payloads from deciding the rate: at 3 Gbit/s on the 2-core machine a
+    360 KB chunk's time is mostly how soon the reading thread gets the interpreter (rates of 0.45 to 10
+    Gbit/s for one link, bench/stream.py), and one of them in a moving average of weight ½ took the
+    estimate from 2.2 to 0.74 Gbit/s and the next chunks from lossless to compact. A prior counts as
+    ``weight_s`` seconds of transfer at its rate (0: the first fetch timed replaces it); ``samples``
+    counts the fetches timed in this load."""
+
+    def __init__(self, value: float, samples: int = 0, weight_s: float = 0.0):
+        self.value, self.samples = value, samples
+        weight = weight_s if weight_s > 0 else (LINK_TAU_S if samples else 0.0)
+        self._bytes, self._seconds = value * weight, weight
+
+    def add_fetch(self, nbytes: float, seconds: float) -> None:
+        if not (nbytes > 0 and seconds > 0 and math.isfinite(seconds) and math.isfinite(nbytes)):
+            return
+        keep = math.exp(-seconds / LINK_TAU_S)
+        self._bytes = self._bytes * keep + nbytes
+        self._seconds = self._seconds * keep + seconds
+        self.value = self._bytes / self._seconds
+        self.samples += 1
+
+    @property
+    def weight_s(self) -> float:
+        return self._seconds
+
+    def set(self, value: float, weight_s: float) -> None:
+        """The rate is ``value`` from now on, as if measured over ``weight_s`` seconds of transfer."""
+        self.value = value
+        self._bytes, self._seconds = value * weight_s, weight_s
+
+
 class Ewma:
     def __init__(self, value: float, samples: int = 0):
         self.value, self.samples = value, samples
@@ -148,7 +187,7 @@ class Ewma:
 class Estimates:
     """What the controller believes about this link, model and device; updated as chunks complete."""
 
-    link_bytes_per_s: Ewma
+    link_bytes_per_s: LinkRate
     latency_s: Ewma
     prefill_s_per_token: Ewma | Recent
     decode_s_per_element: dict[str, Ewma | Recent]
@@ -192,7 +231,7 @@ class Estimates:
         # ... or, from an origin this process has loaded from, to be what the last load measured there. Either is
         # a prior, not a sample: the first payload timed replaces it.
         return cls(
-            link_bytes_per_s=Ewma(link[0]),
+            link_bytes_per_s=LinkRate(link[0], weight_s=REMEMBERED_LINK_WEIGHT_S if remembered else 0.0),
             latency_s=Ewma(link[1]),
             prefill_s_per_token=prefill,
             decode_s_per_element=decode,
@@ -216,7 +255,7 @@ class Estimates:
         self.latency_s.add(max(latency, 1e-6))
         seconds = max(transfer, latency + transfer - usual)
         if nbytes >= 4096 and seconds > 0:
-            self.link_bytes_per_s.add(nbytes / seconds)
+            self.link_bytes_per_s.add_fetch(nbytes, seconds)
 
     def link_rate_with(self, rate: float) -> float:
         """The link estimate if a fetch that shows ``rate`` (lower than believed) were taken into account.
@@ -236,10 +275,12 @@ class Estimates:
         """A fetch given up (or still under way): the rate it showed, if lower than believed, taken into
         account as :meth:`link_rate_with` says."""
         if nbytes > 0 and elapsed > 0:
-            if self.link_bytes_per_s.samples == 0:
-                self.link_bytes_per_s.add(min(nbytes / elapsed, self.link_bytes_per_s.value))  # a measurement now
+            link = self.link_bytes_per_s
+            if link.samples == 0:  # a measurement now: it replaces the prior
+                link.set(min(nbytes / elapsed, link.value), elapsed)
+                link.samples = 1
             else:
-                self.link_bytes_per_s.value = self.link_rate_with(nbytes / elapsed)
+                link.set(self.link_rate_with(nbytes / elapsed), link.weight_s)
 
     def observe_decode(self, level: str, elements: int, seconds: float, cold: bool = False) -> None:
         """One chunk decoded. The first decode of a level in a process also builds its tables: that
@@ -450,7 +491,7 @@ class Controller:
         fastest.meets_slo = False
         return fastest
 
-    def drop_is_better(self, keep: Plan, drop: Plan, index: int, level: str, now: float) -> bool:
+    def drop_is_better(self, keep: Plan, drop: Plan, index: int, level: str, now: float, probe: bool = False) -> bool:
         """Whether to give up the fetch of chunk ``index`` at ``level`` that is in flight: ``keep`` is the plan
         chosen with it kept, ``drop`` the one chosen with its chunk undecided again and the link free.
 
@@ -458,12 +499,19 @@ class Controller:
         the plan that meets it, and when both do, the better quality, the chunk in flight counted in both:
         keeping a fetch that meets the budget only by bringing the rest a level or two lower is worse than
         dropping it (a first fetch at lossless, planned on a link nobody had measured, kept on a link that
-        affords balanced: lossless 4 + compact 4, KL 0.009-0.015 where balanced alone gave 0.0098)."""
+        affords balanced: lossless 4 + compact 4, KL 0.009-0.015 where balanced alone gave 0.0098).
+
+        A ``probe`` (the first fetch, planned on a link nobody had measured) is given up when dropping it is
+        predicted sooner by 1% and 5 ms: its level was a hedge, not a plan, and what it showed is the first
+        measurement. With the wider margin a first fetch at balanced on a 0.03 Gbit/s link was kept for
+        0.2 s where compact would have taken 0.1 s (adaptive 1.11× the best single option)."""
         if self.policy.mode == "slo":
             if keep.meets_slo and drop.meets_slo:
                 return drop.distortion < (keep.distortion + self.chunk_distortion(index, level)) * (1 - 1e-9)
             if keep.meets_slo or drop.meets_slo:
                 return bool(drop.meets_slo)
+        if probe:
+            return drop.ttft < keep.ttft - 0.01 * max(keep.ttft - now, 0.0) - 0.005
         return drop.ttft < keep.ttft - 0.05 * max(keep.ttft - now, 0.0) - 0.01
 
     def chunk_distortion(self, index: int, level: str | None) -> float:

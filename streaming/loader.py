@@ -494,7 +494,7 @@ class _Load:
                         inflight_arrival=arrival, inflight_decode=decode or 0.0,
                         last_level=last if last != TEXT else None)
 
-    def _worth_abandoning(self, flight: _Inflight, rate: float) -> bool:
+    def _worth_abandoning(self, flight: _Inflight, rate: float, probe: bool = False) -> bool:
         """Under the lock: whether dropping the fetch in flight (its chunk undecided again) and re-planning
         at ``rate`` is predicted clearly sooner (or, with a budget, meets it where keeping does not)."""
         if self.inflight is not flight or self.claims[flight.index] != flight.level:
@@ -510,7 +510,7 @@ class _Load:
         finally:
             self.inflight, self.back = flight, back
             self.est.link_bytes_per_s.value = saved
-        return self.controller.drop_is_better(keep, drop, flight.index, flight.level, self.now())
+        return self.controller.drop_is_better(keep, drop, flight.index, flight.level, self.now(), probe=probe)
 
     # ---- the link thread
     def _link_thread(self) -> None:
@@ -583,7 +583,8 @@ class _Load:
             receiving = now - flight.first
             if (self.policy.mode in ("fastest", "slo") and receiving > self._probe_s() and flight.got < flight.size
                     and now - flight.checked > 0.02):
-                probe = not flight.checked and self.est.link_bytes_per_s.samples == 0
+                unmeasured = self.est.link_bytes_per_s.samples == 0  # this fetch was planned on the prior alone
+                probe = unmeasured and not flight.checked
                 flight.checked = now
                 projected = (flight.first - flight.started) + receiving * flight.size / flight.got
                 # With a budget, a fetch is weighed sooner (a few ms of it can decide whether the budget is met),
@@ -592,7 +593,7 @@ class _Load:
                         else projected > 1.5 * flight.planned_s + 0.02)
                 if late or (probe and self.policy.mode == "slo"):
                     with self.cond:
-                        if self._worth_abandoning(flight, flight.got / receiving):
+                        if self._worth_abandoning(flight, flight.got / receiving, probe=unmeasured):
                             flight.abandoned = True
                             flight.cancel.set()
 

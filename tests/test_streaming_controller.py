@@ -3,9 +3,22 @@ recomputes, and what each mode trades."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from kvc.streaming.controller import ChunkInfo, Controller, Estimates, Ewma, Policy, Snapshot, level_infos
+from kvc.streaming.controller import (
+    LINK_TAU_S,
+    REMEMBERED_LINK_WEIGHT_S,
+    ChunkInfo,
+    Controller,
+    Estimates,
+    Ewma,
+    LinkRate,
+    Policy,
+    Snapshot,
+    level_infos,
+)
 
 LEVELS = {"lossless": {"codec": "lossless"}, "high": {"codec": "kvq"}, "compact": {"codec": "kvq"}}
 # 8 chunks of 256 tokens; 1e6 elements each; bytes per chunk as a 4-level ladder would store them.
@@ -19,7 +32,7 @@ def setup(link_bytes_per_s: float, policy: Policy, prefill_s_per_token=3e-3, dec
     chunks = [ChunkInfo(i, 256 * i, 256 * (i + 1), 1_000_000, dict(SIZES)) for i in range(8)]
     header = {"levels": LEVELS}
     decode = decode or {"lossless": 15e-9, "high": 40e-9, "compact": 35e-9}
-    est = Estimates(link_bytes_per_s=Ewma(link_bytes_per_s, 1), latency_s=Ewma(1e-3, 1),
+    est = Estimates(link_bytes_per_s=LinkRate(link_bytes_per_s, 1), latency_s=Ewma(1e-3, 1),
                     prefill_s_per_token=Ewma(prefill_s_per_token, 1),
                     decode_s_per_element={k: Ewma(v, 1) for k, v in decode.items()},
                     first_token_s=Ewma(0.1, 1), cold_s={k: Ewma(0.0) for k in LEVELS},
@@ -102,7 +115,7 @@ def test_one_stalled_fetch_does_not_make_a_measured_link_look_slow():
     assert ctl.choose(start()).level == "lossless"
     # The same rate shown while the link is known only by its optimistic prior replaces the prior.
     prior = setup(3.75e8, Policy())
-    prior.est.link_bytes_per_s = Ewma(3.75e8)
+    prior.est.link_bytes_per_s = LinkRate(3.75e8)
     assert prior.est.link_rate_with(stalled) == stalled
     prior.est.observe_partial(int(stalled * 0.1), 0.1)
     assert prior.choose(start()).level != "lossless"
@@ -125,7 +138,7 @@ def test_with_nothing_left_to_decide_the_plan_is_to_finish_what_is_under_way():
 
 def test_the_first_partial_measurement_replaces_the_prior_and_counts_as_a_sample():
     ctl = setup(1.25e9, Policy())
-    ctl.est.link_bytes_per_s = Ewma(1.25e9)  # the optimistic prior, nothing timed
+    ctl.est.link_bytes_per_s = LinkRate(1.25e9)  # the optimistic prior, nothing timed
     ctl.est.observe_partial(131_072, 0.1)
     assert ctl.est.link_bytes_per_s.value == pytest.approx(1_310_720) and ctl.est.link_bytes_per_s.samples == 1
 
@@ -172,12 +185,37 @@ def test_a_payload_whose_transfer_looks_instant_does_not_make_the_link_look_fast
     # 425 KB whose first byte was seen 15 ms after the request and the rest "0.3 ms" later: the reading
     # thread was held up while the bytes arrived. Its time counts from the request, less the usual latency.
     ctl.est.observe_fetch(425_000, 0.015, 0.0003)
-    assert ctl.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 425_000 / (0.0153 - 1e-3)) / 2)
+    seconds = 0.0153 - 1e-3
+    keep = math.exp(-seconds / LINK_TAU_S)  # the measured rate counts as LINK_TAU_S of transfer (setup: one sample)
+    assert ctl.est.link_bytes_per_s.value == pytest.approx((1.25e8 * LINK_TAU_S * keep + 425_000)
+                                                           / (LINK_TAU_S * keep + seconds))
     assert ctl.est.link_bytes_per_s.value < 1.25e8
     # A normal fetch: its transfer time is what counts.
     fresh = setup(1.25e8, Policy())
     fresh.est.observe_fetch(10_000_000, 0.001, 0.08)
-    assert fresh.est.link_bytes_per_s.value == pytest.approx((1.25e8 + 10_000_000 / 0.08) / 2)
+    keep = math.exp(-0.08 / LINK_TAU_S)
+    assert fresh.est.link_bytes_per_s.value == pytest.approx((1.25e8 * LINK_TAU_S * keep + 10_000_000)
+                                                             / (LINK_TAU_S * keep + 0.08))
+
+
+def test_the_link_rate_weighs_fetches_by_their_duration_not_one_vote_each():
+    # 3 Gbit/s measured over a 40 ms lossless fetch; then ten 360 KB fetches whose times are mostly the reading
+    # thread's wake-up (1.2 Gbit/s each, 2.4 ms): the estimate stays near the long fetch's rate, where a moving
+    # average of weight 1/2 would have followed the small ones down to 1.2 Gbit/s.
+    link = LinkRate(1.25e9)  # the optimistic prior: the first fetch replaces it
+    link.add_fetch(15_000_000, 0.04)
+    assert link.value == pytest.approx(3.75e8) and link.samples == 1
+    for _ in range(10):
+        link.add_fetch(360_000, 0.0024)
+    assert 2.4e8 < link.value < 3.75e8
+    # A long fetch at a new rate takes over within a few LINK_TAU_S.
+    link.add_fetch(3_750_000, 0.4)
+    assert 9.375e6 < link.value < 1.1 * 9.375e6
+    # Nonsense samples change nothing.
+    before = link.value
+    for nbytes, seconds in ((0, 1.0), (1000, 0.0), (1000, math.inf), (math.nan, 1.0)):
+        link.add_fetch(nbytes, seconds)
+    assert link.value == before and link.samples == 12
 
 
 def test_before_the_link_is_measured_the_first_choice_holds_up_at_slower_links():
@@ -185,7 +223,7 @@ def test_before_the_link_is_measured_the_first_choice_holds_up_at_slower_links()
     at lossless (right at 10 Gbit/s, far from it at 1). The choice is the plan least worse than the
     best at every rate from the prior down to 1/100 of it; once a fetch is timed, the rate decides."""
     ctl = setup(1.25e9, Policy())
-    ctl.est.link_bytes_per_s = Ewma(1.25e9)  # the prior alone: no sample
+    ctl.est.link_bytes_per_s = LinkRate(1.25e9)  # the prior alone: no sample
     plan = ctl.choose(start())
     assert plan.level != "lossless"
     worst = {}  # per plan: how many times the best plan's time it takes, at its worst over those rates
@@ -211,7 +249,7 @@ ELEMENTS = 2_949_120
 
 def ladder(link_bytes_per_s: float, policy: Policy, samples: int = 1) -> Controller:
     chunks = [ChunkInfo(i, 256 * i, 256 * (i + 1), ELEMENTS, dict(LADDER_SIZES)) for i in range(8)]
-    est = Estimates(link_bytes_per_s=Ewma(link_bytes_per_s, samples), latency_s=Ewma(1.5e-3, 1),
+    est = Estimates(link_bytes_per_s=LinkRate(link_bytes_per_s, samples), latency_s=Ewma(1.5e-3, 1),
                     prefill_s_per_token=Ewma(5e-3, 1),
                     decode_s_per_element={k: Ewma(v, 1) for k, v in LADDER_DECODE.items()},
                     first_token_s=Ewma(0.1, 1), cold_s={k: Ewma(0.0) for k in LADDER},
@@ -309,6 +347,21 @@ def test_a_kept_fetch_that_pushes_the_rest_down_a_level_is_dropped():
     assert not ctl.drop_is_better(keep, drop, 7, "lossless", now=0.02)
 
 
+def test_a_first_fetch_planned_on_the_prior_is_given_up_on_a_smaller_predicted_gain():
+    # 0.03 Gbit/s, found out a quarter into a first fetch at balanced (planned on the 10 Gbit/s prior): finishing
+    # it takes ~0.16 s, compact would bring the chunk in ~0.11 s. Without a budget a measured fetch is dropped
+    # only for a gain of 5% of the time left and 10 ms; the probe for 1% and 5 ms.
+    ctl = ladder(3.75e6, Policy())
+    left = LADDER_SIZES["balanced"] * 0.75
+    in_flight = {"inflight_arrival": left / 3.75e6, "inflight_decode": ELEMENTS * 7.2e-9, "last_level": "balanced"}
+    keep = ctl.choose(Snapshot(now=0.02, front=0, back=6, **in_flight))
+    drop = ctl.choose(Snapshot(now=0.02, front=0, back=7))
+    gain = keep.ttft - drop.ttft
+    assert drop.level == "compact" and 0.005 + 0.01 * (keep.ttft - 0.02) < gain < 0.01 + 0.05 * (keep.ttft - 0.02)
+    assert ctl.drop_is_better(keep, drop, 7, "balanced", now=0.02, probe=True)
+    assert not ctl.drop_is_better(keep, drop, 7, "balanced", now=0.02)
+
+
 def test_the_checksum_of_each_payload_is_part_of_its_arrival():
     # At 3 Gbit/s a 10 MB lossless chunk takes 27 ms to send and 15 ms to check: left out, lossless looked
     # ~1.5× faster than it is, and a budget it could not meet was spent on lossless chunks first.
@@ -341,9 +394,12 @@ def test_a_link_measured_by_the_last_load_from_an_origin_is_the_prior_of_the_nex
         assert fastest.link_bytes_per_s.value == controller.OPTIMISTIC_LINK_BYTES_PER_S
         again = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin=origin, link_memory=True)
         assert again.link_bytes_per_s.value == pytest.approx(3.75e7, rel=1e-3) and again.link_remembered
-        assert again.link_bytes_per_s.samples == 0  # a prior: the first payload timed replaces it
+        assert again.link_bytes_per_s.samples == 0  # a prior, worth REMEMBERED_LINK_WEIGHT_S of transfer
         again.observe_fetch(1_000_000, 1e-6, 1e-3)
-        assert again.link_bytes_per_s.value == pytest.approx(1e9, rel=1e-2)
+        keep = math.exp(-1e-3 / LINK_TAU_S)
+        w = REMEMBERED_LINK_WEIGHT_S * keep
+        assert again.link_bytes_per_s.value == pytest.approx((3.75e7 * w + 1_000_000) / (w + 1e-3), rel=1e-3)
+        assert again.link_bytes_per_s.samples == 1
         other = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin="http://127.0.0.1:2",
                                link_memory=True)
         assert not other.link_remembered
