@@ -104,7 +104,7 @@ def kl_sweep(lm, prof, modes, rotations, contexts, scales, continuation) -> list
         w = np.stack([np.stack([ctx.coef[la, k] / step[la, k][:, None, :] for k in (0, 1)]) for la in range(L)])
         for mode in modes:
             for s in scales:
-                if mode == "chain":
+                if mode.startswith("chain"):
                     bits, wq, _ = chain_code(w, rotations[mode][s], s)
                 else:
                     gs, rots = groups(w, mode), rotations[mode]
@@ -237,7 +237,9 @@ def main(argv=None) -> None:
     from kvc.samples import calibration_essays, essay_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="head,xhead,2,3,30")
+    ap.add_argument("--groups", default="head,xhead,2,3,30",
+                    help="head, xhead, G (consecutive layers), chain (each layer predicted from the one before, "
+                    "fitted at each scale), chain@S (fitted once, at scale S)")
     ap.add_argument("--contexts", default="apple,legal", help="essay names (without .txt) or genre names")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--json", default=None)
@@ -263,8 +265,11 @@ def main(argv=None) -> None:
     rows = []
     rotations = {}
     for mode in args.groups.split(","):
-        if mode == "chain":
-            fits = rotations[mode] = {s: fit_chain(cal, s) for s in sorted({*SCALES, *kl_scales})}
+        if mode.startswith("chain"):  # "chain": fitted at every scale it codes at; "chain@S": once, at S
+            fixed = float(mode.split("@")[1]) if "@" in mode else None
+            wanted = sorted({*SCALES, *kl_scales})
+            one = fit_chain(cal, fixed) if fixed is not None else None
+            fits = rotations[mode] = {s: one if one is not None else fit_chain(cal, s) for s in wanted}
             for name, w in tests:
                 pts = []
                 for s in SCALES:

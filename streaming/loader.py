@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvc.errors import FormatError, InputError, ProfileError
+from kvc.formats import layout
 from kvc.formats.container import read_head
 from kvc.formats.digests import payload_intact
 from kvc.streaming.cache import IncrementalCache
@@ -149,16 +150,24 @@ class Stream:
         try:
             prefix = self.source.prefix(HEADER_PREFIX_BYTES)
             extra = [0]
+            size = self.source.size
 
             def read(offset: int, length: int, what: str) -> bytes:
+                # Bytes past the prefix (a header over 16 KiB) are fetched with the 32-byte header digest that
+                # follows them, so that a long header costs one more request, not two (a round trip each). Never
+                # past the digest: on a pipe, the data after it is read once, by the chunks.
+                nonlocal prefix
+                if offset + length > len(prefix) and offset <= len(prefix):
+                    want = offset + length - len(prefix) + layout.DIGEST_BYTES
+                    if size is not None:
+                        want = min(want, size - len(prefix))
+                    want = max(want, offset + length - len(prefix))
+                    prefix = prefix + self.source.read(len(prefix), want, what)
                 if offset + length <= len(prefix):
                     return prefix[offset : offset + length]
-                extra[0] += offset + length - max(offset, len(prefix))
-                if offset < len(prefix):
-                    return prefix[offset:] + self.source.read(len(prefix), offset + length - len(prefix), what)
+                extra[0] += length
                 return self.source.read(offset, length, what)
 
-            size = self.source.size
             if not self.source.seekable and len(prefix) < HEADER_PREFIX_BYTES:
                 size = len(prefix)  # the whole stream fit in the prefix: its size is known after all
             head = read_head(read, size, self.name)

@@ -115,6 +115,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "kvc-serve"
+    # A response is two writes, its headers and its body. With Nagle's algorithm a small body waits for the
+    # client to acknowledge the headers, which it delays by 40 ms: every read of a .kvc header past its first
+    # request took ~45 ms on 127.0.0.1 (0.09 s of every load's time to first token).
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         if self.server.log is not None:

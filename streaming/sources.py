@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -284,6 +285,26 @@ class FsspecSource(RangeSource):
         return bytes(data)
 
 
+def _no_delay(sock) -> None:
+    """Send small writes at once (no Nagle): a request and its acknowledgements should not wait for each other."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket: nothing to tune
+        pass
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _no_delay(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _no_delay(self.sock)
+
+
 class HttpSource(RangeSource):
     """An ``http://`` or ``https://`` URL read with Range requests over one kept-alive connection.
 
@@ -313,11 +334,11 @@ class HttpSource(RangeSource):
     def _connect(self) -> http.client.HTTPConnection:
         if self._conn is None:
             if self._scheme == "https":
-                self._conn = http.client.HTTPSConnection(
+                self._conn = _HTTPSConnection(
                     self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
                 )
             else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                self._conn = _HTTPConnection(self._host, self._port, timeout=self._timeout)
         return self._conn
 
     def _drop(self) -> None:

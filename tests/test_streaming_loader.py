@@ -139,6 +139,21 @@ def test_text_mode_fetches_only_the_header(llama, ladder):
     assert_close_kv(from_transformers_cache(cache, ids), kvc.prefill(llama, ids))
 
 
+def test_a_header_past_the_first_request_costs_one_more_request(llama, tmp_path):
+    # The first request brings 16 KiB; a longer header (here ~4,000 token ids) and its digest come in one more
+    # request, not one each (every request is a round trip: to object storage, tens of ms).
+    ids = (kvc.tokenize(llama, TEXT) * 400)[:4000]
+    (tmp_path / "long.kvc").write_bytes(kvc.encode_tokens(llama, ids, levels=["lossless"], chunk_tokens=1024))
+    lines: list[str] = []
+    with RangeServer(tmp_path, log=lines.append) as srv:
+        with open_stream(srv.url_for("long.kvc")) as stream:
+            assert stream.header_bytes > 16 * 1024 and stream.num_tokens == 4000
+            cache, _ = stream.load(llama, level="lossless")
+    gets = [line for line in lines if '"GET ' in line]
+    assert len(gets) == 2 + 4, gets  # the header's two, then one per chunk
+    assert_close_kv(from_transformers_cache(cache, ids), kvc.prefill(llama, ids))
+
+
 @pytest.mark.parametrize("rate", [30_000, 1_000_000, None])
 def test_adaptive_loads_are_right_whatever_they_choose(llama, ladder, profile, rate):
     """At a slow, a medium and an unlimited link: text chunks form a prefix and equal a prefill, fetched
