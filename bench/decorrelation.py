@@ -1,6 +1,6 @@
 """Would a transform across heads, or across layers, pay? A filter in the sensitivity-weighted space.
 
-    .venv/bin/python bench/decorrelation.py [--groups head,xhead,2,3,30] [--contexts apple,legal] [--json PATH]
+    .venv/bin/python bench/decorrelation.py [--groups head,xhead,2,3,30,chain,chain@0.62] [--contexts apple,legal]
 
 kvq transforms each (layer, kind, head) on its own (a PCA of 64 coefficients for SmolLM2) and gives each
 coefficient a step from the model's sensitivity. Here every coefficient is divided by its profile step
@@ -12,8 +12,10 @@ consecutive layers of one kind with their heads (G·192). Each is quantised with
 the summed per-channel empirical entropy of its symbols (the same optimistic estimate for every row) and
 the weighted squared error; ``saved`` is the bits saved against ``head`` at ``head``'s error (log–log
 interpolation between the two scales). ``synthesis`` is the decoder's multiply-adds per token against
-today's (every kept coefficient times its group width). A filter, not a codec: a real test is a fitted
-profile scored by KL."""
+today's (every kept coefficient times its group width). ``chain`` is prediction instead of a wider
+group: each layer's vector (per kind) predicted from the layer before's reconstructed keys and values,
+fitted closed loop, the residual rotated by its own PCA (``chain@S``: one predictor fitted at scale S
+for every scale). A filter, not a codec: a real test is a fitted profile scored by KL."""
 
 from __future__ import annotations
 
