@@ -10,6 +10,33 @@ from kvc.cli._io import open_kvc_arg
 from kvc.cli._output import Output, human_bytes, vs_fp16
 
 
+def describe_params(codec: str, params: dict) -> str:
+    """A level's codec parameters in a few words: what a second encoder would need to repeat it."""
+    if not isinstance(params, dict):
+        return ""
+    if codec == "kvq":
+        words = []
+        if isinstance(params.get("scale"), (int, float)):
+            words.append(f"scale {params['scale']:g}")
+        if isinstance(params.get("profile"), str):
+            words.append(f"profile {params['profile'][:8]}")
+        fine = params.get("fine_tokens")
+        if isinstance(fine, list) and fine:
+            shift = params.get("fine_shift")
+            words.append(f"{len(fine)} fine token{'s' if len(fine) != 1 else ''}"
+                         + (f" (step ÷{2 ** shift})" if isinstance(shift, int) and 0 < shift <= 8 else ""))
+        return " · ".join(words)
+    if codec == "lossless":
+        return " · ".join(str(v) if k == "transform" else f"{k.replace('_', ' ')} {v}" for k, v in params.items()
+                          if isinstance(v, (str, int)))
+    def shown(v):
+        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            return ",".join(f"{x:g}" for x in v)
+        return f"{v:g}" if isinstance(v, (int, float)) else v if isinstance(v, str) else None
+
+    return " · ".join(f"{k.replace('_', ' ')} {shown(v)}" for k, v in params.items() if shown(v) is not None)
+
+
 def describe_target(target: dict) -> str:
     """A level's ``target`` record (docs/FORMAT.md) in a few words: what was asked, what was measured."""
     kind, value = target.get("kind"), target.get("value")
@@ -47,9 +74,11 @@ def inspect_command(
     with open_kvc_arg(file, header_only=True) as f:
         info = describe(f, with_chunks=chunks)
         for lv in info["levels"]:  # a level tuned for this file (kvc encode --target-kl ...) says to what
-            target = f.header["levels"][lv["name"]].get("target")
+            entry = f.header["levels"][lv["name"]]
+            target = entry.get("target")
             if isinstance(target, dict):
                 lv["target"] = target
+            lv["params"] = entry.get("params", {})
     info["payloads_checked"] = False  # inspect reads the header; `kvc verify` reads and checks every payload
 
     def render(console):
@@ -74,6 +103,7 @@ def inspect_command(
         table = Table("level", "codec")
         for header in ("bytes", "vs fp16", "bits/elem"):
             table.add_column(header, justify="right")
+        table.add_column("settings")
         tuned = any("target" in lv for lv in info["levels"])
         if tuned:
             table.add_column("tuned for")
@@ -84,6 +114,7 @@ def inspect_command(
                 human_bytes(lv["bytes"]),
                 vs_fp16(lv["bytes"], info["fp16_bytes"], short=True),
                 f"{lv['bits_per_element']:.2f}",
+                escape(describe_params(lv["codec"], lv["params"])),
             ]
             if tuned:
                 row.append(escape(describe_target(lv["target"])) if "target" in lv else "")

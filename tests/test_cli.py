@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,15 @@ def test_inspect_and_verify_report_json(encoded, llama):
     assert len(info["levels"][0]["layer_bytes"]) == 3
     report = json.loads(run("verify", "--deep", encoded, "--model", llama, "--json").stdout)
     assert report["ok"] and report["levels"]["lossless"]["exact"]
+
+
+def test_inspect_shows_each_levels_settings():
+    fixture = Path(__file__).parent / "data" / "fixtures" / "s3-tiny-llama.kvc"
+    text = run("inspect", fixture).stdout.decode()
+    assert "scale 0.66 · profile 0af81ff8 · 2 fine tokens (step ÷2)" in text
+    assert "byteplanes · zstd level 3" in text and "delta bits 6,5,4" in text
+    info = json.loads(run("inspect", fixture, "--json").stdout)
+    assert info["levels"][1]["params"]["fine_tokens"] == [16, 294]
 
 
 def test_stdin_to_stdout_pipeline(llama, tmp_path):
