@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import struct
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -43,6 +44,7 @@ from kvc.workers import run_tasks
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes without fine tokens (3 with them); 1, 2 and 3 decode
 BATCH_COEFFICIENTS = 1 << 20  # a CPU decode task's share: ~4 MB of float32 coefficients (L2-sized)
+CHAIN_MEMORY = 4096  # reconstructions a chained codec keeps per direction (a range's last two layers each)
 _KINDS = {"key": 0, "value": 1}
 
 
@@ -130,6 +132,10 @@ class KvqCodec:
         self._steps: dict[tuple[int, int], torch.Tensor] = {}
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freqs: dict[float, np.ndarray] = {}
+        # version 5: (layer, kind, first body position, body tokens) -> the step-scaled reconstruction [T, H·dim]
+        # (float32) the next layer is predicted from; the encoder's and the decoder's kept apart
+        self._chain_memory: dict[str, dict[tuple[int, int, int, int], torch.Tensor]] = {"encode": {}, "decode": {}}
+        self._chain_lock = threading.Lock()
 
     def bind_tokens(self, token_ids) -> None:
         """The context's token ids, which a level with fine tokens needs to encode (decoding reads the fine
@@ -269,6 +275,120 @@ class KvqCodec:
             self._mats[key] = (step, torch.from_numpy(analysis_matrix(R[None])[0]))
         return self._mats[key]
 
+    # ---- version 5: each layer predicted from the one before (CODEC.md step 3c) ----
+    def _chain_mats(self, layer: int, k: int, dim: int):
+        """A chained profile's per-(layer, kind) matrices: (predictor ``C`` float32 ``[H·Dk + H·Dv, H·dim]``,
+        ``G = float32(scale · Rᵀ)`` ``[H·dim, H·dim]``, per-head synthesis ``S_h = float32(diag(step_h)·B_hᵀ)``
+        ``[H, dim, dim]``, mean float32 ``[H, dim]``)."""
+        key = ("chain", layer, k)
+        if key not in self._mats:
+            p = self.profile
+            n = p.heads * dim
+            R = p.arrays["mix"][layer, k, :n, :n].astype(np.float64)
+            B = p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64)  # [H, dim(j), dim(d)]
+            step = p.component_steps(layer, k)[:, :dim]  # [H, dim]
+            synth = (B * step[:, None, :]).transpose(0, 2, 1)  # S_h[d, j] = step[h, d] · B[h, j, d]
+            self._mats[key] = (torch.from_numpy(p.chain_matrix(layer, k).astype(np.float32)),
+                               torch.from_numpy((self.scale * R.T).astype(np.float32)),
+                               torch.from_numpy(synth.astype(np.float32)),
+                               torch.from_numpy(p.arrays["mean"][layer, k, :, :dim].astype(np.float32)))
+        return self._mats[key]
+
+    def _chain_prediction(self, layer: int, k: int, dim: int, first: int, count: int, side: str) -> torch.Tensor:
+        """The prediction ``P [count, H·dim]`` (float32) of tokens ``first..first+count`` of (layer, kind): 0 for
+        layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions the
+        same side (``"encode"`` / ``"decode"``) kept for exactly these tokens."""
+        n = self.profile.heads * dim
+        if layer == 0:
+            return torch.zeros((count, n), dtype=torch.float32)
+        memory = self._chain_memory[side]
+        with self._chain_lock:
+            prev = [memory.get((layer - 1, kk, first, count)) for kk in (0, 1)]
+        if prev[0] is None or prev[1] is None:
+            raise ValueError(f"a chained (version-5) kvq profile {side}s layer {layer} after layer {layer - 1}'s keys "
+                             f"and values of the same tokens ({first}..{first + count}), with the same codec")
+        return torch.mm(torch.cat(prev, dim=1), self._chain_mats(layer, k, dim)[0])
+
+    def _chain_reconstruct(self, q: torch.Tensor, pred: torch.Tensor, layer: int, k: int, dim: int) -> torch.Tensor:
+        """``Ŵ = P + q @ G`` (float32 ``addmm``): the step-scaled reconstruction from the symbols ``q [T, H·dim]``
+        (float32, fine rows already times ``2^−s``). Encoder and decoder both call this on one segment's rows."""
+        return torch.addmm(pred, q, self._chain_mats(layer, k, dim)[1])
+
+    def _chain_remember(self, side: str, key: tuple[int, int, int, int], recon: torch.Tensor) -> None:
+        """Keep ``recon`` for the next layer; of the same tokens only this layer's and the one before stay."""
+        memory = self._chain_memory[side]
+        layer = key[0]
+        with self._chain_lock:
+            for old in [o for o in memory if o[2:] == key[2:] and not layer - 1 <= o[0] <= layer]:
+                del memory[old]
+            memory.pop(key, None)
+            memory[key] = recon
+            while len(memory) > CHAIN_MEMORY:
+                memory.pop(next(iter(memory)))
+
+    def _chain_symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int,
+                       ranges: list[tuple[int, int]]) -> np.ndarray:
+        """:meth:`_symbols` for a chained profile: body tokens ``x [H, T, dim]`` from ``start``, coded segment
+        by segment (``ranges``: (first row, rows)), each against the prediction from the previous layer's
+        reconstruction of its tokens, closed loop: every segment's reconstruction is computed as the decoder
+        computes it and kept for the next layer."""
+        H, T, _ = x.shape
+        n = H * dim
+        w = self._pre_symbols(x, start, layer, k, dim)  # [H, T, dim] PCA coefficients, float64
+        step, mix_analysis = self._mixing(layer, k, dim)
+        w.div_(step[:, None, :])
+        w = w.permute(1, 0, 2).reshape(T, n)  # token-major, a copy
+        fine = self._fine_rows(start, T)
+        factor = float(1 << self.fine_shift) if fine is not None else 1.0
+        q = torch.empty((T, n), dtype=torch.float64)
+        for r0, count in ranges:
+            pred = self._chain_prediction(layer, k, dim, start + r0, count, "encode")
+            y = (w[r0 : r0 + count] - pred.double()) @ mix_analysis
+            y.div_(self.scale)
+            rows = None
+            if fine is not None:
+                rows = torch.from_numpy(fine[(fine >= r0) & (fine < r0 + count)] - r0)
+                if len(rows):
+                    y[rows] *= factor
+            y.round_()
+            torch.nan_to_num(y, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=y)
+            y.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+            q[r0 : r0 + count] = y
+            qf = y.float()  # the decoder's float32 symbols (int → float32 rounds to nearest, as this does)
+            if rows is not None and len(rows):
+                qf[rows] *= np.float32(1.0 / factor)
+            recon = self._chain_reconstruct(qf, pred, layer, k, dim)
+            self._chain_remember("encode", (layer, k, start + r0, count), recon)
+        return q.reshape(T, H, dim).permute(1, 0, 2).to(torch.int64).numpy()
+
+    def _chain_synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, out: torch.Tensor, lead: int,
+                          ranges: list[tuple[int, int]]) -> None:
+        """Decode side of step 3c for one (layer, kind): symbols ``coef [H, T, dim]`` (float32, fine rows
+        scaled) → per segment ``Ŵ = P + Q @ G`` (kept for the next layer) → per head ``x_h = Ŵ_h @ S_h + mean_h``
+        into ``out[:, lead:]``, then re-rotation and clamping as :meth:`_synthesise_into`."""
+        from kvc.codec.finish import finish_in_place
+
+        H, T, dim = coef.shape
+        n = H * dim
+        q = coef.permute(1, 0, 2).reshape(T, n)  # token-major (a copy)
+        recon = torch.empty((T, n), dtype=torch.float32)
+        for r0, count in ranges:
+            pred = self._chain_prediction(layer, k, dim, first + r0, count, "decode")
+            recon[r0 : r0 + count] = self._chain_reconstruct(q[r0 : r0 + count], pred, layer, k, dim)
+            self._chain_remember("decode", (layer, k, first + r0, count), recon[r0 : r0 + count])
+        _, _, synth, mean32 = self._chain_mats(layer, k, dim)
+        direct = out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
+        dest = out[:, lead:] if direct else torch.empty((H, T, dim), dtype=torch.float32)
+        for h in range(H):
+            torch.addmm(mean32[h], recon[:, h * dim : (h + 1) * dim], synth[h], out=dest[h])
+        cos = sin = None
+        if k == 0 and self.profile.rotary is not None:
+            cos, sin = (t.numpy() for t in self._cos_sin(layer, first, T))
+        finish_in_place(dest.numpy(), cos, sin)
+        if not direct:
+            big = _finite_range(out.dtype)
+            out[:, lead:] = dest.clamp_(-big, big).to(dtype=out.dtype, device=out.device)
+
     # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
     def table_bytes(self, layers: list[int]) -> int:
         """Memory of the coding tables a decode builds: version 2 builds every layer's at once (and a
@@ -364,6 +484,8 @@ class KvqCodec:
     def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
         if tuple(tensor.shape) != tuple(segment.shape):
             raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
+        if self.profile.chained:  # its products run with one torch thread, as encode_many's and decode's do
+            return self.encode_many([(tensor, [segment])], threads=1)[0][0]
         return self._encode_group(tensor, [segment])[0]
 
     def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
@@ -377,6 +499,11 @@ class KvqCodec:
         def task(i: int) -> None:
             results[i] = self._encode_group(*groups[i])
 
+        if self.profile.chained:  # layer l needs layer l−1's reconstruction: layers in order, one at a time
+            first = [groups[i][1][0] for i in range(len(groups))]
+            order = sorted(range(len(groups)), key=lambda i: (first[i].layer, _KINDS.get(first[i].kind, 0)))
+            run_tasks(lambda: [task(i) for i in order], [()], 1, torch_single=True)
+            return results  # type: ignore[return-value]
         run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
@@ -386,22 +513,7 @@ class KvqCodec:
         The same operations, in the same order, as ``quantize_uniform(bmm(unrotate_keys(clamp(nan_to_num(
         x.double()))) - mean, analysis), step)`` (so the same bits), but done in place on one float64
         working copy: a layer's encode holds two float64 frames at a time instead of six."""
-        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
-        torch.nan_to_num(w, nan=0.0, out=w)
-        big = _finite_range(x.dtype)
-        w.clamp_(-big, big)
-        if k == 0 and self.profile.rotary is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
-            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq(layer))
-            half = w.shape[-1] // 2
-            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
-            r.mul_(sin)
-            w.mul_(cos)
-            w.sub_(r)
-            del r
-        mean, analysis, *_ = self._matrices(layer, k, dim)
-        w.sub_(mean[:, None, :])
-        coef = torch.bmm(w, analysis)
-        del w
+        coef = self._pre_symbols(x, start, layer, k, dim)
         if self.profile.mixed:  # CODEC.md step 3b: over the steps, then across the heads
             step, mix_analysis = self._mixing(layer, k, dim)
             coef.div_(step[:, None, :])
@@ -417,6 +529,24 @@ class KvqCodec:
         coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
         return coef.to(torch.int64).numpy()
 
+    def _pre_symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> torch.Tensor:
+        """Steps 2–3 of :meth:`_symbols`: the per-head PCA coefficients ``[H, T, dim]`` (float64) of ``x``."""
+        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
+        torch.nan_to_num(w, nan=0.0, out=w)
+        big = _finite_range(x.dtype)
+        w.clamp_(-big, big)
+        if k == 0 and self.profile.rotary is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq(layer))
+            half = w.shape[-1] // 2
+            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
+            r.mul_(sin)
+            w.mul_(cos)
+            w.sub_(r)
+            del r
+        mean, analysis, *_ = self._matrices(layer, k, dim)
+        w.sub_(mean[:, None, :])
+        return torch.bmm(w, analysis)
+
     def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
         from kvc.codec.rans import cpu
 
@@ -425,7 +555,6 @@ class KvqCodec:
         layer, k, dim = self._dims(segments[0])
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
-        q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
         pieces, at, body_at, fines = [], 0, 0, []
         for seg in segments:
             t = seg.shape[1]
@@ -436,6 +565,12 @@ class KvqCodec:
             fines.append(self._fine_rows(seg.start + n_sink, body))
             at += t
             body_at += body
+        q = None
+        if T > lead and self.profile.chained:  # closed loop, segment by segment (CODEC.md step 3c)
+            q = self._chain_symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim,
+                                    [(b0, body) for _, b0, body in pieces if body])
+        elif T > lead:
+            q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim)
         # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
         bank, model0 = self.channel_models(layer, k)
         lo, hi, models, outs, tokens, coded, owners, offset = [], [], [], [], [], [], [], 0
@@ -506,6 +641,9 @@ class KvqCodec:
         for parts, out in groups:
             if sum(seg.shape[1] for _, seg in parts) != out.shape[1] or out.device != device:
                 raise ValueError("segments do not tile their output")
+        if self.profile.chained:
+            self._decode_chained(groups, threads)
+            return
         if device.type != "cpu":
             self._decode_on_gpu(groups)
             return
@@ -523,7 +661,8 @@ class KvqCodec:
     def _plan(self, groups) -> tuple[list[tuple], list[tuple], int, list[tuple]]:
         """Parses the groups and places their sinks (version-1 groups are decoded right there); returns
         (per group with body tokens: (out, layer, kind, first body position, offset of its coefficient
-        block, sink tokens leading it), the bodies for :meth:`_lane_job`, coefficients in all, the fine
+        block, sink tokens leading it, its segments' (first row, rows) in the block), the bodies for
+        :meth:`_lane_job`, coefficients in all, the fine
         rows to scale: (block offset, [H, T, D] of the block, rows in it, factor))."""
         plans, offset, bodies, fine = [], 0, [], []
         for parts, out in groups:
@@ -537,18 +676,67 @@ class KvqCodec:
                 bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
                 fine += [(offset, (H, T - lead, D), t0 + p.fine, 2.0**-p.shift)
                          for p, t0 in self._bodies(parsed) if p.fine is not None and len(p.fine)]
-                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
+                ranges = [(t0, p.body) for p, t0 in self._bodies(parsed)]
+                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead, ranges))
                 offset += H * (T - lead) * D
         return plans, bodies, offset, fine
 
     def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
         """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
         synthesis per group."""
+        plans, coef = self._decode_symbols(groups)
+        for out, layer, k, first, off, lead, _ in plans:
+            H, T, D = out.shape
+            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+            if out.dtype == torch.float32 and out.is_contiguous():
+                self._synthesise_into(c, layer, k, first, out, lead)
+            else:
+                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+
+    def _decode_chained(self, groups, threads: int | None) -> None:
+        """A chained profile's read: the lanes of every batch on the pool, as :meth:`_decode_batch`; then the
+        (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c).
+        Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet)."""
+        on_cpu = []
+        for parts, out in groups:
+            host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
+            on_cpu.append((parts, host, out))
+        batches, batch, size = [], [], 0
+        for parts, host, _ in on_cpu:
+            batch.append((parts, host))
+            size += host.numel()
+            if size >= BATCH_COEFFICIENTS:
+                batches.append((batch,))
+                batch, size = [], 0
+        if batch:
+            batches.append((batch,))
+        decoded: list[tuple[list, np.ndarray]] = []
+
+        def lanes(batch) -> None:
+            decoded.append(self._decode_symbols(batch))
+
+        run_tasks(lanes, batches, threads, torch_single=True)
+        work = sorted(((plan, coef) for plans, coef in decoded for plan in plans), key=lambda pc: (pc[0][1], pc[0][2]))
+
+        def synthesise() -> None:
+            for (out, layer, k, first, off, lead, ranges), coef in work:
+                H, T, D = out.shape
+                c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+                self._chain_synthesise(c, layer, k, first, out, lead, ranges)
+
+        run_tasks(synthesise, [()], 1, torch_single=True)
+        for _, host, out in on_cpu:
+            if host is not out:
+                out.copy_(host)
+
+    def _decode_symbols(self, groups) -> tuple[list[tuple], np.ndarray]:
+        """(the groups' plans (:meth:`_plan`), their symbols as float32 coefficients, fine rows scaled): sinks
+        placed, every lane decoded on the CPU, nothing synthesised."""
         from kvc.codec.rans import cpu
 
         plans, bodies, offset, fine = self._plan(groups)
         if not plans:
-            return
+            return [], np.empty(0, dtype=np.float32)
         coef = np.empty(offset, dtype=np.float32)
         job, owners, zero = self._lane_job(bodies)
         cpu.zero_channels(coef, zero["at"], zero["tokens"], zero["stride"])  # channels no lane writes are 0
@@ -559,13 +747,7 @@ class KvqCodec:
                 self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for idx, factor in _fine_elements(fine):  # symbols in finer steps: q · 2**-s (exact in float32)
             coef[idx] *= np.float32(factor)
-        for out, layer, k, first, off, lead in plans:
-            H, T, D = out.shape
-            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
-            if out.dtype == torch.float32 and out.is_contiguous():
-                self._synthesise_into(c, layer, k, first, out, lead)
-            else:
-                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+        return plans, coef
 
     def _decode_on_gpu(self, groups) -> None:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
@@ -582,7 +764,7 @@ class KvqCodec:
                     self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for idx, factor in _fine_elements(fine):  # one transfer and one scatter per shift, not per segment
             coef[torch.from_numpy(idx).to(coef.device)] *= factor
-        for out, layer, k, first, off, lead in plans:
+        for out, layer, k, first, off, lead, _ in plans:
             H, T, D = out.shape
             c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
             out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
@@ -775,7 +957,10 @@ class KvqCodec:
 
     def model_bits(self, tensor: torch.Tensor, segment: Segment) -> tuple[float, int]:
         """(information content under the float models, rANS bits actually written) for the coder-efficiency
-        check; each escape's excess counts 32 bits on both sides (it is stored raw)."""
+        check; each escape's excess counts 32 bits on both sides (it is stored raw). Not for a chained
+        profile, whose symbols depend on the previous layer's reconstruction."""
+        if self.profile.chained:
+            raise NotImplementedError("model_bits codes one segment alone: a chained profile needs the layer before")
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
         n_sink = sink_count(segment.start, T, self.sinks)
