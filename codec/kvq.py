@@ -297,16 +297,18 @@ class KvqCodec:
     def _chain_prediction(self, layer: int, k: int, dim: int, first: int, count: int, side: str) -> torch.Tensor:
         """The prediction ``P [count, H·dim]`` (float32) of tokens ``first..first+count`` of (layer, kind): 0 for
         layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions the
-        same side (``"encode"`` / ``"decode"``) kept for exactly these tokens."""
+        same side (``"encode"`` / ``"decode"``) kept for exactly these tokens (missing: ValueError when encoding,
+        FormatError when decoding)."""
         n = self.profile.heads * dim
         if layer == 0:
             return torch.zeros((count, n), dtype=torch.float32)
         memory = self._chain_memory[side]
         with self._chain_lock:
             prev = [memory.get((layer - 1, kk, first, count)) for kk in (0, 1)]
-        if prev[0] is None or prev[1] is None:
-            raise ValueError(f"a chained (version-5) kvq profile {side}s layer {layer} after layer {layer - 1}'s keys "
-                             f"and values of the same tokens ({first}..{first + count}), with the same codec")
+        if prev[0] is None or prev[1] is None:  # a file whose layers do not tile the same tokens is corrupt for it
+            error = FormatError if side == "decode" else ValueError
+            raise error(f"a chained (version-5) kvq profile {side}s layer {layer} after layer {layer - 1}'s keys "
+                        f"and values of the same tokens ({first}..{first + count}), with the same codec")
         return torch.mm(torch.cat(prev, dim=1), self._chain_mats(layer, k, dim)[0])
 
     def _chain_reconstruct(self, q: torch.Tensor, pred: torch.Tensor, layer: int, k: int, dim: int) -> torch.Tensor:

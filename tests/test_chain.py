@@ -12,7 +12,7 @@ from kvc.codec.base import Segment
 from kvc.codec.levels import LEVEL_SCALES
 from kvc.codec.profile import Profile, add_chain, fit_profile
 from kvc.codec.registry import build_codec, level_entry
-from kvc.errors import ProfileError
+from kvc.errors import FormatError, ProfileError
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
          "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 3]
@@ -134,6 +134,9 @@ def test_chain_needs_the_layer_before(chained):
     t = torch.randn(chained.heads, 20, chained.key_dim)
     with pytest.raises(ValueError, match="layer 1 after layer 0"):
         codec.encode(t, Segment(1, "key", 8, tuple(t.shape), t.dtype))
+    blob = codec.encode(t, Segment(0, "key", 8, tuple(t.shape), t.dtype))
+    with pytest.raises(FormatError, match="layer 1 after layer 0"):  # decoding: the file does not fit the profile
+        codec.decode(blob, Segment(1, "key", 8, tuple(t.shape), t.dtype))
 
 
 def test_chain_with_fine_tokens(tiny_llama, chained):
