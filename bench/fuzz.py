@@ -1101,13 +1101,15 @@ def faithful(f, level: str, kv, truth) -> bool:
     codec = f._codec(level)
     if hasattr(codec, "bind_tokens"):
         codec.bind_tokens(truth.token_ids)
+    chains = (codec.new_chain(), codec.new_chain()) if hasattr(codec, "new_chain") else (None, None)
+    enc_extra, dec_extra = ({"chain": c} if c is not None else {} for c in chains)  # a chained level's own
     for chunk in f.header["chunks"]:
         for i, (got, ref) in enumerate(zip(kv.layers, truth.layers)):
             lo, hi = max(chunk["start"], ref.start), chunk["end"]
             for kind in ("key", "value") if hi > lo else ():
                 piece = getattr(ref, kind)[:, lo - ref.start : hi - ref.start].contiguous()
                 seg = Segment(layer=i, kind=kind, start=lo, shape=tuple(piece.shape), dtype=piece.dtype)
-                expect = codec.decode(codec.encode(piece, seg), seg)
+                expect = codec.decode(codec.encode(piece, seg, **enc_extra), seg, **dec_extra)
                 stored = getattr(got, kind)[:, lo - got.start : hi - got.start].contiguous()
                 if not torch.equal(expect.view(torch.uint8), stored.view(torch.uint8)):
                     return False

@@ -38,13 +38,12 @@ from kvc.codec.quantizers import (
     unpack_sinks,
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq
-from kvc.errors import FormatError, ProfileError, VersionError
+from kvc.errors import FormatError, InputError, ProfileError, VersionError
 from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes without fine tokens (3 with them); 1, 2 and 3 decode
 BATCH_COEFFICIENTS = 1 << 20  # a CPU decode task's share: ~4 MB of float32 coefficients (L2-sized)
-CHAIN_MEMORY = 4096  # reconstructions a chained codec keeps per direction (a range's last two layers each)
 _KINDS = {"key": 0, "value": 1}
 
 
@@ -102,6 +101,38 @@ def _fine_elements(fine: list[tuple]) -> list[tuple[np.ndarray, float]]:
     return [(np.concatenate(parts), factor) for factor, parts in by_factor.items()]
 
 
+class ChainState:
+    """The reconstructions one encode or one read of one context keeps for a chained (version-5) level: per token
+    range (first body position, body tokens), the last two layers' keys and values (float32 ``[T, H·dim]``), which
+    the next layer is predicted from (CODEC.md step 3c).
+
+    It belongs to that encode or read, never to the codec: codecs are shared (the streaming loader keeps one per
+    level for every load in the process), and two contexts of the same length would otherwise read each other's
+    layers for the same token range. :meth:`KvqCodec.decode_many` and :meth:`KvqCodec.encode_many` make a fresh
+    one per call unless the caller passes its own (``chain=``) to carry one context over several calls (layers
+    in order: 0, 1, …, for each token range)."""
+
+    def __init__(self) -> None:
+        self._memory: dict[tuple[int, int], dict[tuple[int, int], torch.Tensor]] = {}
+        self.layers: set[int] = set()  # every layer this state has been given, of any tokens
+        self._lock = threading.Lock()  # one context's calls are in order; this only keeps the dicts whole
+
+    def get(self, layer: int, first: int, count: int) -> list[torch.Tensor | None]:
+        """Layer ``layer``'s (key, value) reconstructions of tokens ``first..first+count`` (None where not kept)."""
+        with self._lock:
+            kept = self._memory.get((first, count), {})
+            return [kept.get((layer, k)) for k in (0, 1)]
+
+    def put(self, layer: int, k: int, first: int, count: int, recon: torch.Tensor) -> None:
+        """Keep ``recon``; of the same tokens only this layer's and the one before stay."""
+        with self._lock:
+            kept = self._memory.setdefault((first, count), {})
+            for old in [o for o in kept if not layer - 1 <= o[0] <= layer]:
+                del kept[old]
+            kept[(layer, k)] = recon
+            self.layers.add(layer)
+
+
 class KvqCodec:
     codec_id = CODEC_ID
     decodes_on_gpu = True  # decode_many writes into CUDA tensors through kvc.codec.rans.gpu
@@ -132,10 +163,16 @@ class KvqCodec:
         self._steps: dict[tuple[int, int], torch.Tensor] = {}
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freqs: dict[float, np.ndarray] = {}
-        # version 5: (layer, kind, first body position, body tokens) -> the step-scaled reconstruction [T, H·dim]
-        # (float32) the next layer is predicted from; the encoder's and the decoder's kept apart
-        self._chain_memory: dict[str, dict[tuple[int, int, int, int], torch.Tensor]] = {"encode": {}, "decode": {}}
-        self._chain_lock = threading.Lock()
+        # version 5's reconstructions live in a ChainState per encode or read, never here (codecs are shared)
+
+    @property
+    def chained(self) -> bool:
+        """Whether this level predicts each layer from the one before (profile version 5)."""
+        return self.profile.chained
+
+    def new_chain(self) -> ChainState | None:
+        """A fresh :class:`ChainState` for one context's encode or read, or None when the level is not chained."""
+        return ChainState() if self.profile.chained else None
 
     def bind_tokens(self, token_ids) -> None:
         """The context's token ids, which a level with fine tokens needs to encode (decoding reads the fine
@@ -294,21 +331,29 @@ class KvqCodec:
                                torch.from_numpy(p.arrays["mean"][layer, k, :, :dim].astype(np.float32)))
         return self._mats[key]
 
-    def _chain_prediction(self, layer: int, k: int, dim: int, first: int, count: int, side: str) -> torch.Tensor:
+    def _chain_prediction(self, state: ChainState, layer: int, k: int, dim: int, first: int, count: int,
+                          side: str) -> torch.Tensor:
         """The prediction ``P [count, H·dim]`` (float32) of tokens ``first..first+count`` of (layer, kind): 0 for
-        layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions the
-        same side (``"encode"`` / ``"decode"``) kept for exactly these tokens (missing: ValueError when encoding,
-        FormatError when decoding)."""
+        layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions
+        ``state`` (this encode's or this read's) kept for exactly these tokens. Missing: when encoding a
+        ValueError; when decoding an InputError if this read has decoded no layer l−1 at all (a chained level
+        decodes every layer of its tokens, from 0, in one call or with one ``chain``), else a FormatError (the
+        file's layers do not tile the same tokens, so it does not fit the profile)."""
         n = self.profile.heads * dim
         if layer == 0:
             return torch.zeros((count, n), dtype=torch.float32)
-        memory = self._chain_memory[side]
-        with self._chain_lock:
-            prev = [memory.get((layer - 1, kk, first, count)) for kk in (0, 1)]
-        if prev[0] is None or prev[1] is None:  # a file whose layers do not tile the same tokens is corrupt for it
-            error = FormatError if side == "decode" else ValueError
-            raise error(f"a chained (version-5) kvq profile {side}s layer {layer} after layer {layer - 1}'s keys "
-                        f"and values of the same tokens ({first}..{first + count}), with the same codec")
+        prev = state.get(layer - 1, first, count)
+        if prev[0] is None or prev[1] is None:
+            where = (f"layer {layer} after layer {layer - 1}'s keys and values of the same tokens "
+                     f"({first}..{first + count})")
+            if side == "encode":
+                raise ValueError(f"a chained (version-5) kvq level encodes {where}, in one encode_many call "
+                                 "or with one chain state")
+            if layer - 1 not in state.layers:
+                raise InputError(f"a chained (version-5) kvq level decodes {where}: give one read every layer of "
+                                 "its tokens from layer 0 (one decode_many call, or one chain state)")
+            raise FormatError(f"a chained (version-5) kvq level decodes {where}; this file's layers do not "
+                              "tile the same tokens")
         return torch.mm(torch.cat(prev, dim=1), self._chain_mats(layer, k, dim)[0])
 
     def _chain_reconstruct(self, q: torch.Tensor, pred: torch.Tensor, layer: int, k: int, dim: int) -> torch.Tensor:
@@ -316,19 +361,7 @@ class KvqCodec:
         (float32, fine rows already times ``2^−s``). Encoder and decoder both call this on one segment's rows."""
         return torch.addmm(pred, q, self._chain_mats(layer, k, dim)[1])
 
-    def _chain_remember(self, side: str, key: tuple[int, int, int, int], recon: torch.Tensor) -> None:
-        """Keep ``recon`` for the next layer; of the same tokens only this layer's and the one before stay."""
-        memory = self._chain_memory[side]
-        layer = key[0]
-        with self._chain_lock:
-            for old in [o for o in memory if o[2:] == key[2:] and not layer - 1 <= o[0] <= layer]:
-                del memory[old]
-            memory.pop(key, None)
-            memory[key] = recon
-            while len(memory) > CHAIN_MEMORY:
-                memory.pop(next(iter(memory)))
-
-    def _chain_symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int,
+    def _chain_symbols(self, state: ChainState, x: torch.Tensor, start: int, layer: int, k: int, dim: int,
                        ranges: list[tuple[int, int]]) -> np.ndarray:
         """:meth:`_symbols` for a chained profile: body tokens ``x [H, T, dim]`` from ``start``, coded segment
         by segment (``ranges``: (first row, rows)), each against the prediction from the previous layer's
@@ -344,7 +377,7 @@ class KvqCodec:
         factor = float(1 << self.fine_shift) if fine is not None else 1.0
         q = torch.empty((T, n), dtype=torch.float64)
         for r0, count in ranges:
-            pred = self._chain_prediction(layer, k, dim, start + r0, count, "encode")
+            pred = self._chain_prediction(state, layer, k, dim, start + r0, count, "encode")
             y = (w[r0 : r0 + count] - pred.double()) @ mix_analysis
             y.div_(self.scale)
             rows = None
@@ -360,11 +393,11 @@ class KvqCodec:
             if rows is not None and len(rows):
                 qf[rows] *= np.float32(1.0 / factor)
             recon = self._chain_reconstruct(qf, pred, layer, k, dim)
-            self._chain_remember("encode", (layer, k, start + r0, count), recon)
+            state.put(layer, k, start + r0, count, recon)
         return q.reshape(T, H, dim).permute(1, 0, 2).to(torch.int64).numpy()
 
-    def _chain_synthesise(self, coef: torch.Tensor, layer: int, k: int, first: int, out: torch.Tensor, lead: int,
-                          ranges: list[tuple[int, int]]) -> None:
+    def _chain_synthesise(self, state: ChainState, coef: torch.Tensor, layer: int, k: int, first: int,
+                          out: torch.Tensor, lead: int, ranges: list[tuple[int, int]]) -> None:
         """Decode side of step 3c for one (layer, kind): symbols ``coef [H, T, dim]`` (float32, fine rows
         scaled) → per segment ``Ŵ = P + Q @ G`` (kept for the next layer) → per head ``x_h = Ŵ_h @ S_h + mean_h``
         into ``out[:, lead:]``, then re-rotation and clamping as :meth:`_synthesise_into`."""
@@ -375,9 +408,9 @@ class KvqCodec:
         q = coef.permute(1, 0, 2).reshape(T, n)  # token-major (a copy)
         recon = torch.empty((T, n), dtype=torch.float32)
         for r0, count in ranges:
-            pred = self._chain_prediction(layer, k, dim, first + r0, count, "decode")
+            pred = self._chain_prediction(state, layer, k, dim, first + r0, count, "decode")
             recon[r0 : r0 + count] = self._chain_reconstruct(q[r0 : r0 + count], pred, layer, k, dim)
-            self._chain_remember("decode", (layer, k, first + r0, count), recon[r0 : r0 + count])
+            state.put(layer, k, first + r0, count, recon[r0 : r0 + count])
         _, _, synth, mean32 = self._chain_mats(layer, k, dim)
         direct = out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
         dest = out[:, lead:] if direct else torch.empty((H, T, dim), dtype=torch.float32)
@@ -483,23 +516,31 @@ class KvqCodec:
         return self._rmse_bound
 
     # ---- the contract ----
-    def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
+    def encode(self, tensor: torch.Tensor, segment: Segment, chain: ChainState | None = None) -> bytes:
+        """One segment's bytes. A chained level encodes layer l > 0 only with the ``chain`` (:meth:`new_chain`)
+        that encoded layer l−1 of the same tokens."""
         if tuple(tensor.shape) != tuple(segment.shape):
             raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
         if self.profile.chained:  # its products run with one torch thread, as encode_many's and decode's do
-            return self.encode_many([(tensor, [segment])], threads=1)[0][0]
+            return self.encode_many([(tensor, [segment])], threads=1, chain=chain)[0][0]
         return self._encode_group(tensor, [segment])[0]
 
-    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
+    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None,
+                    chain: ChainState | None = None):
         """Encode each (layer, kind)'s whole tensor ``[H, T, D]`` at once: the transforms run over all its
         tokens in one pass, then its segments (which tile it in order) are cut and coded, every lane of
         the layer in one kernel call. Groups run on a thread pool as in :meth:`decode_many`. The bytes
-        are exactly what :meth:`encode` writes segment by segment."""
+        are exactly what :meth:`encode` writes segment by segment.
+
+        A chained level keeps the reconstructions it predicts the next layer from in ``chain``: the caller's
+        (one per context, carried over the calls that encode its layers in order), else a fresh one for this
+        call alone, which must then hold layer 0 of its tokens onward."""
 
         results: list[list[bytes] | None] = [None] * len(groups)
+        state = (chain if chain is not None else ChainState()) if self.profile.chained else None
 
         def task(i: int) -> None:
-            results[i] = self._encode_group(*groups[i])
+            results[i] = self._encode_group(*groups[i], state)
 
         if self.profile.chained:  # layer l needs layer l−1's reconstruction: layers in order, one at a time
             first = [groups[i][1][0] for i in range(len(groups))]
@@ -549,7 +590,8 @@ class KvqCodec:
         w.sub_(mean[:, None, :])
         return torch.bmm(w, analysis)
 
-    def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
+    def _encode_group(self, tensor: torch.Tensor, segments: list[Segment],
+                      state: ChainState | None = None) -> list[bytes]:
         from kvc.codec.rans import cpu
 
         if sum(s.shape[1] for s in segments) != tensor.shape[1]:
@@ -569,7 +611,8 @@ class KvqCodec:
             body_at += body
         q = None
         if T > lead and self.profile.chained:  # closed loop, segment by segment (CODEC.md step 3c)
-            q = self._chain_symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim,
+            q = self._chain_symbols(state if state is not None else ChainState(), tensor[:, lead:],
+                                    segments[0].start + lead, layer, k, dim,
                                     [(b0, body) for _, b0, body in pieces if body])
         elif T > lead:
             q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim)
@@ -620,12 +663,15 @@ class KvqCodec:
             for i, ((sinks, _, body), flagged, fine) in enumerate(zip(pieces, flagged_per, fines))
         ]  # fmt: skip
 
-    def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
+    def decode(self, data: bytes, segment: Segment, chain: ChainState | None = None) -> torch.Tensor:
+        """One segment, decoded. A chained level decodes layer l > 0 only with the ``chain`` (:meth:`new_chain`)
+        that decoded layer l−1 of the same tokens (else InputError)."""
         out = torch.empty(segment.shape, dtype=segment.dtype)
-        self.decode_many([([(data, segment)], out)], threads=1)
+        self.decode_many([([(data, segment)], out)], threads=1, chain=chain)
         return out
 
-    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
+    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None,
+                    chain: ChainState | None = None):
         """Decode many segments straight into their output tensors.
 
         Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
@@ -635,7 +681,13 @@ class KvqCodec:
         all its lanes decoded by numba kernels (GIL released) into float32 coefficients, then each
         group is synthesised, so one task's Python glue overlaps another's compiled work and a
         chunk's short lanes still run four at a time. On a CUDA device all lanes of all groups go to
-        the GPU in one launch. Version-1 groups decode segment by segment."""
+        the GPU in one launch. Version-1 groups decode segment by segment.
+
+        A chained level (version 5) decodes each layer from the previous layer's reconstruction of the same
+        tokens, kept in ``chain``: the caller's (one per read of one context, carried over its calls in layer
+        order), else a fresh one for this call alone, which must then be given every layer of its tokens from
+        layer 0 (a layer whose layer before is missing from the call: InputError). Never on the codec, which
+        other reads share."""
 
         if not groups:
             return
@@ -644,7 +696,7 @@ class KvqCodec:
             if sum(seg.shape[1] for _, seg in parts) != out.shape[1] or out.device != device:
                 raise ValueError("segments do not tile their output")
         if self.profile.chained:
-            self._decode_chained(groups, threads)
+            self._decode_chained(groups, threads, chain)
             return
         if device.type != "cpu":
             self._decode_on_gpu(groups)
@@ -695,10 +747,12 @@ class KvqCodec:
             else:
                 out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
 
-    def _decode_chained(self, groups, threads: int | None) -> None:
+    def _decode_chained(self, groups, threads: int | None, chain: ChainState | None = None) -> None:
         """A chained profile's read: the lanes of every batch on the pool, as :meth:`_decode_batch`; then the
         (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c).
-        Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet)."""
+        Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet). The reconstructions
+        live in ``chain``, else in a state of this call's own."""
+        state = chain if chain is not None else ChainState()
         on_cpu = []
         for parts, out in groups:
             host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
@@ -724,7 +778,7 @@ class KvqCodec:
             for (out, layer, k, first, off, lead, ranges), coef in work:
                 H, T, D = out.shape
                 c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
-                self._chain_synthesise(c, layer, k, first, out, lead, ranges)
+                self._chain_synthesise(state, c, layer, k, first, out, lead, ranges)
 
         run_tasks(synthesise, [()], 1, torch_single=True)
         for _, host, out in on_cpu:

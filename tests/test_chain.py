@@ -12,7 +12,7 @@ from kvc.codec.base import Segment
 from kvc.codec.levels import LEVEL_SCALES
 from kvc.codec.profile import Profile, add_chain, fit_profile
 from kvc.codec.registry import build_codec, level_entry
-from kvc.errors import FormatError, ProfileError
+from kvc.errors import FormatError, InputError, ProfileError
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
          "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 3]
@@ -114,6 +114,7 @@ def test_chain_round_trip_file_within_bound_and_chunk_by_chunk(tiny_llama, chain
     dec_codec = build_codec(level_entry(level, chained), chained)
     if hasattr(enc_codec, "bind_tokens"):
         enc_codec.bind_tokens(kv.token_ids)
+    enc_chain, dec_chain = enc_codec.new_chain(), dec_codec.new_chain()  # this context's encode's, its read's
     for index, c in enumerate(f.header["chunks"]):
         enc, payload = next(iter(f._container.payloads([index], level)))
         view, off = memoryview(payload), 0
@@ -122,21 +123,49 @@ def test_chain_round_trip_file_within_bound_and_chunk_by_chunk(tiny_llama, chain
             kind = ("key", "value")[k]
             t = getattr(kv.layers[layer], kind)[:, c["start"] : c["end"]].contiguous()
             seg = Segment(layer, kind, c["start"], tuple(t.shape), t.dtype)
-            blob = enc_codec.encode(t, seg)
+            blob = enc_codec.encode(t, seg, chain=enc_chain)
             assert blob == bytes(view[off : off + length]), (index, s)
             off += length
-            got = dec_codec.decode(blob, seg)
+            got = dec_codec.decode(blob, seg, chain=dec_chain)
             assert torch.equal(got, getattr(whole.layers[layer], kind)[:, c["start"] : c["end"]])
 
 
 def test_chain_needs_the_layer_before(chained):
+    """Layer l > 0 encodes and decodes only after layer l−1 of the same tokens, in the same call or with the same
+    chain state: never from what another call left on the (shared) codec."""
     codec = build_codec(level_entry("balanced", chained), chained)
+    assert codec.chained and codec.new_chain() is not codec.new_chain()
     t = torch.randn(chained.heads, 20, chained.key_dim)
+    seg0, seg1 = (Segment(layer, kind, 8, tuple(t.shape), t.dtype) for layer, kind in ((0, "key"), (1, "key")))
     with pytest.raises(ValueError, match="layer 1 after layer 0"):
-        codec.encode(t, Segment(1, "key", 8, tuple(t.shape), t.dtype))
-    blob = codec.encode(t, Segment(0, "key", 8, tuple(t.shape), t.dtype))
-    with pytest.raises(FormatError, match="layer 1 after layer 0"):  # decoding: the file does not fit the profile
-        codec.decode(blob, Segment(1, "key", 8, tuple(t.shape), t.dtype))
+        codec.encode(t, seg1)
+    blob0 = codec.encode(t, seg0)
+    with pytest.raises(ValueError, match="layer 1 after layer 0"):  # the encode before is not this one
+        codec.encode(t, seg1)
+    enc = codec.new_chain()
+    blob0 = codec.encode(t, seg0, chain=enc)
+    value0 = Segment(0, "value", 8, (chained.heads, 20, chained.value_dim), t.dtype)
+    v = torch.randn(value0.shape)
+    blobv = codec.encode(v, value0, chain=enc)
+    blob1 = codec.encode(t, seg1, chain=enc)
+    with pytest.raises(InputError, match="layer 1 after layer 0"):  # a read of layer 1 alone: a caller's mistake
+        codec.decode(blob1, seg1)
+    codec.decode(blob0, seg0)
+    codec.decode(blobv, value0)
+    with pytest.raises(InputError, match="layer 1 after layer 0"):  # what an earlier read decoded is not kept
+        codec.decode(blob1, seg1)
+    dec = codec.new_chain()
+    for blob, seg in ((blob0, seg0), (blobv, value0)):
+        codec.decode(blob, seg, chain=dec)
+    one = codec.decode(blob1, seg1, chain=dec)
+    together = [torch.empty(s.shape) for s in (seg0, value0, seg1)]
+    codec.decode_many([([(b, s)], o) for b, s, o in zip((blob0, blobv, blob1), (seg0, value0, seg1), together)])
+    assert torch.equal(one, together[2])
+    shifted = Segment(0, "key", 9, tuple(t.shape), t.dtype)  # layer 0 of other tokens: the file does not fit
+    other = Segment(0, "value", 9, value0.shape, t.dtype)
+    with pytest.raises(FormatError, match="layer 1 after layer 0"):
+        codec.decode_many([([(blob0, shifted)], torch.empty(t.shape)), ([(blobv, other)], torch.empty(v.shape)),
+                           ([(blob1, seg1)], torch.empty(t.shape))])
 
 
 def test_chain_with_fine_tokens(tiny_llama, chained):
@@ -174,3 +203,81 @@ def test_chain_with_fine_tokens(tiny_llama, chained):
         for (key, value), w in zip(part, whole.layers):
             assert torch.equal(key, w.key[:, c["start"] : c["end"]])
             assert torch.equal(value, w.value[:, c["start"] : c["end"]])
+
+
+def _chunks(f, level):
+    for index, c in enumerate(f.header["chunks"]):
+        enc, payload = next(iter(f._container.payloads([index], level)))
+        yield index, c, enc, payload
+
+
+def test_shared_codec_decodes_two_contexts_concurrently(tiny_llama, chained, monkeypatch):
+    """One codec object (the streaming loader's process-wide cache hands the same one to every load of a level)
+    decoding two different contexts of the same length and chunking from two threads at once: each gets exactly
+    what it gets alone. The threads are held in lockstep at every reconstruction, so that a chain memory kept on
+    the codec (keyed by layer and token range, not by read) would hand one read the other's layer before."""
+    import threading
+
+    from kvc.codec.kvq import KvqCodec
+    from kvc.streaming.loader import open_stream
+
+    level = "balanced"
+    kvs = [_kv(tiny_llama, TEXTS[0], 56), _kv(tiny_llama, TEXTS[1], 56)]
+    assert kvs[0].token_ids != kvs[1].token_ids
+    files = [kvc.encode_kv(kv, {"name": "tiny"}, [level], chunk_tokens=16, profile=chained, embed_profile=True)
+             for kv in kvs]
+    streams = [open_stream(data) for data in files]
+    shared = streams[0].codec(level)
+    assert streams[1].codec(level) is shared  # the loader's cache: one codec for both loads
+    opened = [kvc.open(data) for data in files]
+    alone = []
+    for f in opened:
+        alone.append([kvc.api.decode_chunk(f.header, f._codec(level), i, enc, payload, f.dtype)
+                      for i, _, enc, payload in _chunks(f, level)])
+    for f, want in zip(opened, alone):  # and chunk by chunk is the whole read
+        whole = f.read(level)
+        for (_, c, _, _), part in zip(_chunks(f, level), want):
+            for (key, value), w in zip(part, whole.layers):
+                assert torch.equal(key, w.key[:, c["start"] : c["end"]])
+                assert torch.equal(value, w.value[:, c["start"] : c["end"]])
+
+    def together(lockstep: bool) -> list:
+        barrier = threading.Barrier(2, timeout=5)
+        original = KvqCodec._chain_reconstruct
+        if lockstep:
+            def held(self, *args, **kwargs):
+                out = original(self, *args, **kwargs)
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    pass
+                return out
+
+            monkeypatch.setattr(KvqCodec, "_chain_reconstruct", held)
+        got: list = [None, None]
+        errors: list = []
+
+        def run(j: int) -> None:
+            try:
+                f = opened[j]
+                got[j] = [kvc.api.decode_chunk(f.header, shared, i, enc, payload, f.dtype)
+                          for i, _, enc, payload in _chunks(f, level)]
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        monkeypatch.setattr(KvqCodec, "_chain_reconstruct", original)
+        assert not errors, errors
+        return got
+
+    for lockstep in (True, False, False, False):
+        got = together(lockstep)
+        for j in (0, 1):
+            for part, ref in zip(got[j], alone[j]):
+                for (key, value), (k0, v0) in zip(part, ref):
+                    assert torch.equal(key, k0) and torch.equal(value, v0), (lockstep, j)
