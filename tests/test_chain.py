@@ -281,3 +281,17 @@ def test_shared_codec_decodes_two_contexts_concurrently(tiny_llama, chained, mon
             for part, ref in zip(got[j], alone[j]):
                 for (key, value), (k0, v0) in zip(part, ref):
                     assert torch.equal(key, k0) and torch.equal(value, v0), (lockstep, j)
+
+
+def test_verify_deep_reencodes_a_chained_level(tiny_llama, chained):
+    """kvc verify --deep re-encodes the prefill with its own chain states (an encode's and a decode's, layers in
+    order per chunk) and reproduces every segment of a chained level."""
+    from kvc.runtime.prefill import tokenize
+    from kvc.verify import verify
+
+    ids = tokenize(tiny_llama, TEXTS[1])[:70]
+    data = kvc.encode_tokens(tiny_llama, ids, levels=["balanced"], chunk_tokens=32, profile=chained,
+                             embed_profile=True)
+    report = verify(kvc.open(data), deep=True, lm=tiny_llama)
+    assert report["ok"], report
+    assert report["levels"]["balanced"]["segments_not_reproduced"] == 0
