@@ -157,6 +157,8 @@ def run_codec(codec, kv: ContextKV, size_fn=len):
     layers = []
     if hasattr(codec, "bind_tokens"):  # kvq levels with fine tokens find them by token id
         codec.bind_tokens(kv.token_ids)
+    chains = (codec.new_chain(), codec.new_chain()) if hasattr(codec, "new_chain") else (None, None)
+    enc_extra, dec_extra = ({"chain": c} if c is not None else {} for c in chains)  # a chained level's own
     for li, lay in enumerate(kv.layers):
         parts = {}
         for kind in ("key", "value"):
@@ -166,9 +168,9 @@ def run_codec(codec, kv: ContextKV, size_fn=len):
                 x = t[:, a : a + CHUNK].contiguous()
                 seg = Segment(li, kind, lay.start + a, tuple(x.shape), t.dtype)
                 t0 = time.perf_counter()
-                blob = codec.encode(x, seg)
+                blob = codec.encode(x, seg, **enc_extra)
                 t1 = time.perf_counter()
-                y = codec.decode(blob, seg)
+                y = codec.decode(blob, seg, **dec_extra)
                 t2 = time.perf_counter()
                 enc_s += t1 - t0
                 dec_s += t2 - t1

@@ -8,6 +8,10 @@ Fits on ``calibration_essays()`` only (never the evaluation essays) and writes
 (``kvc.codec.profile.add_mix``: the same bytes as a whole refit, in a minute instead of ~14: only the mix
 depends on anything new).
 
+``--chain-from PROFILE [OUT]`` makes a version-5 profile (each layer predicted from the one before,
+``kvc.codec.profile.add_chain``) from a version-2/3/4 one fitted on the same essays, closed loop at the
+``balanced`` scale; the prototype SmolLM2 one was made from ``codec/profiles/optional/smollm2-135m-mix.kvcp``.
+
 ``--fine-from PROFILE [OUT]`` gives a profile the fine tokens a whole refit measures as its last step
 (``kvc.codec.profile.add_fine_tokens`` on the same essays): how the shipped default and the optional mixed
 profile got theirs from the profiles they replace (kept under ``codec/profiles/superseded/``)."""
@@ -39,6 +43,11 @@ if __name__ == "__main__":
         from kvc.codec.profile import Profile, add_mix
 
         prof = add_mix(Profile.load(args[1]), lm, texts, on_progress=default_progress() or _plain)
+        args = args[2:]
+    elif args[:1] == ["--chain-from"]:
+        from kvc.codec.profile import Profile, add_chain
+
+        prof = add_chain(Profile.load(args[1]), lm, texts, on_progress=default_progress() or _plain)
         args = args[2:]
     elif args[:1] == ["--fine-from"]:
         from kvc.codec.profile import Profile, add_fine_tokens

@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FIXTURE_VERSION = "kvc-fuzz-fixtures-3"
+FIXTURE_VERSION = "kvc-fuzz-fixtures-4"
 TEXT = "KV caches let a model skip re-reading a long context. Compression makes them cheap to store. " * 6
 CONTEXT_TOKENS = 72
 CHUNK_TOKENS = 16
@@ -77,9 +77,10 @@ FIXTURES = {  # name -> (tiny model, levels, embed the profile)
     "mixed": ("llama", ["balanced"], True),  # a version-4 profile (coefficients mixed across heads), embedded
     "layer-theta": ("gemma3", ["balanced"], True),  # a version-3 profile (a rotary base per layer), embedded
     "fine": ("llama", ["balanced"], True),  # a profile with fine tokens: kvq segment version 3, embedded
+    "chain": ("llama", ["balanced"], True),  # a version-5 profile (each layer predicted from the one before)
 }
 # The profile each fixture is encoded with (default "llama", version 2): profile files in the fixture folder.
-FIXTURE_PROFILES = {"mixed": "llama-mix", "layer-theta": "gemma3", "fine": "llama-fine"}
+FIXTURE_PROFILES = {"mixed": "llama-mix", "layer-theta": "gemma3", "fine": "llama-fine", "chain": "llama-chain"}
 ARCHS = ("llama", "gemma2", "gemma3")
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MB = 1 << 20
@@ -124,7 +125,7 @@ def build_fixtures(folder: Path, model_dirs: dict[str, Path] | None = None) -> P
 
 def _build(folder: Path) -> None:
     import kvc
-    from kvc.codec.profile import add_mix, fit_profile
+    from kvc.codec.profile import add_chain, add_mix, fit_profile
     from kvc.runtime.loading import load_model
     from tests.tiny_models import build_tiny_model
 
@@ -139,10 +140,11 @@ def _build(folder: Path) -> None:
     profiles = {"llama": fit_profile(models["llama"], texts, **fit)}
     profiles["llama-mix"] = add_mix(profiles["llama"], models["llama"], texts, tokens=64)
     profiles["gemma3"] = fit_profile(models["gemma3"], texts, **fit)
+    profiles["llama-chain"] = add_chain(profiles["llama-mix"], models["llama"], texts, tokens=64)
     ids = kvc.tokenize(models["llama"], TEXT)[:CONTEXT_TOKENS]  # its two most frequent tokens are fine ones
     profiles["llama-fine"] = profiles["llama"].with_fine_tokens(
         {"ids": sorted(sorted(set(ids), key=lambda i: (-ids.count(i), i))[:2]), "shift": 1})
-    assert (profiles["llama"].version, profiles["llama-mix"].version, profiles["gemma3"].version) == (2, 4, 3)
+    assert [profiles[n].version for n in ("llama", "llama-mix", "gemma3", "llama-chain")] == [2, 4, 3, 5]
     for name, profile in profiles.items():
         profile.save(folder / f"{name}.kvcp")
     for name, (arch, levels, embed) in FIXTURES.items():
@@ -657,7 +659,15 @@ def reencoded(rng: random.Random, fx: Fixtures, fixture: str, level: str, header
     else:
         piece += torch.randn(piece.shape, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) * 0.1
     seg = Segment(layer=s // 2, kind="value" if s % 2 else "key", start=lo, shape=(H, T, D), dtype=piece.dtype)
-    return codec.encode(piece.contiguous(), seg)
+    chain = codec.new_chain() if hasattr(codec, "new_chain") else None
+    if chain is None:
+        return codec.encode(piece.contiguous(), seg)
+    for before in range(s - s % 2):  # a chained level: the chunk's layers before it, genuine, into this encode's state
+        h, t, d, at = segment_shape(header, c, before)
+        prev = kv.layers[before // 2]
+        x = (prev.value if before % 2 else prev.key)[:, at - prev.start : at - prev.start + t].contiguous()
+        codec.encode(x, Segment(before // 2, "value" if before % 2 else "key", at, (h, t, d), x.dtype), chain=chain)
+    return codec.encode(piece.contiguous(), seg, chain=chain)
 
 
 def mutate_bytes(rng: random.Random, seg: bytes, others: list[bytes]) -> bytes:
@@ -1012,7 +1022,7 @@ def make_case(seed: int, fx: Fixtures, cap: int = DEFAULT_CAP) -> Case:
     family = rng.choices(list(FAMILIES), list(FAMILIES.values()))[0]
     if family == "profile":
         fixture = rng.choice(["embedded", "embedded", "mixed", "mixed", "layer-theta", "layer-theta", "fine", "fine",
-                              "balanced", "multi", "tiny", "high", "compact"])  # fmt: skip
+                              "chain", "chain", "balanced", "multi", "tiny", "high", "compact"])  # fmt: skip
     elif family == "bomb":
         fixture = rng.choice(["lossless", "multi", "sliding"])
     else:
@@ -1101,13 +1111,15 @@ def faithful(f, level: str, kv, truth) -> bool:
     codec = f._codec(level)
     if hasattr(codec, "bind_tokens"):
         codec.bind_tokens(truth.token_ids)
+    chains = (codec.new_chain(), codec.new_chain()) if hasattr(codec, "new_chain") else (None, None)
+    enc_extra, dec_extra = ({"chain": c} if c is not None else {} for c in chains)  # a chained level's own
     for chunk in f.header["chunks"]:
         for i, (got, ref) in enumerate(zip(kv.layers, truth.layers)):
             lo, hi = max(chunk["start"], ref.start), chunk["end"]
             for kind in ("key", "value") if hi > lo else ():
                 piece = getattr(ref, kind)[:, lo - ref.start : hi - ref.start].contiguous()
                 seg = Segment(layer=i, kind=kind, start=lo, shape=tuple(piece.shape), dtype=piece.dtype)
-                expect = codec.decode(codec.encode(piece, seg), seg)
+                expect = codec.decode(codec.encode(piece, seg, **enc_extra), seg, **dec_extra)
                 stored = getattr(got, kind)[:, lo - got.start : hi - got.start].contiguous()
                 if not torch.equal(expect.view(torch.uint8), stored.view(torch.uint8)):
                     return False

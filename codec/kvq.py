@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import struct
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from kvc.codec.quantizers import (
     unpack_sinks,
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq
-from kvc.errors import FormatError, ProfileError, VersionError
+from kvc.errors import FormatError, InputError, ProfileError, VersionError
 from kvc.workers import run_tasks
 
 CODEC_ID = "kvq"
@@ -100,6 +101,38 @@ def _fine_elements(fine: list[tuple]) -> list[tuple[np.ndarray, float]]:
     return [(np.concatenate(parts), factor) for factor, parts in by_factor.items()]
 
 
+class ChainState:
+    """The reconstructions one encode or one read of one context keeps for a chained (version-5) level: per token
+    range (first body position, body tokens), the last two layers' keys and values (float32 ``[T, H·dim]``), which
+    the next layer is predicted from (CODEC.md step 3c).
+
+    It belongs to that encode or read, never to the codec: codecs are shared (the streaming loader keeps one per
+    level for every load in the process), and two contexts of the same length would otherwise read each other's
+    layers for the same token range. :meth:`KvqCodec.decode_many` and :meth:`KvqCodec.encode_many` make a fresh
+    one per call unless the caller passes its own (``chain=``) to carry one context over several calls (layers
+    in order: 0, 1, …, for each token range)."""
+
+    def __init__(self) -> None:
+        self._memory: dict[tuple[int, int], dict[tuple[int, int], torch.Tensor]] = {}
+        self.layers: set[int] = set()  # every layer this state has been given, of any tokens
+        self._lock = threading.Lock()  # one context's calls are in order; this only keeps the dicts whole
+
+    def get(self, layer: int, first: int, count: int) -> list[torch.Tensor | None]:
+        """Layer ``layer``'s (key, value) reconstructions of tokens ``first..first+count`` (None where not kept)."""
+        with self._lock:
+            kept = self._memory.get((first, count), {})
+            return [kept.get((layer, k)) for k in (0, 1)]
+
+    def put(self, layer: int, k: int, first: int, count: int, recon: torch.Tensor) -> None:
+        """Keep ``recon``; of the same tokens only this layer's and the one before stay."""
+        with self._lock:
+            kept = self._memory.setdefault((first, count), {})
+            for old in [o for o in kept if not layer - 1 <= o[0] <= layer]:
+                del kept[old]
+            kept[(layer, k)] = recon
+            self.layers.add(layer)
+
+
 class KvqCodec:
     codec_id = CODEC_ID
     decodes_on_gpu = True  # decode_many writes into CUDA tensors through kvc.codec.rans.gpu
@@ -130,6 +163,16 @@ class KvqCodec:
         self._steps: dict[tuple[int, int], torch.Tensor] = {}
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freqs: dict[float, np.ndarray] = {}
+        # version 5's reconstructions live in a ChainState per encode or read, never here (codecs are shared)
+
+    @property
+    def chained(self) -> bool:
+        """Whether this level predicts each layer from the one before (profile version 5)."""
+        return self.profile.chained
+
+    def new_chain(self) -> ChainState | None:
+        """A fresh :class:`ChainState` for one context's encode or read, or None when the level is not chained."""
+        return ChainState() if self.profile.chained else None
 
     def bind_tokens(self, token_ids) -> None:
         """The context's token ids, which a level with fine tokens needs to encode (decoding reads the fine
@@ -269,6 +312,118 @@ class KvqCodec:
             self._mats[key] = (step, torch.from_numpy(analysis_matrix(R[None])[0]))
         return self._mats[key]
 
+    # ---- version 5: each layer predicted from the one before (CODEC.md step 3c) ----
+    def _chain_mats(self, layer: int, k: int, dim: int):
+        """A chained profile's per-(layer, kind) matrices: (predictor ``C`` float32 ``[H·Dk + H·Dv, H·dim]``,
+        ``G = float32(scale · Rᵀ)`` ``[H·dim, H·dim]``, per-head synthesis ``S_h = float32(diag(step_h)·B_hᵀ)``
+        ``[H, dim, dim]``, mean float32 ``[H, dim]``)."""
+        key = ("chain", layer, k)
+        if key not in self._mats:
+            p = self.profile
+            n = p.heads * dim
+            R = p.arrays["mix"][layer, k, :n, :n].astype(np.float64)
+            B = p.arrays["basis"][layer, k, :, :dim, :dim].astype(np.float64)  # [H, dim(j), dim(d)]
+            step = p.component_steps(layer, k)[:, :dim]  # [H, dim]
+            synth = (B * step[:, None, :]).transpose(0, 2, 1)  # S_h[d, j] = step[h, d] · B[h, j, d]
+            self._mats[key] = (torch.from_numpy(p.chain_matrix(layer, k).astype(np.float32)),
+                               torch.from_numpy((self.scale * R.T).astype(np.float32)),
+                               torch.from_numpy(synth.astype(np.float32)),
+                               torch.from_numpy(p.arrays["mean"][layer, k, :, :dim].astype(np.float32)))
+        return self._mats[key]
+
+    def _chain_prediction(self, state: ChainState, layer: int, k: int, dim: int, first: int, count: int,
+                          side: str) -> torch.Tensor:
+        """The prediction ``P [count, H·dim]`` (float32) of tokens ``first..first+count`` of (layer, kind): 0 for
+        layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions
+        ``state`` (this encode's or this read's) kept for exactly these tokens. Missing: when encoding a
+        ValueError; when decoding an InputError if this read has decoded no layer l−1 at all (a chained level
+        decodes every layer of its tokens, from 0, in one call or with one ``chain``), else a FormatError (the
+        file's layers do not tile the same tokens, so it does not fit the profile)."""
+        n = self.profile.heads * dim
+        if layer == 0:
+            return torch.zeros((count, n), dtype=torch.float32)
+        prev = state.get(layer - 1, first, count)
+        if prev[0] is None or prev[1] is None:
+            where = (f"layer {layer} after layer {layer - 1}'s keys and values of the same tokens "
+                     f"({first}..{first + count})")
+            if side == "encode":
+                raise ValueError(f"a chained (version-5) kvq level encodes {where}, in one encode_many call "
+                                 "or with one chain state")
+            if layer - 1 not in state.layers:
+                raise InputError(f"a chained (version-5) kvq level decodes {where}: give one read every layer of "
+                                 "its tokens from layer 0 (one decode_many call, or one chain state)")
+            raise FormatError(f"a chained (version-5) kvq level decodes {where}; this file's layers do not "
+                              "tile the same tokens")
+        return torch.mm(torch.cat(prev, dim=1), self._chain_mats(layer, k, dim)[0])
+
+    def _chain_reconstruct(self, q: torch.Tensor, pred: torch.Tensor, layer: int, k: int, dim: int) -> torch.Tensor:
+        """``Ŵ = P + q @ G`` (float32 ``addmm``): the step-scaled reconstruction from the symbols ``q [T, H·dim]``
+        (float32, fine rows already times ``2^−s``). Encoder and decoder both call this on one segment's rows."""
+        return torch.addmm(pred, q, self._chain_mats(layer, k, dim)[1])
+
+    def _chain_symbols(self, state: ChainState, x: torch.Tensor, start: int, layer: int, k: int, dim: int,
+                       ranges: list[tuple[int, int]]) -> np.ndarray:
+        """:meth:`_symbols` for a chained profile: body tokens ``x [H, T, dim]`` from ``start``, coded segment
+        by segment (``ranges``: (first row, rows)), each against the prediction from the previous layer's
+        reconstruction of its tokens, closed loop: every segment's reconstruction is computed as the decoder
+        computes it and kept for the next layer."""
+        H, T, _ = x.shape
+        n = H * dim
+        w = self._pre_symbols(x, start, layer, k, dim)  # [H, T, dim] PCA coefficients, float64
+        step, mix_analysis = self._mixing(layer, k, dim)
+        w.div_(step[:, None, :])
+        w = w.permute(1, 0, 2).reshape(T, n)  # token-major, a copy
+        fine = self._fine_rows(start, T)
+        factor = float(1 << self.fine_shift) if fine is not None else 1.0
+        q = torch.empty((T, n), dtype=torch.float64)
+        for r0, count in ranges:
+            pred = self._chain_prediction(state, layer, k, dim, start + r0, count, "encode")
+            y = (w[r0 : r0 + count] - pred.double()) @ mix_analysis
+            y.div_(self.scale)
+            rows = None
+            if fine is not None:
+                rows = torch.from_numpy(fine[(fine >= r0) & (fine < r0 + count)] - r0)
+                if len(rows):
+                    y[rows] *= factor
+            y.round_()
+            torch.nan_to_num(y, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=y)
+            y.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+            q[r0 : r0 + count] = y
+            qf = y.float()  # the decoder's float32 symbols (int → float32 rounds to nearest, as this does)
+            if rows is not None and len(rows):
+                qf[rows] *= np.float32(1.0 / factor)
+            recon = self._chain_reconstruct(qf, pred, layer, k, dim)
+            state.put(layer, k, start + r0, count, recon)
+        return q.reshape(T, H, dim).permute(1, 0, 2).to(torch.int64).numpy()
+
+    def _chain_synthesise(self, state: ChainState, coef: torch.Tensor, layer: int, k: int, first: int,
+                          out: torch.Tensor, lead: int, ranges: list[tuple[int, int]]) -> None:
+        """Decode side of step 3c for one (layer, kind): symbols ``coef [H, T, dim]`` (float32, fine rows
+        scaled) → per segment ``Ŵ = P + Q @ G`` (kept for the next layer) → per head ``x_h = Ŵ_h @ S_h + mean_h``
+        into ``out[:, lead:]``, then re-rotation and clamping as :meth:`_synthesise_into`."""
+        from kvc.codec.finish import finish_in_place
+
+        H, T, dim = coef.shape
+        n = H * dim
+        q = coef.permute(1, 0, 2).reshape(T, n)  # token-major (a copy)
+        recon = torch.empty((T, n), dtype=torch.float32)
+        for r0, count in ranges:
+            pred = self._chain_prediction(state, layer, k, dim, first + r0, count, "decode")
+            recon[r0 : r0 + count] = self._chain_reconstruct(q[r0 : r0 + count], pred, layer, k, dim)
+            state.put(layer, k, first + r0, count, recon[r0 : r0 + count])
+        _, _, synth, mean32 = self._chain_mats(layer, k, dim)
+        direct = out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
+        dest = out[:, lead:] if direct else torch.empty((H, T, dim), dtype=torch.float32)
+        for h in range(H):
+            torch.addmm(mean32[h], recon[:, h * dim : (h + 1) * dim], synth[h], out=dest[h])
+        cos = sin = None
+        if k == 0 and self.profile.rotary is not None:
+            cos, sin = (t.numpy() for t in self._cos_sin(layer, first, T))
+        finish_in_place(dest.numpy(), cos, sin)
+        if not direct:
+            big = _finite_range(out.dtype)
+            out[:, lead:] = dest.clamp_(-big, big).to(dtype=out.dtype, device=out.device)
+
     # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
     def table_bytes(self, layers: list[int]) -> int:
         """Memory of the coding tables a decode builds: version 2 builds every layer's at once (and a
@@ -361,22 +516,37 @@ class KvqCodec:
         return self._rmse_bound
 
     # ---- the contract ----
-    def encode(self, tensor: torch.Tensor, segment: Segment) -> bytes:
+    def encode(self, tensor: torch.Tensor, segment: Segment, chain: ChainState | None = None) -> bytes:
+        """One segment's bytes. A chained level encodes layer l > 0 only with the ``chain`` (:meth:`new_chain`)
+        that encoded layer l−1 of the same tokens."""
         if tuple(tensor.shape) != tuple(segment.shape):
             raise ValueError(f"tensor shape {tuple(tensor.shape)} != segment shape {tuple(segment.shape)}")
+        if self.profile.chained:  # its products run with one torch thread, as encode_many's and decode's do
+            return self.encode_many([(tensor, [segment])], threads=1, chain=chain)[0][0]
         return self._encode_group(tensor, [segment])[0]
 
-    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None):
+    def encode_many(self, groups: list[tuple[torch.Tensor, list[Segment]]], threads: int | None = None,
+                    chain: ChainState | None = None):
         """Encode each (layer, kind)'s whole tensor ``[H, T, D]`` at once: the transforms run over all its
         tokens in one pass, then its segments (which tile it in order) are cut and coded, every lane of
         the layer in one kernel call. Groups run on a thread pool as in :meth:`decode_many`. The bytes
-        are exactly what :meth:`encode` writes segment by segment."""
+        are exactly what :meth:`encode` writes segment by segment.
+
+        A chained level keeps the reconstructions it predicts the next layer from in ``chain``: the caller's
+        (one per context, carried over the calls that encode its layers in order), else a fresh one for this
+        call alone, which must then hold layer 0 of its tokens onward."""
 
         results: list[list[bytes] | None] = [None] * len(groups)
+        state = (chain if chain is not None else ChainState()) if self.profile.chained else None
 
         def task(i: int) -> None:
-            results[i] = self._encode_group(*groups[i])
+            results[i] = self._encode_group(*groups[i], state)
 
+        if self.profile.chained:  # layer l needs layer l−1's reconstruction: layers in order, one at a time
+            first = [groups[i][1][0] for i in range(len(groups))]
+            order = sorted(range(len(groups)), key=lambda i: (first[i].layer, _KINDS.get(first[i].kind, 0)))
+            run_tasks(lambda: [task(i) for i in order], [()], 1, torch_single=True)
+            return results  # type: ignore[return-value]
         run_tasks(task, [(i,) for i in range(len(groups))], threads, torch_single=True)
         return results  # type: ignore[return-value]
 
@@ -386,22 +556,7 @@ class KvqCodec:
         The same operations, in the same order, as ``quantize_uniform(bmm(unrotate_keys(clamp(nan_to_num(
         x.double()))) - mean, analysis), step)`` (so the same bits), but done in place on one float64
         working copy: a layer's encode holds two float64 frames at a time instead of six."""
-        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
-        torch.nan_to_num(w, nan=0.0, out=w)
-        big = _finite_range(x.dtype)
-        w.clamp_(-big, big)
-        if k == 0 and self.profile.rotary is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
-            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq(layer))
-            half = w.shape[-1] // 2
-            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
-            r.mul_(sin)
-            w.mul_(cos)
-            w.sub_(r)
-            del r
-        mean, analysis, *_ = self._matrices(layer, k, dim)
-        w.sub_(mean[:, None, :])
-        coef = torch.bmm(w, analysis)
-        del w
+        coef = self._pre_symbols(x, start, layer, k, dim)
         if self.profile.mixed:  # CODEC.md step 3b: over the steps, then across the heads
             step, mix_analysis = self._mixing(layer, k, dim)
             coef.div_(step[:, None, :])
@@ -417,7 +572,26 @@ class KvqCodec:
         coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
         return coef.to(torch.int64).numpy()
 
-    def _encode_group(self, tensor: torch.Tensor, segments: list[Segment]) -> list[bytes]:
+    def _pre_symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> torch.Tensor:
+        """Steps 2–3 of :meth:`_symbols`: the per-head PCA coefficients ``[H, T, dim]`` (float64) of ``x``."""
+        w = x.to(torch.float64, copy=True)  # never the caller's tensor, even when it is float64 already
+        torch.nan_to_num(w, nan=0.0, out=w)
+        big = _finite_range(x.dtype)
+        w.clamp_(-big, big)
+        if k == 0 and self.profile.rotary is not None:  # unrotate_keys: w * cos - rotate_half(w) * sin
+            cos, sin = rope_cos_sin(start, w.shape[1], self._inv_freq(layer))
+            half = w.shape[-1] // 2
+            r = torch.cat([-w[..., half:], w[..., :half]], dim=-1)
+            r.mul_(sin)
+            w.mul_(cos)
+            w.sub_(r)
+            del r
+        mean, analysis, *_ = self._matrices(layer, k, dim)
+        w.sub_(mean[:, None, :])
+        return torch.bmm(w, analysis)
+
+    def _encode_group(self, tensor: torch.Tensor, segments: list[Segment],
+                      state: ChainState | None = None) -> list[bytes]:
         from kvc.codec.rans import cpu
 
         if sum(s.shape[1] for s in segments) != tensor.shape[1]:
@@ -425,7 +599,6 @@ class KvqCodec:
         layer, k, dim = self._dims(segments[0])
         H, T, D = tensor.shape
         lead = sink_count(segments[0].start, T, self.sinks)  # sinks lead the layer (positions < sinks)
-        q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim) if T > lead else None
         pieces, at, body_at, fines = [], 0, 0, []
         for seg in segments:
             t = seg.shape[1]
@@ -436,6 +609,13 @@ class KvqCodec:
             fines.append(self._fine_rows(seg.start + n_sink, body))
             at += t
             body_at += body
+        q = None
+        if T > lead and self.profile.chained:  # closed loop, segment by segment (CODEC.md step 3c)
+            q = self._chain_symbols(state if state is not None else ChainState(), tensor[:, lead:],
+                                    segments[0].start + lead, layer, k, dim,
+                                    [(b0, body) for _, b0, body in pieces if body])
+        elif T > lead:
+            q = self._symbols(tensor[:, lead:], segments[0].start + lead, layer, k, dim)
         # every lane of the layer in one call; a segment's symbols are channel-major: [H·D, body]
         bank, model0 = self.channel_models(layer, k)
         lo, hi, models, outs, tokens, coded, owners, offset = [], [], [], [], [], [], [], 0
@@ -483,12 +663,15 @@ class KvqCodec:
             for i, ((sinks, _, body), flagged, fine) in enumerate(zip(pieces, flagged_per, fines))
         ]  # fmt: skip
 
-    def decode(self, data: bytes, segment: Segment) -> torch.Tensor:
+    def decode(self, data: bytes, segment: Segment, chain: ChainState | None = None) -> torch.Tensor:
+        """One segment, decoded. A chained level decodes layer l > 0 only with the ``chain`` (:meth:`new_chain`)
+        that decoded layer l−1 of the same tokens (else InputError)."""
         out = torch.empty(segment.shape, dtype=segment.dtype)
-        self.decode_many([([(data, segment)], out)], threads=1)
+        self.decode_many([([(data, segment)], out)], threads=1, chain=chain)
         return out
 
-    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None):
+    def decode_many(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]], threads: int | None = None,
+                    chain: ChainState | None = None):
         """Decode many segments straight into their output tensors.
 
         Each group is one (layer, kind)'s consecutive segments and the ``[H, T, D]`` tensor (in the
@@ -498,7 +681,13 @@ class KvqCodec:
         all its lanes decoded by numba kernels (GIL released) into float32 coefficients, then each
         group is synthesised, so one task's Python glue overlaps another's compiled work and a
         chunk's short lanes still run four at a time. On a CUDA device all lanes of all groups go to
-        the GPU in one launch. Version-1 groups decode segment by segment."""
+        the GPU in one launch. Version-1 groups decode segment by segment.
+
+        A chained level (version 5) decodes each layer from the previous layer's reconstruction of the same
+        tokens, kept in ``chain``: the caller's (one per read of one context, carried over its calls in layer
+        order), else a fresh one for this call alone, which must then be given every layer of its tokens from
+        layer 0 (a layer whose layer before is missing from the call: InputError). Never on the codec, which
+        other reads share."""
 
         if not groups:
             return
@@ -506,6 +695,9 @@ class KvqCodec:
         for parts, out in groups:
             if sum(seg.shape[1] for _, seg in parts) != out.shape[1] or out.device != device:
                 raise ValueError("segments do not tile their output")
+        if self.profile.chained:
+            self._decode_chained(groups, threads, chain)
+            return
         if device.type != "cpu":
             self._decode_on_gpu(groups)
             return
@@ -523,7 +715,8 @@ class KvqCodec:
     def _plan(self, groups) -> tuple[list[tuple], list[tuple], int, list[tuple]]:
         """Parses the groups and places their sinks (version-1 groups are decoded right there); returns
         (per group with body tokens: (out, layer, kind, first body position, offset of its coefficient
-        block, sink tokens leading it), the bodies for :meth:`_lane_job`, coefficients in all, the fine
+        block, sink tokens leading it, its segments' (first row, rows) in the block), the bodies for
+        :meth:`_lane_job`, coefficients in all, the fine
         rows to scale: (block offset, [H, T, D] of the block, rows in it, factor))."""
         plans, offset, bodies, fine = [], 0, [], []
         for parts, out in groups:
@@ -537,18 +730,69 @@ class KvqCodec:
                 bodies += [(p, layer, k, offset, T - lead) for p in self._bodies(parsed)]
                 fine += [(offset, (H, T - lead, D), t0 + p.fine, 2.0**-p.shift)
                          for p, t0 in self._bodies(parsed) if p.fine is not None and len(p.fine)]
-                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead))
+                ranges = [(t0, p.body) for p, t0 in self._bodies(parsed)]
+                plans.append((out, layer, k, parsed[0].segment.start + lead, offset, lead, ranges))
                 offset += H * (T - lead) * D
         return plans, bodies, offset, fine
 
     def _decode_batch(self, groups: list[tuple[list[tuple[bytes, Segment]], torch.Tensor]]) -> None:
         """Some (layer, kind)s' segments into their outputs on the CPU: one lane job, then one
         synthesis per group."""
+        plans, coef = self._decode_symbols(groups)
+        for out, layer, k, first, off, lead, _ in plans:
+            H, T, D = out.shape
+            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+            if out.dtype == torch.float32 and out.is_contiguous():
+                self._synthesise_into(c, layer, k, first, out, lead)
+            else:
+                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+
+    def _decode_chained(self, groups, threads: int | None, chain: ChainState | None = None) -> None:
+        """A chained profile's read: the lanes of every batch on the pool, as :meth:`_decode_batch`; then the
+        (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c).
+        Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet). The reconstructions
+        live in ``chain``, else in a state of this call's own."""
+        state = chain if chain is not None else ChainState()
+        on_cpu = []
+        for parts, out in groups:
+            host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
+            on_cpu.append((parts, host, out))
+        batches, batch, size = [], [], 0
+        for parts, host, _ in on_cpu:
+            batch.append((parts, host))
+            size += host.numel()
+            if size >= BATCH_COEFFICIENTS:
+                batches.append((batch,))
+                batch, size = [], 0
+        if batch:
+            batches.append((batch,))
+        decoded: list[tuple[list, np.ndarray]] = []
+
+        def lanes(batch) -> None:
+            decoded.append(self._decode_symbols(batch))
+
+        run_tasks(lanes, batches, threads, torch_single=True)
+        work = sorted(((plan, coef) for plans, coef in decoded for plan in plans), key=lambda pc: (pc[0][1], pc[0][2]))
+
+        def synthesise() -> None:
+            for (out, layer, k, first, off, lead, ranges), coef in work:
+                H, T, D = out.shape
+                c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
+                self._chain_synthesise(state, c, layer, k, first, out, lead, ranges)
+
+        run_tasks(synthesise, [()], 1, torch_single=True)
+        for _, host, out in on_cpu:
+            if host is not out:
+                out.copy_(host)
+
+    def _decode_symbols(self, groups) -> tuple[list[tuple], np.ndarray]:
+        """(the groups' plans (:meth:`_plan`), their symbols as float32 coefficients, fine rows scaled): sinks
+        placed, every lane decoded on the CPU, nothing synthesised."""
         from kvc.codec.rans import cpu
 
         plans, bodies, offset, fine = self._plan(groups)
         if not plans:
-            return
+            return [], np.empty(0, dtype=np.float32)
         coef = np.empty(offset, dtype=np.float32)
         job, owners, zero = self._lane_job(bodies)
         cpu.zero_channels(coef, zero["at"], zero["tokens"], zero["stride"])  # channels no lane writes are 0
@@ -559,13 +803,7 @@ class KvqCodec:
                 self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for idx, factor in _fine_elements(fine):  # symbols in finer steps: q · 2**-s (exact in float32)
             coef[idx] *= np.float32(factor)
-        for out, layer, k, first, off, lead in plans:
-            H, T, D = out.shape
-            c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
-            if out.dtype == torch.float32 and out.is_contiguous():
-                self._synthesise_into(c, layer, k, first, out, lead)
-            else:
-                out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
+        return plans, coef
 
     def _decode_on_gpu(self, groups) -> None:
         """Every lane of every group in one GPU launch, then one synthesis per group on the device."""
@@ -582,7 +820,7 @@ class KvqCodec:
                     self._check_lanes(status[bad[:1]], *owners(bad[0]))
         for idx, factor in _fine_elements(fine):  # one transfer and one scatter per shift, not per segment
             coef[torch.from_numpy(idx).to(coef.device)] *= factor
-        for out, layer, k, first, off, lead in plans:
+        for out, layer, k, first, off, lead, _ in plans:
             H, T, D = out.shape
             c = coef[off : off + H * (T - lead) * D].view(H, T - lead, D)
             out[:, lead:] = self._synthesise(c, layer, k, first, out.dtype)
@@ -775,7 +1013,10 @@ class KvqCodec:
 
     def model_bits(self, tensor: torch.Tensor, segment: Segment) -> tuple[float, int]:
         """(information content under the float models, rANS bits actually written) for the coder-efficiency
-        check; each escape's excess counts 32 bits on both sides (it is stored raw)."""
+        check; each escape's excess counts 32 bits on both sides (it is stored raw). Not for a chained
+        profile, whose symbols depend on the previous layer's reconstruction."""
+        if self.profile.chained:
+            raise NotImplementedError("model_bits codes one segment alone: a chained profile needs the layer before")
         layer, k, dim = self._dims(segment)
         H, T, D = segment.shape
         n_sink = sink_count(segment.start, T, self.sinks)

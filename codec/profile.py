@@ -28,7 +28,7 @@ import torch
 from kvc.errors import FormatError, ProfileError, VersionError
 
 MAGIC = b"KVCPROF\x00"
-VERSION = 4  # the newest profile version this kvc reads (fit_profile writes 2 or 3; 4 with mix=True)
+VERSION = 5  # the newest profile version this kvc reads (fit_profile writes 2 or 3; 4 with mix=True; 5: add_chain)
 MAX_HEADER = 1 << 20
 MAX_FILE = 256 << 20
 MAX_LAYERS, MAX_HEADS, MAX_DIM, MAX_SINKS = 1024, 1024, 1024, 1 << 16
@@ -41,6 +41,7 @@ _FIELDS_V1 = {  # name -> dtype; shapes come from the header
 }
 _FIELDS = {**_FIELDS_V1, "step": "float32"}  # version 2: one base step per (layer, kind, head, coefficient)
 _FIELDS_V4 = {**_FIELDS, "mix": "float16"}  # version 4: one rotation across the heads of each (layer, kind)
+_FIELDS_V5 = {**_FIELDS_V4, "chain": "float32"}  # version 5: each layer predicted from the one before (add_chain)
 FISHER_SAMPLES = 8  # sampled continuations per sensitivity text for the per-coefficient sensitivity
 IDENTITY_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256")
 
@@ -70,7 +71,10 @@ class Profile:
         """4 when coefficients are mixed across heads (``mix``; ``rotary.layer_theta`` optional), 3 when keys
         are un-rotated with a base per layer (``rotary.layer_theta``; it holds ``step`` too), 2 when the
         profile holds per-coefficient steps (``step``), else 1. Each version is the oldest that can describe
-        the profile, so profiles that need nothing new keep the version older kvc reads."""
+        the profile, so profiles that need nothing new keep the version older kvc reads. 5 when each layer's
+        step-scaled coefficients are predicted from the layer before's reconstruction (``chain``, with ``mix``)."""
+        if "chain" in self.arrays:
+            return 5
         if "mix" in self.arrays:
             return 4
         if self.rotary is not None and self.rotary.get("layer_theta") is not None:
@@ -82,6 +86,20 @@ class Profile:
         """Whether the coded coefficients are the per-head PCA coefficients over their steps, rotated
         across the heads of their (layer, kind) by ``mix`` (version 4; CODEC.md step 3b)."""
         return "mix" in self.arrays
+
+    @property
+    def chained(self) -> bool:
+        """Whether each layer's step-scaled coefficients are predicted from the previous layer's reconstructed
+        keys and values, and ``mix`` rotates the residual (version 5; CODEC.md step 3c)."""
+        return "chain" in self.arrays
+
+    def chain_matrix(self, layer: int, k: int) -> np.ndarray:
+        """The float32 predictor ``[H·Dk + H·Dv, H·dim]`` of (layer, kind) from the layer before: rows are the
+        previous layer's reconstructed step-scaled keys (``h·Dk + d``) then values (``H·Dk + h·Dv + d``), columns
+        this kind's (``h·dim + d``); the used block of ``chain[layer, k]``."""
+        return self.arrays["chain"][layer, k][np.ix_(_chain_rows(self.heads, self.key_dim, self.value_dim),
+                                                     _chain_cols(self.heads, self.key_dim if k == 0 else self.value_dim,
+                                                                 max(self.key_dim, self.value_dim)))]
 
     def coded_steps(self, layer: int | None = None, k: int | None = None) -> np.ndarray:
         """float64 base steps of the coefficients the coder sees, shaped as :meth:`component_steps`: the
@@ -121,7 +139,7 @@ class Profile:
             raise ProfileError("a profile with per-layer rotary bases needs per-coefficient steps (version 3)")
         if self.rotary is not None:  # never write what no reader would take back
             self.rotary = check_rotary(self.rotary, self.layers, self.key_dim, version, ProfileError)
-        for name, dtype in (_FIELDS_V4 if version >= 4 else _FIELDS if version >= 2 else _FIELDS_V1).items():
+        for name, dtype in _fields(version).items():
             arr = np.ascontiguousarray(self.arrays[name], dtype=_DTYPES[dtype])
             data = arr.tobytes()
             tensors.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
@@ -200,9 +218,10 @@ class Profile:
         need(all(type(v) in (str, type(None)) for v in identity.values()), "identity values must be strings")
         need(type(header.get("fit", {})) in (dict, type(None)), "fit must be an object")
         D = max(kd, vd)
-        fields = _FIELDS_V4 if version >= 4 else _FIELDS if version >= 2 else _FIELDS_V1
+        fields = _fields(version)
         expect = {"mean": (L, 2, H, D), "basis": (L, 2, H, D, D), "sigma": (L, 2, H, D), "mix": (L, 2, H * D, H * D),
-                  "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H), "step": (L, 2, H, D)}
+                  "cdf": (L, 2, GRID[2]), "base_step": (L, 2, H), "sensitivity": (L, 2, H), "step": (L, 2, H, D),
+                  "chain": (L, 2, 2 * H * D, H * D)}
         expect = {name: expect[name] for name in fields}
         # Python integers: no overflow, and the whole blob must back every tensor before any is read.
         needed = sum(math.prod(shape) * _DTYPES[fields[name]].itemsize for name, shape in expect.items())
@@ -234,6 +253,8 @@ class Profile:
         for name in ("basis", "mix"):  # the codec inverts them: they must be (float16-rounded) rotations
             if name in arrays and not _orthonormal(arrays[name]):
                 raise ProfileError(f"profile tensor {name!r} is not orthonormal: the file is corrupt")
+        if "chain" in arrays:
+            _check_chain(arrays["chain"], H, kd, vd)
         need(header.get("version") == version, "the header's version differs from the file's")
         rotary = header.get("rotary")
         if rotary is not None:
@@ -299,6 +320,39 @@ class Profile:
                 raise ProfileError(
                     f"profile {self.sha256[:16]}… was fitted for {self.identity.get('name')}, not for "
                     f"{identity.get('name')} (its {key.removesuffix('_sha256')} differs)")
+
+
+def _fields(version: int) -> dict[str, str]:
+    """The tensors (name -> dtype) a profile of ``version`` holds, in the order they are written."""
+    return _FIELDS_V5 if version >= 5 else _FIELDS_V4 if version >= 4 else _FIELDS if version >= 2 else _FIELDS_V1
+
+
+def _chain_rows(H: int, kd: int, vd: int) -> np.ndarray:
+    """Rows of a ``chain`` matrix ``[2·H·D, H·D]`` the codec reads: the previous layer's keys ``h·D + d`` (d < kd),
+    then its values ``H·D + h·D + d`` (d < vd), D = max(kd, vd)."""
+    D = max(kd, vd)
+    keys = (np.arange(H)[:, None] * D + np.arange(kd)[None, :]).ravel()
+    values = H * D + (np.arange(H)[:, None] * D + np.arange(vd)[None, :]).ravel()
+    return np.concatenate([keys, values])
+
+
+def _chain_cols(H: int, dim: int, D: int) -> np.ndarray:
+    """Columns of a ``chain`` matrix the codec reads for a kind of ``dim``: ``h·D + d``, d < dim."""
+    return (np.arange(H)[:, None] * D + np.arange(dim)[None, :]).ravel()
+
+
+def _check_chain(chain: np.ndarray, H: int, kd: int, vd: int) -> None:
+    """Version 5's ``chain`` (finite already): layer 0 has no layer before it, so it is all zeros, and so is
+    every entry the codec never reads (past a kind's dim); a forged profile is refused, never half-used."""
+    if np.any(chain[0] != 0):
+        raise ProfileError("profile tensor 'chain' predicts layer 0, which has no layer before it: the file is corrupt")
+    used = np.zeros(chain.shape[2:], bool)
+    rows = _chain_rows(H, kd, vd)
+    for k, dim in ((0, kd), (1, vd)):
+        used[:] = False
+        used[np.ix_(rows, _chain_cols(H, dim, max(kd, vd)))] = True
+        if np.any(chain[:, k][:, ~used] != 0):
+            raise ProfileError("profile tensor 'chain' has entries past the coded dims: the file is corrupt")
 
 
 def shipped_profiles_dir() -> Path:
@@ -638,6 +692,92 @@ def add_mix(profile: Profile, lm, texts: list[str], tokens: int = 2048, on_progr
     return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
                    value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
                    fit=dict(profile.fit, mix=True), fine_tokens=profile.fine_tokens)
+
+
+CHAIN_RIDGE = 1e-6  # the chain's least squares: ridge λ = CHAIN_RIDGE · mean diagonal of XᵀX (dead directions)
+
+
+def add_chain(profile: Profile, lm, texts: list[str], tokens: int = 2048, scale: float | None = None,
+              on_progress=None) -> Profile:
+    """``profile`` (version 2, 3 or 4, fitted for ``lm``; its PCA, steps and fine tokens are kept) made version 5:
+    each layer's step-scaled coefficients predicted from the previous layer's reconstructed keys and values
+    (``chain``), ``mix`` the PCA of the prediction residual, ``sigma``/``cdf`` the rotated residual's, all fitted
+    closed loop at step ``scale`` (default: the ``balanced`` level's for this profile) on ``texts`` cut to
+    ``tokens`` (PROFILE.md, fitting step 10). Every layer must keep every token (no sliding-window layers)."""
+    from kvc.codec.levels import level_scale
+    from kvc.runtime.identity import model_identity
+    from kvc.runtime.prefill import prefill, tokenize
+
+    if "step" not in profile.arrays or profile.chained:
+        raise ProfileError("add_chain needs a version-2, 3 or 4 profile")
+    profile.check_model(model_identity(lm))
+    if scale is None:
+        scale = level_scale("balanced", profile)
+    kvs = []
+    for text in texts:
+        ids = tokenize(lm, text)
+        kvs.append((ids, prefill(lm, ids[:tokens])))
+    if any(lay.start != 0 for _, kv in kvs for lay in kv.layers):
+        raise ProfileError("the chain needs every layer to keep every token (this model has sliding-window layers)")
+    grid = np.linspace(GRID[0], GRID[1], GRID[2])
+    arrays = dict(profile.arrays)
+    arrays.update(_fit_chain(kvs, arrays, profile.rotary, profile.sinks, profile.key_dim, profile.value_dim, grid,
+                             float(scale), on_progress or (lambda stage, done, total: None)))
+    fit = dict(profile.fit, mix=True, chain={"scale": float(scale), "texts": len(texts), "tokens": tokens,
+                                             "ridge": CHAIN_RIDGE})
+    return Profile(identity=profile.identity, layers=profile.layers, heads=profile.heads, key_dim=profile.key_dim,
+                   value_dim=profile.value_dim, rotary=profile.rotary, sinks=profile.sinks, arrays=arrays,
+                   fit=fit, fine_tokens=profile.fine_tokens)
+
+
+def _fit_chain(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np.ndarray, scale: float,
+               progress) -> dict:
+    """Version 5's ``chain``, ``mix`` and the ``sigma``/``cdf`` of the coded residual, layer after layer. Per
+    (layer, kind): ``w [N, H·dim]`` the calibration coefficients over their steps (as ``_fit_mix``); ``X`` the
+    previous layer's reconstructions ``[N, H·kd + H·vd]`` (keys then values; none for layer 0); the predictor
+    ``C`` = ridge least squares of ``w`` on ``X`` (float32); the residual ``e = w − X·C``; ``R`` its PCA (float16);
+    the coded coefficients ``y = e @ inv(Rᵀ)`` give ``sigma`` and ``cdf``; and the reconstruction the next layer
+    is fitted on is ``X·C + round(y / scale)·scale @ Rᵀ``, what the codec rebuilds at that scale (closed loop;
+    fine rows, which the codec rebuilds finer, are not singled out)."""
+    from kvc.codec.transforms import analysis_matrix, pca_forward
+
+    mean, basis, step = arrays["mean"], arrays["basis"], arrays["step"]
+    L, _, H, D = mean.shape
+    mix = np.zeros((L, 2, H * D, H * D), np.float16)
+    chain = np.zeros((L, 2, 2 * H * D, H * D), np.float32)
+    sigma = arrays["sigma"].copy()
+    cdf = arrays["cdf"].copy()
+    rows = _chain_rows(H, kd, vd)
+    prev = None  # [N, H·kd + H·vd] float64: the previous layer's reconstructed keys then values
+    for layer in range(L):
+        recon = []
+        for k, kind in enumerate(("key", "value")):
+            dim = kd if k == 0 else vd
+            n = H * dim
+            x = _calibration_frame(kvs, layer, kind, rotary, sinks)
+            ana = torch.from_numpy(analysis_matrix(basis[layer, k, :, :dim, :dim]))
+            coef = pca_forward(x, torch.from_numpy(mean[layer, k, :, :dim].astype(np.float64)), ana)
+            coef /= torch.from_numpy(step[layer, k, :, :dim].astype(np.float64))[:, None, :]
+            w = coef.permute(1, 0, 2).reshape(-1, n).numpy()  # [N, H·dim]
+            pred = np.zeros_like(w)
+            if prev is not None:
+                gram = prev.T @ prev
+                gram[np.diag_indices_from(gram)] += CHAIN_RIDGE * max(float(np.trace(gram)) / len(gram), 1e-30)
+                c32 = np.linalg.solve(gram, prev.T @ w).astype(np.float32)
+                chain[layer, k][np.ix_(rows, _chain_cols(H, dim, D))] = c32
+                pred = prev @ c32.astype(np.float64)
+            e = w - pred
+            r16 = _signed_eigh(torch.from_numpy(e.T @ e / max(1, len(e) - 1))).numpy().astype(np.float16)
+            y = e @ analysis_matrix(r16[None])[0]  # as the codec's analysis
+            sd = y.std(0)
+            mix[layer, k, :n, :n] = r16
+            mix[layer, k, n:, n:] = np.eye(H * D - n, dtype=np.float16)  # never read
+            sigma[layer, k, :, :dim] = sd.reshape(H, dim)
+            cdf[layer, k] = _pooled_cdf(y, sd, grid)
+            recon.append(pred + (np.round(y / scale) * scale) @ r16.astype(np.float64).T)
+        prev = np.concatenate(recon, axis=1)
+        progress("chain", layer + 1, L)
+    return {"chain": chain, "mix": mix, "sigma": sigma, "cdf": cdf}
 
 
 def _calibration_frame(kvs, layer: int, kind: str, rotary: dict | None, sinks: int) -> torch.Tensor:

@@ -166,12 +166,15 @@ def _encode_kv_spool(kv, model, levels, chunk_tokens, profile, context, prefill_
             codec = build_codec(entry, profile)
             if hasattr(codec, "bind_tokens"):  # kvq levels with fine tokens find their positions by token id
                 codec.bind_tokens(kv.token_ids)
+            # a chained (version-5) level's reconstructions belong to this encode, carried over its batches
+            chain = codec.new_chain() if hasattr(codec, "new_chain") else None
+            extra = {"chain": chain} if chain is not None else {}
             slots = list(_slot_groups(kv, bounds, dtype))
             for g in range(0, len(slots), size):
                 batch = slots[g : g + size]
                 work = [(tensor, segs) for _, tensor, segs, _ in batch if segs]
                 if hasattr(codec, "encode_many"):
-                    results = iter(codec.encode_many(work))
+                    results = iter(codec.encode_many(work, **extra))
                 else:
                     results = iter([[codec.encode(t[:, a : a + s.shape[1]], s) for s, a in zip(segs, _offsets(segs))]
                                     for t, segs in work])  # fmt: skip

@@ -49,6 +49,10 @@ def _reencoding_differs(f, level: str, reference: ContextKV, decoded: ContextKV)
     codec = f._codec(level)
     if hasattr(codec, "bind_tokens"):  # a level with fine tokens re-encodes with the file's own token ids
         codec.bind_tokens(f.token_ids)
+    # a chained (version-5) level predicts each layer from the one before: this check's encode and its decode
+    # each keep their own reconstructions (layers in order within each chunk), never the codec
+    chains = (codec.new_chain(), codec.new_chain()) if hasattr(codec, "new_chain") else (None, None)
+    enc_extra, dec_extra = ({"chain": c} if c is not None else {} for c in chains)
     differing = 0
     for chunk in f.header["chunks"]:
         for i, (ref, got) in enumerate(zip(reference.layers, decoded.layers)):
@@ -59,7 +63,7 @@ def _reencoding_differs(f, level: str, reference: ContextKV, decoded: ContextKV)
                 piece = x[:, lo - ref.start : hi - ref.start].contiguous()
                 stored = y[:, lo - got.start : hi - got.start].contiguous()
                 seg = Segment(layer=i, kind=kind, start=lo, shape=tuple(piece.shape), dtype=f.dtype)
-                again = codec.decode(codec.encode(piece, seg), seg)
+                again = codec.decode(codec.encode(piece, seg, **enc_extra), seg, **dec_extra)
                 if again.shape != stored.shape or not torch.equal(again.view(torch.uint8), stored.view(torch.uint8)):
                     differing += 1
     return differing

@@ -23,10 +23,10 @@ def test_there_is_a_fixture_per_kvq_segment_version_and_format_version():
     # f13-: container 1.3, payloads carry XXH3-128 beside SHA-256;
     # p2-: a profile of version 2 (per-coefficient steps); p3-: version 3 (a tiny Gemma 3: sliding-window
     # layers, a rotary base per layer); p4-: version 4 (coefficients mixed across heads); s3-: kvq segment
-    # version 3 (a profile with fine tokens: segments list their finer rows); the others embed
-    # version-1 profiles
+    # version 3 (a profile with fine tokens: segments list their finer rows); c5-: version 5 (each layer
+    # predicted from the one before, CODEC.md step 3c); the others embed version-1 profiles
     assert {"v1-tiny-llama", "v2-tiny-llama", "f12-tiny-llama", "f13-tiny-llama", "p2-tiny-llama",
-            "p3-tiny-gemma3", "p4-tiny-llama", "s3-tiny-llama"} <= set(NAMES)
+            "p3-tiny-gemma3", "p4-tiny-llama", "s3-tiny-llama", "c5-tiny-llama"} <= set(NAMES)
     with kvc.open(FIXTURES / "s3-tiny-llama.kvc") as f:
         from kvc.codec import kvq_segment
 
@@ -40,7 +40,7 @@ def test_there_is_a_fixture_per_kvq_segment_version_and_format_version():
         assert f.version == (1, 3) and f.header.get("payload_order") == "level"
         assert all("xxh3_128" in e and "sha256" in e for c in f.header["chunks"] for e in c["encodings"])
     versions = (("f12-tiny-llama", 1), ("f13-tiny-llama", 1), ("p2-tiny-llama", 2), ("p3-tiny-gemma3", 3),
-                ("p4-tiny-llama", 4))
+                ("p4-tiny-llama", 4), ("c5-tiny-llama", 5))
     for name, version in versions:
         with kvc.open(FIXTURES / f"{name}.kvc") as f:
             assert f._codec("balanced").profile.version == version, name
