@@ -739,10 +739,9 @@ def _fit_chain(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np
     the coded coefficients ``y = e @ inv(Rᵀ)`` give ``sigma`` and ``cdf``; and the reconstruction the next layer
     is fitted on is ``X·C + round(y / scale)·scale @ Rᵀ``, what the codec rebuilds at that scale (closed loop;
     fine rows, which the codec rebuilds finer, are not singled out)."""
-    from kvc.codec.transforms import analysis_matrix, pca_forward
+    from kvc.codec.transforms import analysis_matrix
 
-    mean, basis, step = arrays["mean"], arrays["basis"], arrays["step"]
-    L, _, H, D = mean.shape
+    L, _, H, D = arrays["mean"].shape
     mix = np.zeros((L, 2, H * D, H * D), np.float16)
     chain = np.zeros((L, 2, 2 * H * D, H * D), np.float32)
     sigma = arrays["sigma"].copy()
@@ -751,14 +750,10 @@ def _fit_chain(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np
     prev = None  # [N, H·kd + H·vd] float64: the previous layer's reconstructed keys then values
     for layer in range(L):
         recon = []
-        for k, kind in enumerate(("key", "value")):
+        for k in (0, 1):
             dim = kd if k == 0 else vd
             n = H * dim
-            x = _calibration_frame(kvs, layer, kind, rotary, sinks)
-            ana = torch.from_numpy(analysis_matrix(basis[layer, k, :, :dim, :dim]))
-            coef = pca_forward(x, torch.from_numpy(mean[layer, k, :, :dim].astype(np.float64)), ana)
-            coef /= torch.from_numpy(step[layer, k, :, :dim].astype(np.float64))[:, None, :]
-            w = coef.permute(1, 0, 2).reshape(-1, n).numpy()  # [N, H·dim]
+            w = _weighted_coefficients(kvs, arrays, layer, k, dim, rotary, sinks).numpy()  # [N, H·dim]
             pred = np.zeros_like(w)
             if prev is not None:
                 gram = prev.T @ prev
@@ -778,6 +773,20 @@ def _fit_chain(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np
         prev = np.concatenate(recon, axis=1)
         progress("chain", layer + 1, L)
     return {"chain": chain, "mix": mix, "sigma": sigma, "cdf": cdf}
+
+
+def _weighted_coefficients(kvs, arrays: dict, layer: int, k: int, dim: int, rotary: dict | None,
+                           sinks: int) -> torch.Tensor:
+    """The calibration tokens of one (layer, kind) as the coder of a version-4 or 5 profile sees them before
+    its rotation: each head's PCA coefficients over their steps, heads side by side, float64 ``[N, H·dim]``
+    (channel h·dim + d), whose squared error is the sensitivity-weighted error."""
+    from kvc.codec.transforms import analysis_matrix, pca_forward
+
+    x = _calibration_frame(kvs, layer, ("key", "value")[k], rotary, sinks)
+    ana = torch.from_numpy(analysis_matrix(arrays["basis"][layer, k, :, :dim, :dim]))
+    coef = pca_forward(x, torch.from_numpy(arrays["mean"][layer, k, :, :dim].astype(np.float64)), ana)
+    coef /= torch.from_numpy(arrays["step"][layer, k, :, :dim].astype(np.float64))[:, None, :]
+    return coef.permute(1, 0, 2).reshape(-1, x.shape[0] * dim)
 
 
 def _calibration_frame(kvs, layer: int, kind: str, rotary: dict | None, sinks: int) -> torch.Tensor:
@@ -819,22 +828,17 @@ def _fit_mix(kvs, arrays: dict, rotary, sinks: int, kd: int, vd: int, grid: np.n
     error is the sensitivity-weighted error; their PCA ``R`` (float16) decorrelates the heads
     (bench/decorrelation.py: 14.7% fewer bits at equal KL on SmolLM2). The coded coefficients are
     ``y = w @ inv(Rᵀ)``; ``sigma`` holds their stds ``[H, dim]`` in channel order, ``cdf`` their pooled shape."""
-    from kvc.codec.transforms import analysis_matrix, pca_forward
+    from kvc.codec.transforms import analysis_matrix
 
-    mean, basis, step = arrays["mean"], arrays["basis"], arrays["step"]
-    L, _, H, D = mean.shape
+    L, _, H, D = arrays["mean"].shape
     mix = np.zeros((L, 2, H * D, H * D), np.float16)
     sigma = arrays["sigma"].copy()
     cdf = arrays["cdf"].copy()
     for layer in range(L):
-        for k, kind in enumerate(("key", "value")):
+        for k in (0, 1):
             dim = kd if k == 0 else vd
             n = H * dim
-            x = _calibration_frame(kvs, layer, kind, rotary, sinks)
-            ana = torch.from_numpy(analysis_matrix(basis[layer, k, :, :dim, :dim]))
-            coef = pca_forward(x, torch.from_numpy(mean[layer, k, :, :dim].astype(np.float64)), ana)
-            coef /= torch.from_numpy(step[layer, k, :, :dim].astype(np.float64))[:, None, :]
-            w = coef.permute(1, 0, 2).reshape(-1, n)  # [N, H·dim]
+            w = _weighted_coefficients(kvs, arrays, layer, k, dim, rotary, sinks)  # [N, H·dim]
             r16 = _signed_eigh(w.T @ w / max(1, len(w) - 1)).numpy().astype(np.float16)
             y = (w @ torch.from_numpy(analysis_matrix(r16[None])[0])).numpy()  # as the codec's _mixing
             sd = y.std(0)
