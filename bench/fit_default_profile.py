@@ -12,6 +12,10 @@ depends on anything new).
 ``kvc.codec.profile.add_chain``) from a version-2/3/4 one fitted on the same essays, closed loop at the
 ``balanced`` scale; the prototype SmolLM2 one was made from ``codec/profiles/optional/smollm2-135m-mix.kvcp``.
 
+``--chain-from PROFILE [OUT] --genres`` fits the predictor on the essays and six texts of other genres this
+machine has, none of them a text bench/codec.py tests on (:data:`CALIBRATION_GENRES`: two Python modules,
+two licences, two CMake manuals; a missing one is skipped and said).
+
 ``--fine-from PROFILE [OUT]`` gives a profile the fine tokens a whole refit measures as its last step
 (``kvc.codec.profile.add_fine_tokens`` on the same essays): how the shipped default and the optional mixed
 profile got theirs from the profiles they replace (kept under ``codec/profiles/superseded/``)."""
@@ -27,6 +31,18 @@ from kvc.runtime.loading import load_model
 from kvc.samples import calibration_essays, essay_text
 
 OUT = Path(__file__).resolve().parents[1] / "codec" / "profiles" / "smollm2-135m.kvcp"
+
+
+def calibration_genres() -> list[Path]:
+    """Texts of other genres for ``--genres``: never bench/codec.py's held-out ones (subprocess.py, argparse.py,
+    GPL-3, MPL-2.0, cmake-buildsystem.7.rst, dpkg's triggers.txt)."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [stdlib / "asyncio" / "base_events.py", stdlib / "email" / "message.py",
+            Path("/usr/share/common-licenses/Apache-2.0"), Path("/usr/share/common-licenses/LGPL-2.1"),
+            Path("/usr/share/cmake-3.25/Help/manual/cmake-language.7.rst"),
+            Path("/usr/share/cmake-3.25/Help/manual/cmake-packages.7.rst")]
 
 
 def _plain(stage: str, done: int, total: int) -> None:
@@ -47,6 +63,13 @@ if __name__ == "__main__":
     elif args[:1] == ["--chain-from"]:
         from kvc.codec.profile import Profile, add_chain
 
+        if "--genres" in args:
+            args.remove("--genres")
+            for path in calibration_genres():
+                if path.is_file():
+                    texts.append(path.read_text(encoding="utf-8", errors="replace"))
+                else:
+                    print(f"skipping {path}: not on this machine", file=sys.stderr)
         prof = add_chain(Profile.load(args[1]), lm, texts, on_progress=default_progress() or _plain)
         args = args[2:]
     elif args[:1] == ["--fine-from"]:
