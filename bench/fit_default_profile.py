@@ -14,7 +14,8 @@ depends on anything new).
 
 ``--chain-from PROFILE [OUT] --genres`` fits the predictor on the essays and six texts of other genres this
 machine has, none of them a text bench/codec.py tests on (:data:`CALIBRATION_GENRES`: two Python modules,
-two licences, two CMake manuals; a missing one is skipped and said).
+two licences, two CMake manuals; a missing one is skipped and said); ``--leave-out code|legal|technical``
+leaves that genre's two out, so that it can be tested as a genre the profile never saw.
 
 ``--fine-from PROFILE [OUT]`` gives a profile the fine tokens a whole refit measures as its last step
 (``kvc.codec.profile.add_fine_tokens`` on the same essays): how the shipped default and the optional mixed
@@ -33,16 +34,18 @@ from kvc.samples import calibration_essays, essay_text
 OUT = Path(__file__).resolve().parents[1] / "codec" / "profiles" / "smollm2-135m.kvcp"
 
 
-def calibration_genres() -> list[Path]:
+def calibration_genres(leave_out: str | None = None) -> list[Path]:
     """Texts of other genres for ``--genres``: never bench/codec.py's held-out ones (subprocess.py, argparse.py,
-    GPL-3, MPL-2.0, cmake-buildsystem.7.rst, dpkg's triggers.txt)."""
+    GPL-3, MPL-2.0, cmake-buildsystem.7.rst, dpkg's triggers.txt); ``leave_out`` drops one genre (code, legal
+    or technical), to measure the predictor on a genre it was not fitted on."""
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [stdlib / "asyncio" / "base_events.py", stdlib / "email" / "message.py",
-            Path("/usr/share/common-licenses/Apache-2.0"), Path("/usr/share/common-licenses/LGPL-2.1"),
-            Path("/usr/share/cmake-3.25/Help/manual/cmake-language.7.rst"),
-            Path("/usr/share/cmake-3.25/Help/manual/cmake-packages.7.rst")]
+    manuals = Path("/usr/share/cmake-3.25/Help/manual")
+    genres = {"code": [stdlib / "asyncio" / "base_events.py", stdlib / "email" / "message.py"],
+              "legal": [Path("/usr/share/common-licenses/Apache-2.0"), Path("/usr/share/common-licenses/LGPL-2.1")],
+              "technical": [manuals / "cmake-language.7.rst", manuals / "cmake-packages.7.rst"]}
+    return [path for genre, paths in genres.items() if genre != leave_out for path in paths]
 
 
 def _plain(stage: str, done: int, total: int) -> None:
@@ -63,9 +66,14 @@ if __name__ == "__main__":
     elif args[:1] == ["--chain-from"]:
         from kvc.codec.profile import Profile, add_chain
 
+        leave_out = None
+        if "--leave-out" in args:  # --genres --leave-out GENRE
+            at = args.index("--leave-out")
+            leave_out = args[at + 1]
+            del args[at : at + 2]
         if "--genres" in args:
             args.remove("--genres")
-            for path in calibration_genres():
+            for path in calibration_genres(leave_out):
                 if path.is_file():
                     texts.append(path.read_text(encoding="utf-8", errors="replace"))
                 else:
