@@ -10,7 +10,7 @@ depends on anything new).
 
 ``--chain-from PROFILE [OUT]`` makes a version-5 profile (each layer predicted from the one before,
 ``kvc.codec.profile.add_chain``) from a version-2/3/4 one fitted on the same essays, closed loop at the
-``balanced`` scale; the prototype SmolLM2 one was made from ``codec/profiles/optional/smollm2-135m-mix.kvcp``.
+``balanced`` scale; the SmolLM2 one in CODEC.md was made from ``codec/profiles/optional/smollm2-135m-mix.kvcp``.
 
 ``--chain-from PROFILE [OUT] --genres`` fits the predictor on the essays and six texts of other genres this
 machine has, none of them a text bench/codec.py tests on (:data:`CALIBRATION_GENRES`: two Python modules,
