@@ -142,9 +142,10 @@ class LinkRate:
     """The link's rate in bytes/s: the bytes of recent fetches over their seconds, each fetch's weight falling
     by e for every ``LINK_TAU_S`` of transfer timed after it. Weighing fetches by their duration, not one
     sample each, is what keeps small payloads from deciding the rate: at 3 Gbit/s on the 2-core machine a
-    360 KB chunk's time is mostly how soon the reading thread gets the interpreter (rates of 0.45 to 10
-    Gbit/s for one link, bench/stream.py), and one of them in a moving average of weight ½ took the
-    estimate from 2.2 to 0.74 Gbit/s and the next chunks from lossless to compact. A prior counts as
+    360 KB chunk's time is mostly how soon the reading thread gets the interpreter (compact chunks at 0.54
+    to 1.37 Gbit/s, lossless ones at 2.04 to 2.35, on one 3 Gbit/s link in bench/stream.py), and one slow
+    one in a moving average of weight ½ could halve the estimate and turn the next chunks from lossless to
+    compact. A prior counts as
     ``weight_s`` seconds of transfer at its rate (0: the first fetch timed replaces it); ``samples``
     counts the fetches timed in this load."""
 
