@@ -26,15 +26,17 @@ def describe_params(codec: str, params: dict) -> str:
             words.append(f"{len(fine)} fine token{'s' if len(fine) != 1 else ''}"
                          + (f" (step ÷{2 ** shift})" if isinstance(shift, int) and 0 < shift <= 8 else ""))
         return " · ".join(words)
-    if codec == "lossless":
-        return " · ".join(str(v) if k == "transform" else f"{k.replace('_', ' ')} {v}" for k, v in params.items()
-                          if isinstance(v, (str, int)))
-    def shown(v):
-        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
-            return ",".join(f"{x:g}" for x in v)
-        return f"{v:g}" if isinstance(v, (int, float)) else v if isinstance(v, str) else None
 
-    return " · ".join(f"{k.replace('_', ' ')} {shown(v)}" for k, v in params.items() if shown(v) is not None)
+    def shown(key, v):  # a transform's name needs no label ("byteplanes"); other settings do ("zstd level 3")
+        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            v = ",".join(f"{x:g}" for x in v)
+        elif isinstance(v, (int, float)):
+            v = f"{v:g}"
+        elif not isinstance(v, str):
+            return None
+        return v if key == "transform" else f"{key.replace('_', ' ')} {v}"
+
+    return " · ".join(w for w in (shown(k, v) for k, v in params.items()) if w is not None)
 
 
 def describe_target(target: dict) -> str:

@@ -133,6 +133,14 @@ class ChainState:
             self.layers.add(layer)
 
 
+def _round_to_symbols(t: torch.Tensor) -> None:
+    """Coefficients over their steps to symbols, in place: round half to even, NaN → 0, ±inf and beyond
+    → ±SYMBOL_LIMIT (CODEC.md step 4)."""
+    t.round_()
+    torch.nan_to_num(t, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=t)
+    t.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+
+
 class KvqCodec:
     codec_id = CODEC_ID
     decodes_on_gpu = True  # decode_many writes into CUDA tensors through kvc.codec.rans.gpu
@@ -385,9 +393,7 @@ class KvqCodec:
                 rows = torch.from_numpy(fine[(fine >= r0) & (fine < r0 + count)] - r0)
                 if len(rows):
                     y[rows] *= factor
-            y.round_()
-            torch.nan_to_num(y, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=y)
-            y.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+            _round_to_symbols(y)
             q[r0 : r0 + count] = y
             qf = y.float()  # the decoder's float32 symbols (int → float32 rounds to nearest, as this does)
             if rows is not None and len(rows):
@@ -567,9 +573,7 @@ class KvqCodec:
         fine = self._fine_rows(start, coef.shape[1])
         if fine is not None and len(fine):  # fine rows: steps 2**shift times finer (an exact power of two)
             coef[:, torch.from_numpy(fine)] *= float(1 << self.fine_shift)
-        coef.round_()
-        torch.nan_to_num(coef, nan=0.0, posinf=SYMBOL_LIMIT, neginf=-SYMBOL_LIMIT, out=coef)
-        coef.clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT)
+        _round_to_symbols(coef)
         return coef.to(torch.int64).numpy()
 
     def _pre_symbols(self, x: torch.Tensor, start: int, layer: int, k: int, dim: int) -> torch.Tensor:

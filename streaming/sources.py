@@ -293,16 +293,20 @@ def _no_delay(sock) -> None:
         pass
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _NoDelay:
+    """Mixed into an http.client connection: its socket sends without Nagle's delays."""
+
     def connect(self):
         super().connect()
         _no_delay(self.sock)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self):
-        super().connect()
-        _no_delay(self.sock)
+class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    pass
 
 
 class HttpSource(RangeSource):

@@ -22,6 +22,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHES}
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs):
+    """The tiny llama alone (the codec and profile tests fit on it)."""
+    from kvc.runtime.loading import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]), device="cpu")
+
+
 @pytest.fixture(scope="session", params=ARCHES)
 def tiny_lm(request, tiny_model_dirs):
     from kvc.runtime.loading import load_model

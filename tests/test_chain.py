@@ -19,13 +19,6 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tiny_model_dirs):
-    from kvc.runtime.loading import load_model
-
-    return load_model(str(tiny_model_dirs["llama"]), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def v2(tiny_llama):
     return fit_profile(tiny_llama, TEXTS, tokens=64, sensitivity_tokens=40, continuation=8, mix=False)
 
