@@ -39,7 +39,7 @@ from kvc.codec.quantizers import (
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq
 from kvc.errors import FormatError, InputError, ProfileError, VersionError
-from kvc.workers import run_tasks
+from kvc.workers import default_threads, run_tasks
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes without fine tokens (3 with them); 1, 2 and 3 decode
@@ -131,6 +131,28 @@ class ChainState:
                 del kept[old]
             kept[(layer, k)] = recon
             self.layers.add(layer)
+
+
+def _synthesis_shares(work: list, shares: int) -> list[list[tuple]]:
+    """A chained read's synthesis (``work``: ``(plan, coef)`` in layer order) shared out among ``shares`` threads
+    by token range: the chain runs along layers and never across tokens, so every segment of one token range
+    (first position, rows), at every layer, goes to the same share, in layer order, and no share waits on
+    another. Ranges are dealt in position order, in contiguous blocks, so a share's segments of one (layer,
+    kind) are consecutive rows: one call each. Returns per share its calls ``(item, (i0, i1))``."""
+    keys = sorted({(plan[3] + r0, count) for plan, _ in work for r0, count in plan[6]})
+    shares = max(1, min(shares, len(keys)))
+    share_of = {key: i * shares // len(keys) for i, key in enumerate(keys)}
+    out: list[list[tuple]] = [[] for _ in range(shares)]
+    for item in work:
+        plan = item[0]
+        first, ranges = plan[3], plan[6]
+        i0 = 0
+        for i in range(1, len(ranges) + 1):  # runs of consecutive segments of one share
+            if i == len(ranges) or share_of[(first + ranges[i][0], ranges[i][1])] != \
+                    share_of[(first + ranges[i0][0], ranges[i0][1])]:
+                out[share_of[(first + ranges[i0][0], ranges[i0][1])]].append((item, (i0, i)))
+                i0 = i
+    return [calls for calls in out if calls]
 
 
 def _round_to_symbols(t: torch.Tensor) -> None:
@@ -340,13 +362,15 @@ class KvqCodec:
         return self._mats[key]
 
     def _chain_prediction(self, state: ChainState, layer: int, k: int, dim: int, first: int, count: int,
-                          side: str) -> torch.Tensor:
+                          side: str, given: set[int] | None = None) -> torch.Tensor:
         """The prediction ``P [count, H·dim]`` (float32) of tokens ``first..first+count`` of (layer, kind): 0 for
         layer 0, else ``[Ŵ_{l−1, key} | Ŵ_{l−1, value}] @ C`` (one float32 product) from the reconstructions
         ``state`` (this encode's or this read's) kept for exactly these tokens. Missing: when encoding a
         ValueError; when decoding an InputError if this read has decoded no layer l−1 at all (a chained level
         decodes every layer of its tokens, from 0, in one call or with one ``chain``), else a FormatError (the
-        file's layers do not tile the same tokens, so it does not fit the profile)."""
+        file's layers do not tile the same tokens, so it does not fit the profile). ``given``: the layers this
+        read has or will have decoded by then (default: the state's), so that which error it is does not
+        depend on how the token ranges were shared out among threads."""
         n = self.profile.heads * dim
         if layer == 0:
             return torch.zeros((count, n), dtype=torch.float32)
@@ -357,7 +381,7 @@ class KvqCodec:
             if side == "encode":
                 raise ValueError(f"a chained (version-5) kvq level encodes {where}, in one encode_many call "
                                  "or with one chain state")
-            if layer - 1 not in state.layers:
+            if layer - 1 not in (state.layers if given is None else given):
                 raise InputError(f"a chained (version-5) kvq level decodes {where}: give one read every layer of "
                                  "its tokens from layer 0 (one decode_many call, or one chain state)")
             raise FormatError(f"a chained (version-5) kvq level decodes {where}; this file's layers do not "
@@ -403,32 +427,38 @@ class KvqCodec:
         return q.reshape(T, H, dim).permute(1, 0, 2).to(torch.int64).numpy()
 
     def _chain_synthesise(self, state: ChainState, coef: torch.Tensor, layer: int, k: int, first: int,
-                          out: torch.Tensor, lead: int, ranges: list[tuple[int, int]]) -> None:
+                          out: torch.Tensor, lead: int, ranges: list[tuple[int, int]],
+                          given: set[int] | None = None, span: tuple[int, int] | None = None) -> None:
         """Decode side of step 3c for one (layer, kind): symbols ``coef [H, T, dim]`` (float32, fine rows
         scaled) → per segment ``Ŵ = P + Q @ G`` (kept for the next layer) → per head ``x_h = Ŵ_h @ S_h + mean_h``
-        into ``out[:, lead:]``, then re-rotation and clamping as :meth:`_synthesise_into`."""
+        into ``out[:, lead:]``, then re-rotation and clamping as :meth:`_synthesise_into`. ``span`` ``(i0, i1)``:
+        only the segments ``ranges[i0:i1]`` (consecutive rows), the share of one thread (:func:`_synthesis_shares`)."""
         from kvc.codec.finish import finish_in_place
 
-        H, T, dim = coef.shape
-        n = H * dim
-        q = coef.permute(1, 0, 2).reshape(T, n)  # token-major (a copy)
+        H, _, dim = coef.shape
+        i0, i1 = span if span is not None else (0, len(ranges))
+        a = ranges[i0][0]
+        b = ranges[i1 - 1][0] + ranges[i1 - 1][1]
+        T, n = b - a, H * dim
+        q = coef[:, a:b].permute(1, 0, 2).reshape(T, n)  # token-major (a copy)
         recon = torch.empty((T, n), dtype=torch.float32)
-        for r0, count in ranges:
-            pred = self._chain_prediction(state, layer, k, dim, first + r0, count, "decode")
-            recon[r0 : r0 + count] = self._chain_reconstruct(q[r0 : r0 + count], pred, layer, k, dim)
-            state.put(layer, k, first + r0, count, recon[r0 : r0 + count])
+        for r0, count in ranges[i0:i1]:
+            at = r0 - a
+            pred = self._chain_prediction(state, layer, k, dim, first + r0, count, "decode", given)
+            recon[at : at + count] = self._chain_reconstruct(q[at : at + count], pred, layer, k, dim)
+            state.put(layer, k, first + r0, count, recon[at : at + count])
         _, _, synth, mean32 = self._chain_mats(layer, k, dim)
         direct = out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
-        dest = out[:, lead:] if direct else torch.empty((H, T, dim), dtype=torch.float32)
-        for h in range(H):
+        dest = out[:, lead + a : lead + b] if direct else torch.empty((H, T, dim), dtype=torch.float32)
+        for h in range(H):  # each head's rows of the span are contiguous in out
             torch.addmm(mean32[h], recon[:, h * dim : (h + 1) * dim], synth[h], out=dest[h])
         cos = sin = None
         if k == 0 and self.profile.rotary is not None:
-            cos, sin = (t.numpy() for t in self._cos_sin(layer, first, T))
+            cos, sin = (t.numpy() for t in self._cos_sin(layer, first + a, T))
         finish_in_place(dest.numpy(), cos, sin)
         if not direct:
             big = _finite_range(out.dtype)
-            out[:, lead:] = dest.clamp_(-big, big).to(dtype=out.dtype, device=out.device)
+            out[:, lead + a : lead + b] = dest.clamp_(-big, big).to(dtype=out.dtype, device=out.device)
 
     # ---- what a reader may allocate (kvc.api._check_decoded_size) ----
     def table_bytes(self, layers: list[int]) -> int:
@@ -753,7 +783,8 @@ class KvqCodec:
 
     def _decode_chained(self, groups, threads: int | None, chain: ChainState | None = None) -> None:
         """A chained profile's read: the lanes of every batch on the pool, as :meth:`_decode_batch`; then the
-        (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c).
+        (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c), the
+        token ranges on the pool (:func:`_token_groups`; a 2,048-token read of 256-token chunks is 8 of them).
         Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet). The reconstructions
         live in ``chain``, else in a state of this call's own."""
         state = chain if chain is not None else ChainState()
@@ -777,14 +808,17 @@ class KvqCodec:
 
         run_tasks(lanes, batches, threads, torch_single=True)
         work = sorted(((plan, coef) for plans, coef in decoded for plan in plans), key=lambda pc: (pc[0][1], pc[0][2]))
+        # Known before any thread starts, in layer order as a serial read would have them when it needs them.
+        given = state.layers | {plan[1] for plan, _ in work}
 
-        def synthesise() -> None:
-            for (out, layer, k, first, off, lead, ranges), coef in work:
+        def synthesise(calls) -> None:
+            for ((out, layer, k, first, off, lead, ranges), coef), span in calls:
                 H, T, D = out.shape
                 c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
-                self._chain_synthesise(state, c, layer, k, first, out, lead, ranges)
+                self._chain_synthesise(state, c, layer, k, first, out, lead, ranges, given, span)
 
-        run_tasks(synthesise, [()], 1, torch_single=True)
+        shares = _synthesis_shares(work, threads or default_threads())
+        run_tasks(synthesise, [(calls,) for calls in shares], threads, torch_single=True)
         for _, host, out in on_cpu:
             if host is not out:
                 out.copy_(host)

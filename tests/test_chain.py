@@ -123,6 +123,32 @@ def test_chain_round_trip_file_within_bound_and_chunk_by_chunk(tiny_llama, chain
             assert torch.equal(got, getattr(whole.layers[layer], kind)[:, c["start"] : c["end"]])
 
 
+def test_chain_synthesis_in_parallel_is_bit_exact(tiny_llama, chained):
+    """The chain runs along layers, never across tokens: a read rebuilds each chunk's token range on its own
+    thread (in layer order within it), and 1, 2 or 3 threads give the same bits."""
+    kv = _kv(tiny_llama)
+    data = kvc.encode_kv(kv, {"name": "tiny"}, ["balanced"], chunk_tokens=16, profile=chained, embed_profile=True)
+    f = kvc.open(data)
+    one = f.read("balanced", threads=1)
+    for threads in (2, 3):
+        again = f.read("balanced", threads=threads)
+        for x, y in zip(one.layers, again.layers):
+            assert torch.equal(x.key, y.key) and torch.equal(x.value, y.value), threads
+    # the sharing: every segment of one token range, at every layer, in one share, in layer order; a share's
+    # segments of one (layer, kind) are consecutive rows, one call
+    from kvc.codec.kvq import _synthesis_shares
+
+    def item(layer, k):
+        return ((None, layer, k, 4, 0, 0, [(0, 12), (12, 16), (28, 16), (44, 16)]), None)
+
+    work = [item(layer, k) for layer in range(3) for k in (0, 1)]
+    shares = _synthesis_shares(work, 2)
+    assert [[(c[0][0][1], c[0][0][2], c[1]) for c in calls] for calls in shares] == [
+        [(layer, k, (0, 2)) for layer in range(3) for k in (0, 1)],
+        [(layer, k, (2, 4)) for layer in range(3) for k in (0, 1)]]
+    assert len(_synthesis_shares(work, 9)) == 4 and len(_synthesis_shares(work, 1)) == 1
+
+
 def test_chain_needs_the_layer_before(chained):
     """Layer l > 0 encodes and decodes only after layer l−1 of the same tokens, in the same call or with the same
     chain state: never from what another call left on the (shared) codec."""
