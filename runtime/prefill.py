@@ -131,7 +131,12 @@ def _prefill_batch(lm, docs: list[list[int]]) -> list[ContextKV]:
     return out
 
 
+def keeps_every_token(lm) -> bool:
+    """Whether every layer of the model's cache keeps every token (no sliding-window layer)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in new_cache(lm.model.config).layers)
+
+
 def can_batch(lm) -> bool:
     """Whether :func:`prefill_batch` applies: every cache layer keeps every token (a sliding-window
     layer keeps the padded batch's tail, which is not a short document's own window)."""
-    return all(type(layer).__name__ == "DynamicLayer" for layer in new_cache(lm.model.config).layers)
+    return keeps_every_token(lm)

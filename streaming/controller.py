@@ -38,7 +38,8 @@ at level L (from the back), recompute the rest from text". Its predicted finish 
 
 * ``fastest``: the smallest predicted time to first token (ties within 1% go to higher quality);
 * ``slo``: the highest quality predicted to meet ``slo`` seconds with a margin on the time still to go:
-  2% (+5 ms) to start at a level, stay with it or go down, 5% (+10 ms) to go up; else the fastest plan
+  2% (+5 ms) to start at a level, none (−2 ms) to stay with it or go down, 5% (+10 ms) to go up; else the
+  fastest plan
   (and the report says the budget could not be met);
 * ``min_level``: ``fastest`` among the levels at least as good as the floor (text always qualifies).
 
@@ -58,8 +59,10 @@ from dataclasses import dataclass, field
 TEXT = "text"
 SLO_MARGIN = 0.95  # a plan meets the budget when the time it predicts still to go, over 95%, fits what is left
 SLO_SLACK_S = 0.01  # and 10 ms more
-SLO_STAY_MARGIN = 0.98  # staying at the level the load is being fetched at: 98% of what is left
-SLO_STAY_SLACK_S = 0.005  # and 5 ms
+SLO_START_MARGIN = 0.98  # starting at a level (nothing claimed yet): 98% of what is left
+SLO_START_SLACK_S = 0.005  # and 5 ms
+SLO_STAY_MARGIN = 1.0  # staying at the level the load is being fetched at, or going down: what is left
+SLO_STAY_SLACK_S = 0.002  # less 2 ms
 TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
 PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prior's rate down to 1/100 of it
 
@@ -77,6 +80,8 @@ _ALPHA = 0.5  # EWMA weight of a new sample: few samples per load, so follow the
 # transfer after it: a 40 ms lossless fetch outweighs ten 2 ms ones, whose times are mostly a thread's wake-up.
 LINK_TAU_S = 0.1
 REMEMBERED_LINK_WEIGHT_S = 0.02  # a link remembered from the last load counts as 20 ms of transfer at its rate
+FETCH_SAMPLES = 64  # fetches (bytes, seconds) remembered per origin, for the per-fetch overhead
+OVERHEAD_SPREAD = 4.0  # the overhead is fitted only from fetches whose sizes differ by this factor or more
 
 _REMEMBERED: dict[tuple, float] = {}
 _REMEMBERED_LOCK = threading.Lock()
@@ -173,6 +178,31 @@ class LinkRate:
         self._bytes, self._seconds = value * weight_s, weight_s
 
 
+def fetch_fit(samples) -> tuple[float, float] | None:
+    """(overhead seconds, rate bytes/s): a fetch's cost beyond its first byte's latency is ``seconds = overhead
+    + bytes / rate``, fitted over ``samples`` of (bytes, seconds) by Theil–Sen (the median of the slopes of
+    pairs whose sizes differ by ``OVERHEAD_SPREAD``× or more, then the median of ``seconds − slope·bytes``),
+    so a stalled fetch or two do not move it. None when the sizes do not spread enough to tell an overhead
+    from a rate (every fetch at one level), or the fit is not a positive rate.
+
+    Why: on the 2-core machine a fetch's bytes take a few ms more than the link's rate says, however small it
+    is (the reading thread waiting for the interpreter). At 3 Gbit/s a 360 KB compact chunk showed 0.8 Gbit/s
+    and a 10 MB lossless one 2.1, so a load whose last fetches were small remembered a link too slow for
+    lossless, and a budget that lossless met was loaded at compact (bench/stream.py --slo)."""
+    pts = [(float(b), float(t)) for b, t in samples if b > 0 and t > 0 and math.isfinite(t)]
+    if len(pts) < 4:
+        return None
+    slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(pts) for b2, t2 in pts[i + 1:]
+              if max(b1, b2) >= OVERHEAD_SPREAD * min(b1, b2)]
+    if len(slopes) < 4:
+        return None
+    slope = statistics.median(slopes)
+    if not slope > 0:
+        return None
+    intercept = statistics.median(t - slope * b for b, t in pts)
+    return min(max(intercept, 0.0), 0.9 * min(t for _, t in pts)), 1.0 / slope
+
+
 class Ewma:
     def __init__(self, value: float, samples: int = 0):
         self.value, self.samples = value, samples
@@ -201,6 +231,10 @@ class Estimates:
     level_keys: dict[str, tuple] = field(default_factory=dict)
     origin: str | None = None  # where the bytes come from (scheme://host:port), for the next load from there
     link_remembered: bool = False  # the link's prior is what the last load from this origin measured
+    # seconds each fetch costs beyond latency + bytes/rate (fetch_fit of this origin's remembered fetches;
+    # 0 without a budget or until fetches of different sizes have been timed there)
+    overhead_s: float = 0.0
+    fetches: list = field(default_factory=list)  # this load's (bytes, seconds), for the origin's memory
 
     @classmethod
     def seed(cls, model_key: str, device: str, params: int, levels: dict[str, dict],
@@ -214,6 +248,7 @@ class Estimates:
         key = (model_key, device)
         with _REMEMBERED_LOCK:
             link = _REMEMBERED.get(("link", origin)) if origin and link_memory else None
+            fit = fetch_fit(_REMEMBERED.get(("fetches", origin), ())) if origin and link_memory else None
             check = Recent(_CHECK_S_PER_BYTE, _REMEMBERED.get((device, "check"), ()))
             prefill = Recent(2.0 * params / flops, _REMEMBERED.get((*key, "prefill"), ()))
             first = Recent(0.02 + 2.0 * params / flops * 4, _REMEMBERED.get((*key, "first"), ()), size=8)
@@ -225,6 +260,8 @@ class Estimates:
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
         remembered = link is not None
+        if remembered and fit is not None:  # the rate of the origin's recent fetches, their overhead apart
+            link = (fit[1], link[1])
         if link is None:
             # Until a payload is timed the link is taken to be fast (the first fetch is a probe: on a slow link it
             # is abandoned within ~10 ms of its transfer and re-planned at the rate it showed) ...
@@ -243,6 +280,7 @@ class Estimates:
             level_keys=level_keys,
             origin=origin,
             link_remembered=remembered,
+            overhead_s=fit[0] if remembered and fit is not None else 0.0,
         )
 
     def observe_fetch(self, nbytes: int, latency: float, transfer: float) -> None:
@@ -256,7 +294,9 @@ class Estimates:
         self.latency_s.add(max(latency, 1e-6))
         seconds = max(transfer, latency + transfer - usual)
         if nbytes >= 4096 and seconds > 0:
-            self.link_bytes_per_s.add_fetch(nbytes, seconds)
+            self.fetches.append((nbytes, seconds))
+            # The fixed part of a fetch is not the link's: a small payload would otherwise make it look slow.
+            self.link_bytes_per_s.add_fetch(nbytes, max(seconds - self.overhead_s, 0.25 * seconds))
 
     def link_rate_with(self, rate: float) -> float:
         """The link estimate if a fetch that shows ``rate`` (lower than believed) were taken into account.
@@ -325,6 +365,11 @@ class Estimates:
                 _REMEMBERED[(self.key[1] if self.key else "cpu", "check")] = kept(self.check_s_per_byte)
             if self.origin is not None and self.link_bytes_per_s.samples:
                 _REMEMBERED[("link", self.origin)] = (self.link_bytes_per_s.value, self.latency_s.value)
+            if self.origin is not None and self.fetches:
+                kept_fetches = collections.deque(_REMEMBERED.get(("fetches", self.origin), ()), maxlen=FETCH_SAMPLES)
+                kept_fetches.extend(self.fetches)
+                _REMEMBERED[("fetches", self.origin)] = list(kept_fetches)
+                self.fetches = []  # remembered once, however often this is called
 
     def as_dict(self) -> dict:
         return {
@@ -335,7 +380,9 @@ class Estimates:
             "first_token_ms": self.first_token_s.value * 1e3,
             "check_ns_per_byte": self.check_s_per_byte.value * 1e9,
             "link_remembered": self.link_remembered,
+            "fetch_overhead_ms": self.overhead_s * 1e3,
         }
+
 
 
 @dataclass
@@ -401,6 +448,7 @@ class Controller:
         est = self.est
         rate = est.link_bytes_per_s.value if rate is None else rate
         latency = est.latency_s.value
+        overhead = est.overhead_s
         check = est.check_s_per_byte.value
         prefill = est.prefill_s_per_token.value
         order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
@@ -432,7 +480,7 @@ class Controller:
                 size = chunk.sizes.get(name)
                 if size is None:
                     break
-                arrival += latency + size / rate + size * check
+                arrival += latency + overhead + size / rate + size * check
                 gap = max(gap, arrival - decoded)
                 decoded += chunk.elements * per_element
                 # Exactly 0 once every chunk is fetched: a rounding remainder would count as a text chunk
@@ -466,14 +514,18 @@ class Controller:
 
         Each plan is the whole rest of the load (one level for the chunks fetched, text for the others), and
         the chosen one decides the next chunk only. A margin on the time still to go absorbs what a prediction
-        can get wrong: 5% of it and 10 ms to take up a plan at another level, 2% and 5 ms to stay with the
-        level the link is fetching at. Predictions move by a few per cent from chunk to chunk on a shared
-        machine, and with one margin for both the load went down a level on one pessimistic prediction and
-        up on the next; a chunk one level down costs far more (KL 4-13× per level on the bench's ladder) than
+        can get wrong: 5% of it and 10 ms to take up a plan at another level, 2% and 5 ms to start at one,
+        none (the budget less 2 ms) to stay with the level the link is fetching at or go down. Predictions
+        move by a few per cent from chunk to chunk on a shared machine, and with one margin for both the load
+        went down a level on one pessimistic prediction and up on the next; a chunk one level down costs far more
+        (KL 4-13× per level on the bench's ladder) than
         one a level up saves, so such a mix was worse than the uniform level it hovered around (bench/stream.py
         at 0.3 Gbit/s: high, balanced and compact chunks, KL 0.021, where balanced alone gave 0.0098). Slack
         left near the end is spent naturally: the fewer chunks remain, the sooner all of them fit a level up,
-        and a level up is taken only with the wider margin."""
+        and a level up is taken only with the wider margin. Staying needs no margin: with one of 2% and 5 ms a
+        load at 3 Gbit/s whose lossless chunks were predicted 1-11% slower than they came took one chunk at
+        compact in the middle, for KL 0.004 against lossless's 0 (bench/stream.py --slo); the start's
+        margin already covers the prediction's error, and a chunk taken lower saves little time."""
 
         def fits(x: Plan, margin: float, slack_s: float) -> bool:
             return s.now + (x.ttft - s.now) / margin + slack_s <= slo
@@ -483,8 +535,11 @@ class Controller:
                 return True
             return x.level is not None and self.levels[x.level].distortion >= self.levels[s.last_level].distortion
 
-        feasible = [x for x in plans if fits(x, SLO_MARGIN, SLO_SLACK_S)
-                    or (no_better(x) and fits(x, SLO_STAY_MARGIN, SLO_STAY_SLACK_S))]
+        if s.last_level is None:
+            lower = (SLO_START_MARGIN, SLO_START_SLACK_S)
+        else:
+            lower = (SLO_STAY_MARGIN, SLO_STAY_SLACK_S)
+        feasible = [x for x in plans if fits(x, SLO_MARGIN, SLO_SLACK_S) or (no_better(x) and fits(x, *lower))]
         if feasible:
             best = min(feasible, key=lambda x: (x.distortion, x.ttft))
             best.meets_slo = True

@@ -130,3 +130,26 @@ def test_deep_verify_holds_lossy_levels_to_their_bounds(lm, profile):
     )
     report = verify(unfaithful, deep=True, lm=lm)
     assert not report["ok"] and report["levels"]["balanced"]["elements_outside_bound"] > 0
+
+
+def test_profile_chain_cli(tiny_model_dirs, tmp_path):
+    """`kvc profile --chain` makes a version-5 profile a user can encode, decode and verify with; a model with
+    sliding-window layers is refused in one line before any fitting, and no profile is written."""
+    model = tiny_model_dirs["llama"]
+    (tmp_path / "cal.txt").write_text(TEXT * 3)
+    (tmp_path / "doc.txt").write_text(TEXT[::-1] * 2)
+    made = json.loads(run("profile", tmp_path / "cal.txt", "--model", model, "--tokens", "96", "--chain",
+                          "-o", tmp_path / "c.kvcp", "--json").stdout)
+    prof = kvc.codec.profile.Profile.load(tmp_path / "c.kvcp")
+    assert made["version"] == 5 and prof.chained and made["sha256"] == prof.sha256
+    out = tmp_path / "doc.kvc"
+    run("encode", tmp_path / "doc.txt", "-o", out, "--model", model, "--profile", tmp_path / "c.kvcp",
+        "--level", "balanced")
+    report = json.loads(run("verify", "--deep", out, "--profile", tmp_path / "c.kvcp", "--json").stdout)
+    assert report["ok"] and report["levels"]["balanced"]["ok"]
+    run("decode", out, "-o", tmp_path / "x.st", "--profile", tmp_path / "c.kvcp")
+    assert (tmp_path / "x.st").stat().st_size > 0
+    err = run("profile", tmp_path / "cal.txt", "--model", tiny_model_dirs["gemma2"], "--chain", "-o",
+              tmp_path / "s.kvcp", check_rc=None)
+    one_line_error(err, 2, "sliding-window")
+    assert not (tmp_path / "s.kvcp").exists()

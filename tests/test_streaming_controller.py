@@ -315,16 +315,21 @@ def test_a_budget_one_level_meets_is_met_at_that_level_for_every_chunk(gbit, lev
 def test_going_up_a_level_takes_a_wider_margin_than_staying_or_starting():
     ctl = ladder(0.3e9 / 8, Policy.make(slo=1.0))
     balanced = uniform_ttft(ctl, "balanced")
-    # A budget balanced meets with 3.5% of the time to go to spare: enough to start at it or stay with it (2% and
-    # 5 ms), not to go up to it from compact (5% and 10 ms).
+    # A budget balanced meets with 3.5% of the time to go to spare: enough to start at it (2% and 5 ms) or stay
+    # with it (no margin), not to go up to it from compact (5% and 10 ms).
     ctl.policy = Policy.make(slo=0.01 + (balanced - 0.01) / 0.965 + 0.006)
     for last, level in ((None, "balanced"), ("balanced", "balanced"), ("compact", "compact")):
         plan = ctl.choose(Snapshot(now=0.01, front=0, back=7, last_level=last))
         assert plan.level == level and plan.meets_slo
-    # Once staying is predicted to miss even by the smaller margin, the load goes down one level (high would miss).
+    # 1% to spare: not enough to start at balanced, enough to stay with it.
     ctl.policy = Policy.make(slo=0.01 + (balanced - 0.01) / 0.99)
+    assert ctl.choose(Snapshot(now=0.01, front=0, back=7, last_level="balanced")).level == "balanced"
+    assert ctl.choose(Snapshot(now=0.01, front=0, back=7)).level == "compact"
+    # Once staying is predicted to miss (by more than the 2 ms staying is allowed), the load goes down one level
+    # where that is enough, two where it is not (high and balanced would miss).
+    ctl.policy = Policy.make(slo=balanced - 0.001)
     assert ctl.choose(Snapshot(now=0.01, front=0, back=7, last_level="high")).level == "compact"
-    ctl.policy = Policy.make(slo=0.01 + (uniform_ttft(ctl, "high") - 0.01) / 0.975)
+    ctl.policy = Policy.make(slo=uniform_ttft(ctl, "high") - 0.001)
     assert ctl.choose(Snapshot(now=0.01, front=0, back=7, last_level="high")).level == "balanced"
 
 
@@ -332,8 +337,8 @@ def test_a_kept_fetch_that_pushes_the_rest_down_a_level_is_dropped():
     # A first fetch at lossless (planned on the link's prior) on a 3 Gbit/s link where balanced meets the budget:
     # keeping it meets the budget only with the rest at compact; dropping it, the whole load comes at balanced.
     ctl = ladder(3e9 / 8, Policy.make(slo=1.0))
-    in_flight = {"inflight_arrival": 0.02, "inflight_decode": ELEMENTS * 3.5e-9, "last_level": "lossless"}
-    ctl.policy = Policy.make(slo=1.04 * uniform_ttft(ctl, "balanced", now=0.02))
+    in_flight = {"inflight_arrival": 0.03, "inflight_decode": ELEMENTS * 3.5e-9, "last_level": "lossless"}
+    ctl.policy = Policy.make(slo=1.05 * uniform_ttft(ctl, "balanced", now=0.02))
     keep = ctl.choose(Snapshot(now=0.02, front=0, back=6, **in_flight))
     drop = ctl.choose(Snapshot(now=0.02, front=0, back=7))
     assert keep.meets_slo and drop.meets_slo
@@ -405,6 +410,7 @@ def test_a_link_measured_by_the_last_load_from_an_origin_is_the_prior_of_the_nex
         assert not other.link_remembered
     finally:
         controller._REMEMBERED.pop(("link", origin), None)
+        controller._REMEMBERED.pop(("fetches", origin), None)
     # With a budget, the first choice at a remembered rate is the level that meets it there, not what the
     # optimistic prior would afford (lossless, abandoned after 10 ms of its transfer: a third of the slack).
     ctl = ladder(3.75e7, Policy.make(slo=1.0), samples=0)
@@ -413,3 +419,47 @@ def test_a_link_measured_by_the_last_load_from_an_origin_is_the_prior_of_the_nex
     assert ctl.choose(start()).level == "balanced"
     prior = ladder(controller.OPTIMISTIC_LINK_BYTES_PER_S, Policy.make(slo=ctl.policy.slo), samples=0)
     assert prior.choose(start()).level == "lossless"
+
+
+def test_a_fetchs_fixed_cost_is_told_from_the_links_rate_by_fetches_of_different_sizes():
+    """seconds = overhead + bytes / rate, fitted over an origin's remembered fetches (Theil–Sen): small payloads no
+    longer make a fast link look slow for the next budgeted load, and a stalled fetch does not move the fit."""
+    from kvc.streaming import controller
+    from kvc.streaming.controller import fetch_fit
+
+    rate, overhead = 3e8, 0.002  # 2.4 Gbit/s and 2 ms a fetch
+    sizes = [360_000, 650_000, 1_200_000, 10_000_000] * 4
+    samples = [(b, overhead + b / rate) for b in sizes]
+    got = fetch_fit(samples)
+    assert got[0] == pytest.approx(overhead, rel=1e-6) and got[1] == pytest.approx(rate, rel=1e-6)
+    stalled = samples + [(360_000, 0.05), (10_000_000, 0.2)]
+    got = fetch_fit(stalled)
+    assert got[0] == pytest.approx(overhead, rel=0.2) and got[1] == pytest.approx(rate, rel=0.1)
+    assert fetch_fit([(360_000, 0.003)] * 10) is None  # one size: an overhead cannot be told from a rate
+    assert fetch_fit(samples[:3]) is None  # too few
+    assert fetch_fit([(360_000, 0.004), (10_000_000, 0.003)] * 3) is None  # bigger and sooner: no rate
+    origin = "http://127.0.0.1:3"
+    try:
+        est = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin=origin, link_memory=True)
+        for b in sizes:
+            est.observe_fetch(b, 1e-4, overhead + b / rate)
+        est.remember()
+        est.remember()  # remembered once however often it is called
+        assert len(controller._REMEMBERED[("fetches", origin)]) == len(sizes)
+        # Bytes over seconds of these fetches put the link at 2.2 Gbit/s; the fit says 2.4 and 2 ms a fetch.
+        again = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin=origin, link_memory=True)
+        assert again.link_bytes_per_s.value == pytest.approx(rate, rel=1e-3)
+        assert again.overhead_s == pytest.approx(overhead, rel=1e-3)
+        again.observe_fetch(360_000, 1e-4, overhead + 360_000 / rate)  # a small fetch shows the rate, not less
+        assert again.link_bytes_per_s.value == pytest.approx(rate, rel=1e-2)
+        plan = ladder(rate, Policy.make(slo=1.0), samples=0)
+        slow = plan.plans(start())
+        plan.est.overhead_s = overhead
+        paid = [(a.ttft, b.ttft) for a, b in zip(slow, plan.plans(start())) if a.fetch]
+        assert all(b >= a for a, b in paid) and any(b > a for a, b in paid)  # each fetch pays it (where the link
+        # is what the plan waits for)
+        fastest = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin=origin)
+        assert fastest.overhead_s == 0.0  # without a budget nothing remembered of the link is used
+    finally:
+        controller._REMEMBERED.pop(("link", origin), None)
+        controller._REMEMBERED.pop(("fetches", origin), None)
