@@ -137,7 +137,9 @@ def test_profile_chain_cli(tiny_model_dirs, tmp_path):
     sliding-window layers is refused in one line before any fitting, and no profile is written."""
     model = tiny_model_dirs["llama"]
     (tmp_path / "cal.txt").write_text(TEXT * 3)
-    (tmp_path / "doc.txt").write_text(TEXT[::-1] * 2)
+    # a document like the calibration text: a predictor fitted on 288 tokens of a random tiny model predicts
+    # text unlike them (TEXT reversed) worse than no prediction, past the statistical RMSE bound verify checks
+    (tmp_path / "doc.txt").write_text(TEXT[len(TEXT) // 2 :] + TEXT)
     made = json.loads(run("profile", tmp_path / "cal.txt", "--model", model, "--tokens", "96", "--chain",
                           "-o", tmp_path / "c.kvcp", "--json").stdout)
     prof = kvc.codec.profile.Profile.load(tmp_path / "c.kvcp")
