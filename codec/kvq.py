@@ -155,6 +155,21 @@ def _synthesis_shares(work: list, shares: int) -> list[list[tuple]]:
     return [calls for calls in out if calls]
 
 
+def _kinds_in_step(calls: list[tuple]) -> list[list[list[tuple]]] | None:
+    """One share's calls (:func:`_synthesis_shares`) as two lists, keys' and values', each per layer in order,
+    when every layer has both kinds: layer ``l`` of either kind needs both of layer ``l − 1`` and nothing else,
+    so two threads can rebuild a layer's keys and values side by side and meet before the next. None when a
+    layer lacks a kind (a read that is not whole layers: it stays on one thread)."""
+    layers: dict[int, list[list[tuple]]] = {}
+    for call in calls:
+        layer, k = call[0][0][1], call[0][0][2]
+        layers.setdefault(layer, [[], []])[k].append(call)
+    if not layers or any(not keys or not values for keys, values in layers.values()):
+        return None
+    order = sorted(layers)
+    return [[layers[layer][k] for layer in order] for k in (0, 1)]
+
+
 def _round_to_symbols(t: torch.Tensor) -> None:
     """Coefficients over their steps to symbols, in place: round half to even, NaN → 0, ±inf and beyond
     → ±SYMBOL_LIMIT (CODEC.md step 4)."""
@@ -817,8 +832,26 @@ class KvqCodec:
                 c = torch.from_numpy(coef[off : off + H * (T - lead) * D]).view(H, T - lead, D)
                 self._chain_synthesise(state, c, layer, k, first, out, lead, ranges, given, span)
 
-        shares = _synthesis_shares(work, threads or default_threads())
-        run_tasks(synthesise, [(calls,) for calls in shares], threads, torch_single=True)
+        pool = threads or default_threads()
+        shares = _synthesis_shares(work, pool)
+        by_kind = _kinds_in_step(shares[0]) if len(shares) == 1 and pool >= 2 else None
+        if by_kind is not None:  # one token range (a streamed chunk): keys and values side by side, layer by layer
+            barrier = threading.Barrier(2)
+
+            def in_step(layers: list[list]) -> None:
+                try:
+                    for calls in layers:
+                        synthesise(calls)
+                        barrier.wait()  # both kinds of this layer before either of the next
+                except threading.BrokenBarrierError:
+                    return  # the other kind failed: its error is the one raised
+                except BaseException:
+                    barrier.abort()
+                    raise
+
+            run_tasks(in_step, [(layers,) for layers in by_kind], 2, torch_single=True)
+        else:
+            run_tasks(synthesise, [(calls,) for calls in shares], threads, torch_single=True)
         for _, host, out in on_cpu:
             if host is not out:
                 out.copy_(host)

@@ -134,6 +134,14 @@ def test_chain_synthesis_in_parallel_is_bit_exact(tiny_llama, chained):
         again = f.read("balanced", threads=threads)
         for x, y in zip(one.layers, again.layers):
             assert torch.equal(x.key, y.key) and torch.equal(x.value, y.value), threads
+    # one chunk (one token range): its keys and values on two threads, layer by layer, the same bits
+    for index, c in enumerate(f.header["chunks"]):
+        enc, payload = next(iter(f._container.payloads([index], "balanced")))
+        alone = kvc.api.decode_chunk(f.header, f._codec("balanced"), index, enc, payload, f.dtype, threads=1)
+        paired = kvc.api.decode_chunk(f.header, f._codec("balanced"), index, enc, payload, f.dtype, threads=2)
+        for (k1, v1), (k2, v2), w in zip(alone, paired, one.layers):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+            assert torch.equal(k1, w.key[:, c["start"] : c["end"]])
     # the sharing: every segment of one token range, at every layer, in one share, in layer order; a share's
     # segments of one (layer, kind) are consecutive rows, one call
     from kvc.codec.kvq import _synthesis_shares
@@ -147,6 +155,12 @@ def test_chain_synthesis_in_parallel_is_bit_exact(tiny_llama, chained):
         [(layer, k, (0, 2)) for layer in range(3) for k in (0, 1)],
         [(layer, k, (2, 4)) for layer in range(3) for k in (0, 1)]]
     assert len(_synthesis_shares(work, 9)) == 4 and len(_synthesis_shares(work, 1)) == 1
+    from kvc.codec.kvq import _kinds_in_step
+
+    keys, values = _kinds_in_step(_synthesis_shares(work, 1)[0])
+    assert [[c[0][0][1:3] for c in layer] for layer in keys] == [[(0, 0)], [(1, 0)], [(2, 0)]]
+    assert [[c[0][0][1:3] for c in layer] for layer in values] == [[(0, 1)], [(1, 1)], [(2, 1)]]
+    assert _kinds_in_step(_synthesis_shares(work[:-1], 1)[0]) is None  # layer 2 without its values: one thread
 
 
 def test_chain_needs_the_layer_before(chained):
@@ -180,6 +194,15 @@ def test_chain_needs_the_layer_before(chained):
     together = [torch.empty(s.shape) for s in (seg0, value0, seg1)]
     codec.decode_many([([(b, s)], o) for b, s, o in zip((blob0, blobv, blob1), (seg0, value0, seg1), together)])
     assert torch.equal(one, together[2])
+    # layers 0 and 2 of one token range, keys and values side by side on two threads: layer 2 has no layer 1,
+    # the read fails with the caller's error on both threads' behalf, and nothing waits forever
+    enc2 = codec.new_chain()
+    segs = [Segment(layer, kind, 8, (chained.heads, 20, chained.key_dim), t.dtype)
+            for layer in range(3) for kind in ("key", "value")]
+    blobs = [codec.encode(torch.randn(seg.shape), seg, chain=enc2) for seg in segs]
+    skip = [i for i, seg in enumerate(segs) if seg.layer != 1]
+    with pytest.raises(InputError, match="layer 2 after layer 1"):
+        codec.decode_many([([(blobs[i], segs[i])], torch.empty(segs[i].shape)) for i in skip], threads=2)
     shifted = Segment(0, "key", 9, tuple(t.shape), t.dtype)  # layer 0 of other tokens: the file does not fit
     other = Segment(0, "value", 9, value0.shape, t.dtype)
     with pytest.raises(FormatError, match="layer 1 after layer 0"):
