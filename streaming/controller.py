@@ -65,6 +65,7 @@ SLO_STAY_MARGIN = 1.0  # staying at the level the load is being fetched at, or g
 SLO_STAY_SLACK_S = 0.002  # less 2 ms
 TIE = 0.01  # fastest mode: plans within 1% (of the time still to go) of the fastest count as equally fast
 PROBE_RATES = (1.0, 0.1, 0.01)  # before the link is measured: links of the prior's rate down to 1/100 of it
+REMEMBERED_PROBE_RATES = (2.0, 1.0, 0.5)  # ... or around the rate this origin's fetches of different sizes showed
 
 # Nominal speeds for the priors (replaced by measurements as soon as there are any).
 _FLOPS = {"cpu": 5e10, "cuda": 2e13, "mps": 3e12}
@@ -239,10 +240,11 @@ class Estimates:
     @classmethod
     def seed(cls, model_key: str, device: str, params: int, levels: dict[str, dict],
              link_bytes_per_s: float, latency_s: float, origin: str | None = None,
-             link_memory: bool = False) -> Estimates:
+             link_memory: bool = False, fitted_only: bool = False) -> Estimates:
         """Priors: remembered measurements for this model/device/level if any, else nominal ones. The link's
-        measurements are kept per ``origin``, and with ``link_memory`` (a load with a budget) the last one
-        from this origin is the link's prior."""
+        measurements are kept per ``origin``, and with ``link_memory`` the link's prior is what this origin
+        showed: the rate and overhead fitted over its remembered fetches of different sizes (:func:`fetch_fit`),
+        else (unless ``fitted_only``: a load without a budget) the last load's rate."""
         device = device.split(":")[0]
         flops = _FLOPS.get(device, _FLOPS["cpu"])
         key = (model_key, device)
@@ -262,6 +264,8 @@ class Estimates:
         remembered = link is not None
         if remembered and fit is not None:  # the rate of the origin's recent fetches, their overhead apart
             link = (fit[1], link[1])
+        elif fitted_only:
+            link, remembered = None, False
         if link is None:
             # Until a payload is timed the link is taken to be fast (the first fetch is a probe: on a slow link it
             # is abandoned within ~10 ms of its transfer and re-planned at the rate it showed) ...
@@ -581,9 +585,11 @@ class Controller:
         the least worse than the best plan's, at its worst over links of the prior's rate down to a
         hundredth of it. Taking the prior at its word fetched the first chunks at lossless, right at
         10 Gbit/s but 10–15% slower than the fastest option at 1–3 Gbit/s (bench/stream.py); a middle
-        level costs a few per cent at 10 Gbit/s and is close to the best at every rate."""
+        level costs a few per cent at 10 Gbit/s and is close to the best at every rate. A link fitted from this
+        origin's fetches (``link_remembered``) is hedged over half to twice its rate only: on it the wide hedge's
+        compact first chunk cost 14% at 10 Gbit/s, where lossless decodes fastest."""
         worst = [1.0] * len(plans)
-        for scale in PROBE_RATES:
+        for scale in (REMEMBERED_PROBE_RATES if self.est.link_remembered else PROBE_RATES):
             at = plans if scale == 1.0 else self.plans(s, self.est.link_bytes_per_s.value * scale)
             best = max(min(x.ttft for x in at) - s.now, 1e-6)
             worst = [max(w, (x.ttft - s.now) / best) for w, x in zip(worst, at)]

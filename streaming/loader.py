@@ -394,7 +394,8 @@ class _Load:
         rate = max(stream.header_bytes, 1) / stream._transfer_s
         self.est = Estimates.seed(identity_key, str(self.lm.device), _model_params(self.lm), header["levels"],
                                   rate, stream.header_latency_s, origin=stream.source.origin,
-                                  link_memory=policy.mode == "slo")
+                                  link_memory=policy.mode in ("slo", "fastest"),
+                                  fitted_only=policy.mode == "fastest")
         self.levels = level_infos(header, chunks)
         self.controller = Controller(chunks, self.levels, policy, self.est)
         self.codecs: dict[str, object] = {}

@@ -463,3 +463,35 @@ def test_a_fetchs_fixed_cost_is_told_from_the_links_rate_by_fetches_of_different
     finally:
         controller._REMEMBERED.pop(("link", origin), None)
         controller._REMEMBERED.pop(("fetches", origin), None)
+
+
+def test_without_a_budget_a_link_fitted_from_the_origins_fetches_narrows_the_first_fetchs_hedge():
+    """Unmeasured, the first fetch hedges over the optimistic prior down to a hundredth of it (a middle level:
+    compact, even at 10 Gbit/s where lossless is best). A link fitted from this origin's fetches of different
+    sizes hedges only over half to twice its rate: lossless at 10 and 3 Gbit/s."""
+    from kvc.streaming import controller
+
+    for gbit, hedged in ((10, "compact"), (3, "compact")):
+        ctl = setup(gbit * 1e9 / 8, Policy())
+        ctl.est.link_bytes_per_s.samples = 0
+        assert ctl.choose(start()).level == hedged
+        ctl.est.link_remembered = True
+        assert (ctl.choose(start()).level, ctl.choose(start()).fetch) == ("lossless", 8)
+    origin = "http://127.0.0.1:4"
+    try:
+        est = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, 1e9, 1e-3, origin=origin, link_memory=True)
+        for b in [360_000] * 6:  # one size: no fit
+            est.observe_fetch(b, 1e-4, 1e-3 + b / 3e8)
+        est.remember()
+        seed = dict(link_bytes_per_s=1e9, latency_s=1e-3, origin=origin, link_memory=True, fitted_only=True)
+        fastest = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, **seed)
+        assert not fastest.link_remembered  # a budget would take the last load's rate; no budget, only a fit
+        assert fastest.link_bytes_per_s.value == controller.OPTIMISTIC_LINK_BYTES_PER_S
+        for b in [10_000_000] * 3:
+            est.observe_fetch(b, 1e-4, 1e-3 + b / 3e8)
+        est.remember()
+        fastest = Estimates.seed("test-weights", "cpu", 135_000_000, LADDER, **seed)
+        assert fastest.link_remembered and fastest.link_bytes_per_s.value == pytest.approx(3e8, rel=0.02)
+    finally:
+        controller._REMEMBERED.pop(("link", origin), None)
+        controller._REMEMBERED.pop(("fetches", origin), None)
