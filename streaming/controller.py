@@ -14,8 +14,10 @@ every time the model is about to start one, with throughputs measured while load
 * ``prefill``: seconds per token of this model on this device (each chunk recomputed is a sample).
 
 They start from priors (:class:`Estimates`): the link is taken to be fast (10 Gbit/s; the header's own
-request is too small to tell a fast link from a slow one) until a payload has been timed, or, for a
-load with a budget, what the last load from the same origin in this process measured; and
+request is too small to tell a fast link from a slow one) until a payload has been timed, or the rate
+fitted over this origin's remembered fetches of different sizes (:func:`fetch_fit`, with a per-fetch
+overhead), or, for a load with a budget and no such fit, what the last load from the same origin in this
+process measured; and
 the loader abandons a fetch that runs far slower than planned when re-planning without it is
 predicted sooner, so a slow link costs one abandoned
 fetch of a few tens of ms; prefill comes from the model's size (2 FLOPs per parameter per token at a nominal
@@ -231,7 +233,7 @@ class Estimates:
     key: tuple = ()
     level_keys: dict[str, tuple] = field(default_factory=dict)
     origin: str | None = None  # where the bytes come from (scheme://host:port), for the next load from there
-    link_remembered: bool = False  # the link's prior is what the last load from this origin measured
+    link_remembered: bool = False  # the link's prior is what this origin showed (its fit, or the last load's rate)
     # seconds each fetch costs beyond latency + bytes/rate (fetch_fit of this origin's remembered fetches;
     # 0 without a budget or until fetches of different sizes have been timed there)
     overhead_s: float = 0.0
