@@ -396,3 +396,37 @@ def test_a_level_whose_profile_is_missing_is_left_out_or_refused(llama):
         load_cache(data, llama, level="compact")
     cache, report = load_cache(data, llama, level="compact", profile=profile)
     assert report.choices() == {"compact": len(report.chunks)}
+
+
+def test_an_origins_fetches_of_different_sizes_become_the_next_loads_link(llama, ladder, profile, tmp_path):
+    """Loads from one server leave fetches of different sizes behind (here two files whose chunks differ 5×);
+    the next load from there, with a budget or without, starts from the rate and per-fetch overhead fitted over
+    them (its report says so), and a load from another origin does not."""
+    from kvc.streaming import controller
+
+    ids, data, _ = ladder
+    (tmp_path / "doc.kvc").write_bytes(data)
+    big = kvc.encode_tokens(llama, ids, levels=["lossless", "high"], profile=profile, chunk_tokens=5 * CHUNK,
+                            embed_profile=True)
+    (tmp_path / "big.kvc").write_bytes(big)
+    with RangeServer(tmp_path, rate=5_000_000) as srv:  # slow enough that bytes, not stalls, decide the times
+        origin = srv.url_for("doc.kvc").split("/doc.kvc")[0]
+        try:
+            for name in ("doc.kvc", "big.kvc", "doc.kvc", "big.kvc"):
+                load_cache(srv.url_for(name), llama, level="lossless")
+            fetched = controller._REMEMBERED[("fetches", origin)]
+            chunks = len(kvc.open(data).header["chunks"]) + len(kvc.open(big).header["chunks"])
+            assert len(fetched) == 2 * chunks  # each fetch remembered once
+            fit = controller.fetch_fit(fetched)
+            assert fit is not None and fit[1] > 0
+            for kwargs in ({"slo": 30.0}, {}):
+                _, report = load_cache(srv.url_for("doc.kvc"), llama, **kwargs)
+                assert report.estimates["link_remembered"], kwargs
+                assert report.estimates["fetch_overhead_ms"] == pytest.approx(fit[0] * 1e3)
+                fit = controller.fetch_fit(controller._REMEMBERED[("fetches", origin)])  # this load's fetches too
+        finally:
+            controller._REMEMBERED.pop(("fetches", origin), None)
+            controller._REMEMBERED.pop(("link", origin), None)
+    with RangeServer(tmp_path) as other:
+        _, report = load_cache(other.url_for("doc.kvc"), llama)
+    assert not report.estimates["link_remembered"] and report.estimates["fetch_overhead_ms"] == 0.0
