@@ -170,6 +170,39 @@ def _kinds_in_step(calls: list[tuple]) -> list[list[list[tuple]]] | None:
     return [[layers[layer][k] for layer in order] for k in (0, 1)]
 
 
+def _in_step(synthesise, by_kind: list[list[list[tuple]]]) -> None:
+    """Keys' calls on this thread and values' on a thread of their own (:func:`_kinds_in_step`), meeting after
+    each layer. Not on the shared pool: two sides that wait for each other, queued behind other reads' sides on
+    a pool of two workers, would each hold a worker and wait forever. The first error (keys' before values')
+    is raised once both sides have stopped; a side whose partner failed stops at the next meeting."""
+    barrier = threading.Barrier(2)
+    errors: list[BaseException | None] = [None, None]
+
+    def side(k: int) -> None:
+        try:
+            for calls in by_kind[k]:
+                synthesise(calls)
+                barrier.wait()  # both kinds of this layer before either of the next
+        except threading.BrokenBarrierError:
+            pass  # the other side failed: its error is the one raised
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors[k] = exc
+            barrier.abort()
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_tasks(torch_single=True): the two threads are the parallelism
+    try:
+        partner = threading.Thread(target=side, args=(1,), name="kvc-chain-values", daemon=True)
+        partner.start()
+        side(0)
+        partner.join()
+    finally:
+        torch.set_num_threads(saved)
+    for exc in errors:
+        if exc is not None:
+            raise exc
+
+
 def _round_to_symbols(t: torch.Tensor) -> None:
     """Coefficients over their steps to symbols, in place: round half to even, NaN → 0, ±inf and beyond
     → ±SYMBOL_LIMIT (CODEC.md step 4)."""
@@ -836,20 +869,7 @@ class KvqCodec:
         shares = _synthesis_shares(work, pool)
         by_kind = _kinds_in_step(shares[0]) if len(shares) == 1 and pool >= 2 else None
         if by_kind is not None:  # one token range (a streamed chunk): keys and values side by side, layer by layer
-            barrier = threading.Barrier(2)
-
-            def in_step(layers: list[list]) -> None:
-                try:
-                    for calls in layers:
-                        synthesise(calls)
-                        barrier.wait()  # both kinds of this layer before either of the next
-                except threading.BrokenBarrierError:
-                    return  # the other kind failed: its error is the one raised
-                except BaseException:
-                    barrier.abort()
-                    raise
-
-            run_tasks(in_step, [(layers,) for layers in by_kind], 2, torch_single=True)
+            _in_step(synthesise, by_kind)
         else:
             run_tasks(synthesise, [(calls,) for calls in shares], threads, torch_single=True)
         for _, host, out in on_cpu:

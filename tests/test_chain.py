@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +145,37 @@ def test_chain_synthesis_in_parallel_is_bit_exact(tiny_llama, chained):
         for (k1, v1), (k2, v2), w in zip(alone, paired, one.layers):
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
             assert torch.equal(k1, w.key[:, c["start"] : c["end"]])
+    # chunks read by four threads at once, each chunk's keys and values side by side: every read ends (sides
+    # that wait for each other never queue behind other reads' sides on the shared pool) with the same bits
+    results = {}
+    payloads = [next(iter(f._container.payloads([i], "balanced"))) for i in range(len(f.header["chunks"]))]
+
+    def reader(r: int) -> None:
+        codec = f._codec("balanced")
+        results[r] = [kvc.api.decode_chunk(f.header, codec, i, enc, payload, f.dtype, threads=2)
+                      for i, (enc, payload) in enumerate(payloads)]
+
+    from kvc.workers import _pool
+
+    busy = threading.Event()
+    blockers = [_pool(2).submit(busy.wait, 600) for _ in range(2)]  # the shared pool's two workers, taken
+    try:
+        readers = [threading.Thread(target=reader, args=(r,), daemon=True) for r in range(4)]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in readers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in readers) and len(results) == 4
+    finally:
+        busy.set()
+        for b in blockers:
+            b.result()
+    for got in results.values():
+        for part, c in zip(got, f.header["chunks"]):
+            for (k, v), w in zip(part, one.layers):
+                a, b = c["start"], c["end"]
+                assert torch.equal(k, w.key[:, a:b]) and torch.equal(v, w.value[:, a:b])
     # the sharing: every segment of one token range, at every layer, in one share, in layer order; a share's
     # segments of one (layer, kind) are consecutive rows, one call
     from kvc.codec.kvq import _synthesis_shares
