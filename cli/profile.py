@@ -38,8 +38,8 @@ def profile_command(
         False,
         "--chain",
         help="Also predict each layer from the one before (profile version 5, mixed across heads: on SmolLM2 "
-        "about a third fewer bytes than --mix at the same quality; decoding about 2.3x slower than the default "
-        "on a CPU; a second pass over the texts). Not for models with sliding-window layers.",
+        "about a third fewer bytes than the default profile at the same KL; decoding about 2.3x slower on a "
+        "CPU; a second pass over the texts). Not for models with sliding-window layers.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
