@@ -497,7 +497,9 @@ class Controller:
                 out.append(Plan(n, name, s.now + t + first, distortion))
         return out
 
-    def choose(self, s: Snapshot) -> Plan:
+    def choose(self, s: Snapshot, measured: bool = False) -> Plan:
+        """The plan for the undecided chunks. ``measured``: the link's rate is one a fetch is showing now (a probe
+        being weighed), so it is planned on as measured, not hedged as the prior is."""
         p = self.policy
         if p.mode == "text":
             return Plan(0, None, math.nan, 0.0)
@@ -509,7 +511,7 @@ class Controller:
         fastest = min(plans, key=lambda x: x.ttft)
         if p.mode == "slo" and p.slo is not None:
             return self._within_budget(s, plans, fastest, p.slo)
-        if self.est.link_bytes_per_s.samples == 0:
+        if self.est.link_bytes_per_s.samples == 0 and not measured:
             return self._least_regret(s, plans)
         slack = TIE * max(fastest.ttft - s.now, 0.0) + 1e-4
         close = [x for x in plans if x.ttft <= fastest.ttft + slack]

@@ -495,3 +495,14 @@ def test_without_a_budget_a_link_fitted_from_the_origins_fetches_narrows_the_fir
     finally:
         controller._REMEMBERED.pop(("link", origin), None)
         controller._REMEMBERED.pop(("fetches", origin), None)
+
+
+def test_a_probe_is_weighed_on_the_rate_it_shows_not_hedged_down_from_it():
+    """Unmeasured, the first choice hedges over the prior down to a hundredth of it. A first fetch being weighed
+    has shown a rate: planned on that rate (``measured``), the rest comes at compact in about a second on a
+    0.03 Gbit/s link; hedged down to 0.0003 Gbit/s from it, nearly every chunk would be recomputed."""
+    ctl = ladder(0.03e9 / 8, Policy(), samples=0)
+    hedged = ctl.choose(start())
+    planned = ctl.choose(start(), measured=True)
+    assert (planned.level, planned.fetch) == ("compact", 8)
+    assert hedged.fetch < planned.fetch and planned.ttft < 0.5 * hedged.ttft
