@@ -17,6 +17,7 @@ Byte layout and the exact arithmetic are in docs/CODEC.md.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import struct
 import threading
@@ -39,7 +40,7 @@ from kvc.codec.quantizers import (
 )
 from kvc.codec.transforms import analysis_matrix, rope_cos_sin, rope_inv_freq
 from kvc.errors import FormatError, InputError, ProfileError, VersionError
-from kvc.workers import default_threads, run_tasks
+from kvc.workers import default_threads, run_tasks, torch_single_thread
 
 CODEC_ID = "kvq"
 SEGMENT_VERSION = kvq_segment.VERSION  # what encode writes without fine tokens (3 with them); 1, 2 and 3 decode
@@ -144,14 +145,12 @@ def _synthesis_shares(work: list, shares: int) -> list[list[tuple]]:
     share_of = {key: i * shares // len(keys) for i, key in enumerate(keys)}
     out: list[list[tuple]] = [[] for _ in range(shares)]
     for item in work:
-        plan = item[0]
-        first, ranges = plan[3], plan[6]
+        first, ranges = item[0][3], item[0][6]
         i0 = 0
-        for i in range(1, len(ranges) + 1):  # runs of consecutive segments of one share
-            if i == len(ranges) or share_of[(first + ranges[i][0], ranges[i][1])] != \
-                    share_of[(first + ranges[i0][0], ranges[i0][1])]:
-                out[share_of[(first + ranges[i0][0], ranges[i0][1])]].append((item, (i0, i)))
-                i0 = i
+        for share, run in itertools.groupby(share_of[(first + r0, count)] for r0, count in ranges):
+            i1 = i0 + sum(1 for _ in run)  # a run of consecutive segments of one share
+            out[share].append((item, (i0, i1)))
+            i0 = i1
     return [calls for calls in out if calls]
 
 
@@ -189,15 +188,11 @@ def _in_step(synthesise, by_kind: list[list[list[tuple]]]) -> None:
             errors[k] = exc
             barrier.abort()
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # as run_tasks(torch_single=True): the two threads are the parallelism
-    try:
+    with torch_single_thread():  # the two threads are the parallelism
         partner = threading.Thread(target=side, args=(1,), name="kvc-chain-values", daemon=True)
         partner.start()
         side(0)
         partner.join()
-    finally:
-        torch.set_num_threads(saved)
     for exc in errors:
         if exc is not None:
             raise exc
@@ -832,7 +827,8 @@ class KvqCodec:
     def _decode_chained(self, groups, threads: int | None, chain: ChainState | None = None) -> None:
         """A chained profile's read: the lanes of every batch on the pool, as :meth:`_decode_batch`; then the
         (layer, kind)s synthesised in layer order, each from the previous layer's reconstruction (step 3c), the
-        token ranges on the pool (:func:`_token_groups`; a 2,048-token read of 256-token chunks is 8 of them).
+        token ranges shared out on the pool (:func:`_synthesis_shares`), or for one token range (a streamed
+        chunk) its keys and values side by side (:func:`_in_step`).
         Outputs on a GPU are decoded on the CPU and copied (the chain has no GPU path yet). The reconstructions
         live in ``chain``, else in a state of this call's own."""
         state = chain if chain is not None else ChainState()

@@ -6,6 +6,7 @@ core without processes or copies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,20 +28,27 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
+@contextlib.contextmanager
+def torch_single_thread():
+    """torch with one intra-op thread meanwhile, for work whose own threads are the parallelism: idle OpenMP
+    workers spinning after each small op would steal the cores (measured: 3× slower)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_tasks(fn, tasks: list[tuple], threads: int | None = None, torch_single: bool = False) -> None:
     """``fn(*task)`` for every task on ``threads`` pool threads (default: every core; in order on the
     caller when 1); the first exception is re-raised once every task has ended.
 
-    ``torch_single`` runs torch with one intra-op thread meanwhile: the pool is the parallelism, and
-    idle OpenMP workers spinning after each small op would steal the cores (measured: 3× slower)."""
+    ``torch_single`` runs torch with one intra-op thread meanwhile (:func:`torch_single_thread`)."""
     threads = threads or default_threads()
-    saved = None
-    if torch_single:
-        import torch
-
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-    try:
+    with torch_single_thread() if torch_single else contextlib.nullcontext():
         if threads <= 1 or len(tasks) <= 1:
             for task in tasks:
                 fn(*task)
@@ -50,8 +58,3 @@ def run_tasks(fn, tasks: list[tuple], threads: int | None = None, torch_single: 
             f.exception()  # wait for all: no task may still write into a buffer the caller frees
         for f in futures:
             f.result()
-    finally:
-        if saved is not None:
-            import torch
-
-            torch.set_num_threads(saved)

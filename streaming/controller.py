@@ -34,7 +34,7 @@ at level L (from the back), recompute the rest from text". Its predicted finish 
     max(compute, link tail)
     compute   = work in progress + queued decodes + Σ prefill(text chunks) + Σ decode(fetched chunks)
     link tail = max over fetched chunks t of (arrival_t + Σ decodes of the chunks arriving from t on)
-    arrival_t = arrival_(t-1) + latency + bytes_t / rate + bytes_t × check
+    arrival_t = arrival_(t-1) + latency + overhead + bytes_t / rate + bytes_t × check
 
 (a two-machine flow shop whose idle time the text chunks fill). Modes pick among plans:
 
@@ -189,9 +189,9 @@ def fetch_fit(samples) -> tuple[float, float] | None:
     from a rate (every fetch at one level), or the fit is not a positive rate.
 
     Why: on the 2-core machine a fetch's bytes take a few ms more than the link's rate says, however small it
-    is (the reading thread waiting for the interpreter). At 3 Gbit/s a 360 KB compact chunk showed 0.8 Gbit/s
-    and a 10 MB lossless one 2.1, so a load whose last fetches were small remembered a link too slow for
-    lossless, and a budget that lossless met was loaded at compact (bench/stream.py --slo)."""
+    is (the reading thread waiting for the interpreter). At 3 Gbit/s 360 KB compact chunks showed 0.35-1.48
+    Gbit/s and 10 MB lossless ones 2.08-2.28 (bench/stream.py's JSON), so a load whose last fetches were small
+    remembered a link too slow for lossless, and a budget that lossless met was loaded at compact (--slo)."""
     pts = [(float(b), float(t)) for b, t in samples if b > 0 and t > 0 and math.isfinite(t)]
     if len(pts) < 4:
         return None
@@ -263,11 +263,12 @@ class Estimates:
                 decode[name] = Recent(prior, _REMEMBERED.get((*level_keys[name], "decode"), ()))
                 cold_prior = 0.0 if entry.get("codec") == "lossless" else _COLD_S * (1 if device == "cpu" else 0.2)
                 cold[name] = Ewma(_REMEMBERED.get((*level_keys[name], "cold"), cold_prior))
-        remembered = link is not None
-        if remembered and fit is not None:  # the rate of the origin's recent fetches, their overhead apart
-            link = (fit[1], link[1])
+        overhead = 0.0
+        if link is not None and fit is not None:  # the rate of the origin's recent fetches, their overhead apart
+            link, overhead = (fit[1], link[1]), fit[0]
         elif fitted_only:
-            link, remembered = None, False
+            link = None
+        remembered = link is not None
         if link is None:
             # Until a payload is timed the link is taken to be fast (the first fetch is a probe: on a slow link it
             # is abandoned within ~10 ms of its transfer and re-planned at the rate it showed) ...
@@ -286,8 +287,13 @@ class Estimates:
             level_keys=level_keys,
             origin=origin,
             link_remembered=remembered,
-            overhead_s=fit[0] if remembered and fit is not None else 0.0,
+            overhead_s=overhead,
         )
+
+    @property
+    def fixed_fetch_s(self) -> float:
+        """What a fetch costs whatever its size: its request's latency and the per-fetch overhead."""
+        return self.latency_s.value + self.overhead_s
 
     def observe_fetch(self, nbytes: int, latency: float, transfer: float) -> None:
         """One payload fetched: ``latency`` from the request to its first byte, ``transfer`` from there to
@@ -453,8 +459,7 @@ class Controller:
         believed, or at ``rate``), always in the same order."""
         est = self.est
         rate = est.link_bytes_per_s.value if rate is None else rate
-        latency = est.latency_s.value
-        overhead = est.overhead_s
+        fixed = est.fixed_fetch_s
         check = est.check_s_per_byte.value
         prefill = est.prefill_s_per_token.value
         order = [self.chunks[k] for k in range(s.back, s.front - 1, -1)]  # fetch order: back first (may be empty)
@@ -486,7 +491,7 @@ class Controller:
                 size = chunk.sizes.get(name)
                 if size is None:
                     break
-                arrival += latency + overhead + size / rate + size * check
+                arrival += fixed + size / rate + size * check
                 gap = max(gap, arrival - decoded)
                 decoded += chunk.elements * per_element
                 # Exactly 0 once every chunk is fetched: a rounding remainder would count as a text chunk
@@ -530,10 +535,9 @@ class Controller:
         one a level up saves, so such a mix was worse than the uniform level it hovered around (bench/stream.py
         at 0.3 Gbit/s: high, balanced and compact chunks, KL 0.021, where balanced alone gave 0.0098). Slack
         left near the end is spent naturally: the fewer chunks remain, the sooner all of them fit a level up,
-        and a level up is taken only with the wider margin. Staying needs no margin: with one of 2% and 5 ms a
-        load at 3 Gbit/s whose lossless chunks were predicted 1-11% slower than they came took one chunk at
-        compact in the middle, for KL 0.004 against lossless's 0 (bench/stream.py --slo); the start's
-        margin already covers the prediction's error, and a chunk taken lower saves little time."""
+        and a level up is taken only with the wider margin. Staying needs no margin: the start's margin already
+        covers the prediction's error once, and a chunk taken lower saves little time (bench/stream.py --slo: 9
+        of 13 with a margin to stay and the link remembered from small fetches, 12-14 of 14 without either)."""
 
         def fits(x: Plan, margin: float, slack_s: float) -> bool:
             return s.now + (x.ttft - s.now) / margin + slack_s <= slo

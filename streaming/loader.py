@@ -496,7 +496,7 @@ class _Load:
             receiving = time.perf_counter() - (f.first or f.started)
             if f.got and receiving > self._probe_s():  # the rate this fetch shows, once it can be told
                 rate = min(rate, f.got / receiving)
-            arrival = ((0.0 if f.first else self.est.latency_s.value + self.est.overhead_s) + (f.size - f.got) / rate
+            arrival = ((0.0 if f.first else self.est.fixed_fetch_s) + (f.size - f.got) / rate
                        + f.size * self.est.check_s_per_byte.value)
             decode = self._decode_cost(f.index, f.level)
         last = self.claims[self.back + 1] if self.back + 1 < len(self.chunks) else None
@@ -574,8 +574,7 @@ class _Load:
                         self.back -= 1
                         self.claims[index] = level
                         size = self.chunks[index].sizes[level]
-                        planned = (self.est.latency_s.value + self.est.overhead_s
-                                   + size / self.est.link_bytes_per_s.value)
+                        planned = self.est.fixed_fetch_s + size / self.est.link_bytes_per_s.value
                         return index, level, planned
             self.cond.wait(_WAKE_S)
 
